@@ -1,0 +1,280 @@
+"""Run configuration: one dataclass per TOML section, recipes, dotted overrides, validation.
+
+Resolution order, later wins: field defaults < recipe < TOML file < `--section.field=value`.
+Every check happens here, before any work starts, so a typo never costs a training run.
+This module knows nothing of torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from leantrain.errors import ConfigError
+
+
+def _f(default: Any, help: str, *, min: float | None = None, max: float | None = None,
+       choices: tuple | None = None, min_exclusive: bool = False) -> Any:
+    """A config field with its documentation and the values it allows."""
+    meta = {"help": help, "min": min, "max": max, "choices": choices, "min_exclusive": min_exclusive}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    n_layers: int = _f(4, "transformer blocks", min=1)
+    dim: int = _f(256, "residual stream width", min=8)
+    n_heads: int = _f(4, "query heads; dim must divide by it", min=1)
+    n_kv_heads: int = _f(4, "key/value heads (grouped-query attention); n_heads must divide by it", min=1)
+    seq_len: int = _f(256, "context length in tokens", min=2)
+    vocab_size: int = _f(8192, "embedding rows; at least the tokenizer's vocabulary", min=2)
+    ffn_dim: int = _f(0, "SwiGLU hidden width; 0 means 8/3*dim rounded up to a multiple of 64", min=0)
+    rope_theta: float = _f(10000.0, "rotary embedding base", min=1.0)
+    norm_eps: float = _f(1e-5, "RMSNorm epsilon", min=0.0, min_exclusive=True)
+    tie_embeddings: bool = _f(True, "share the input embedding with the output projection")
+    init_std: float = _f(0.02, "std of the normal init; residual projections get std/sqrt(2*n_layers)",
+                         min=0.0, min_exclusive=True)
+
+
+@dataclass
+class DataConfig:
+    path: str = _f("data/stdlib", "token dataset folder written by `leantrain data prepare`")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(300, "optimizer steps", min=1)
+    micro_batch_size: int = _f(16, "sequences per forward/backward on one process", min=1)
+    grad_accum_steps: int = _f(1, "micro-batches accumulated per optimizer step", min=1)
+    seed: int = _f(1337, "seed for init, data order and sampling", min=0)
+    eval_every: int = _f(100, "steps between validation runs; 0 evaluates only at the end", min=0)
+    eval_steps: int = _f(10, "validation batches per evaluation", min=1)
+    grad_clip: float = _f(1.0, "max global gradient norm; 0 disables clipping", min=0.0)
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    threads: int = _f(0, "intra-op CPU threads; 0 means one per physical core", min=0)
+    compile: bool = _f(False, "compile the model with torch.compile")
+    sample_tokens: int = _f(200, "tokens generated as a sample at the end; 0 skips it", min=0)
+    sample_prompt: str = _f("def ", "prompt of the end-of-run sample")
+
+
+@dataclass
+class OptimConfig:
+    name: str = _f("adamw", "optimizer", choices=("adamw",))
+    lr: float = _f(3e-3, "peak learning rate", min=0.0, min_exclusive=True)
+    weight_decay: float = _f(0.1, "decoupled weight decay (not applied to norms, biases, embeddings)", min=0.0)
+    beta1: float = _f(0.9, "Adam beta1", min=0.0, max=1.0)
+    beta2: float = _f(0.95, "Adam beta2", min=0.0, max=1.0)
+    eps: float = _f(1e-8, "Adam epsilon", min=0.0, min_exclusive=True)
+    warmup_steps: int = _f(30, "linear warmup steps", min=0)
+    schedule: str = _f("cosine", "learning-rate schedule after warmup", choices=("cosine", "wsd", "constant"))
+    min_lr_ratio: float = _f(0.1, "final lr as a fraction of lr (cosine, wsd)", min=0.0, max=1.0)
+    decay_fraction: float = _f(0.2, "wsd: fraction of steps spent in the final decay", min=0.0, max=1.0)
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: str = _f("auto", "compute dtype; auto picks bf16 where the device runs it fast, else fp32",
+                    choices=("auto", "fp32", "bf16"))
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _f(100, "steps between checkpoints; 0 saves only at the end", min=0)
+    keep: int = _f(2, "newest checkpoints kept on disk", min=1)
+
+
+@dataclass
+class LogConfig:
+    every: int = _f(10, "steps between metrics lines", min=1)
+    progress: str = _f("auto", "terminal output: auto (bar on a TTY, lines otherwise), bar, lines, none",
+                       choices=("auto", "bar", "lines", "none"))
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Identity of everything that shapes the numbers a run produces."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+_SECTION_TYPES = {
+    "model": ModelConfig, "data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
+    "precision": PrecisionConfig, "checkpoint": CheckpointConfig, "log": LogConfig,
+}
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("leantrain.recipes").iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def recipe_text(name: str) -> str:
+    if name not in recipe_names():
+        raise ConfigError(f"unknown recipe {name!r}; available: {', '.join(recipe_names())}")
+    return resources.files("leantrain.recipes").joinpath(f"{name}.toml").read_text()
+
+
+def _parse_toml(text: str, where: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{where} is not valid TOML ({e}); fix the syntax at that line") from None
+
+
+def _allowed(f: dataclasses.Field) -> str:
+    m = f.metadata
+    if m.get("choices"):
+        return "one of " + ", ".join(map(str, m["choices"]))
+    kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[_ftype(f)]
+    lo, hi = m.get("min"), m.get("max")
+    if lo is not None and hi is not None:
+        return f"{kind} in [{lo}, {hi}]"
+    if lo is not None:
+        return f"{kind} {'>' if m.get('min_exclusive') else '>='} {lo}"
+    return kind
+
+
+def _ftype(f: dataclasses.Field) -> type:
+    return {"int": int, "float": float, "bool": bool, "str": str}[f.type if isinstance(f.type, str)
+                                                                  else f.type.__name__]
+
+
+def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
+    """Check one value against its field; return it in the field's type."""
+    key, want = f"{section}.{f.name}", _ftype(f)
+    bad = ConfigError(f"config: {key} = {value!r} is not allowed; expected {_allowed(f)}")
+    if want is bool:
+        if not isinstance(value, bool):
+            raise bad
+    elif want is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+    elif want is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad
+        value = float(value)
+    elif not isinstance(value, str):
+        raise bad
+    m = f.metadata
+    if m.get("choices") and value not in m["choices"]:
+        raise bad
+    if m.get("min") is not None and (value < m["min"] or (m.get("min_exclusive") and value == m["min"])):
+        raise bad
+    if m.get("max") is not None and value > m["max"]:
+        raise bad
+    return value
+
+
+def _parse_cli_value(text: str) -> Any:
+    """`--train.steps=5` gives a string; read it as TOML so types match the file form."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word such as `bf16` is a string
+
+
+def _merge(cfg: Config, data: dict[str, Any], where: str) -> None:
+    for section, values in data.items():
+        if section not in _SECTION_TYPES:
+            raise ConfigError(f"{where}: unknown section [{section}]; allowed: {', '.join(_SECTION_TYPES)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: [{section}] must be a table of key = value lines")
+        obj = getattr(cfg, section)
+        fields = {f.name: f for f in dataclasses.fields(obj)}
+        for key, value in values.items():
+            if key not in fields:
+                raise ConfigError(f"{where}: unknown key {section}.{key}; "
+                                  f"allowed in [{section}]: {', '.join(fields)}")
+            setattr(obj, key, _coerce(section, fields[key], value))
+
+
+def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
+    """Turn `--section.field=value` (or `section.field=value`) strings into a nested dict."""
+    out: dict[str, dict[str, Any]] = {}
+    for arg in args:
+        body = arg[2:] if arg.startswith("--") else arg
+        if "=" not in body or "." not in body.split("=", 1)[0]:
+            raise ConfigError(f"override {arg!r} is not of the form --section.field=value")
+        dotted, text = body.split("=", 1)
+        section, key = dotted.split(".", 1)
+        out.setdefault(section, {})[key] = _parse_cli_value(text)
+    return out
+
+
+def _check_relations(cfg: Config) -> None:
+    m = cfg.model
+    if m.dim % m.n_heads:
+        raise ConfigError(f"config: model.dim = {m.dim} does not divide by model.n_heads = {m.n_heads}; "
+                          "pick n_heads that divides dim")
+    if (m.dim // m.n_heads) % 2:
+        raise ConfigError(f"config: head size model.dim/model.n_heads = {m.dim // m.n_heads} is odd; "
+                          "rotary embeddings need an even head size")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"config: model.n_heads = {m.n_heads} does not divide by model.n_kv_heads = "
+                          f"{m.n_kv_heads}; pick n_kv_heads that divides n_heads")
+    dev = cfg.train.device
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ConfigError(f"config: train.device = {dev!r} is not allowed; expected auto, cpu, cuda or cuda:N")
+
+
+def load_config(path: str | Path | None = None, recipe: str | None = None,
+                overrides: list[str] | dict[str, dict[str, Any]] | None = None) -> Config:
+    """Resolve a config from defaults, a recipe, a TOML file and overrides; validate it whole."""
+    cfg = Config()
+    if recipe:
+        _merge(cfg, _parse_toml(recipe_text(recipe), f"recipe {recipe}"), f"recipe {recipe}")
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; check the path")
+        _merge(cfg, _parse_toml(p.read_text(), str(p)), str(p))
+    if overrides:
+        ov = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        _merge(cfg, ov, "override")
+    _check_relations(cfg)
+    return cfg
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    return repr(v)
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML; `load_config` of this text gives the same config back."""
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def describe() -> list[tuple[str, Any, str, str]]:
+    """(key, default, allowed, help) for every field: the config reference in the README and CLI."""
+    rows = []
+    for section, cls in _SECTION_TYPES.items():
+        for f in dataclasses.fields(cls):
+            rows.append((f"{section}.{f.name}", f.default, _allowed(f), f.metadata["help"]))
+    return rows
