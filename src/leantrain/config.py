@@ -20,10 +20,17 @@ from leantrain.errors import ConfigError
 
 
 def _f(default: Any, help: str, *, min: float | None = None, max: float | None = None,
-       choices: tuple | None = None, min_exclusive: bool = False) -> Any:
-    """A config field with its documentation and the values it allows."""
-    meta = {"help": help, "min": min, "max": max, "choices": choices, "min_exclusive": min_exclusive}
+       choices: tuple | None = None, min_exclusive: bool = False, key: str | None = None) -> Any:
+    """A config field with its documentation and the values it allows.
+
+    `key` is the TOML name when it cannot be the Python name (`checkpoint.async`).
+    """
+    meta = {"help": help, "min": min, "max": max, "choices": choices, "min_exclusive": min_exclusive, "key": key}
     return field(default=default, metadata=meta)
+
+
+def _key(f: dataclasses.Field) -> str:
+    return f.metadata.get("key") or f.name
 
 
 @dataclass
@@ -87,11 +94,25 @@ class PrecisionConfig:
 class CheckpointConfig:
     every: int = _f(100, "steps between checkpoints; 0 saves only at the end", min=0)
     keep: int = _f(2, "newest checkpoints kept on disk", min=1)
+    async_: bool = _f(False, "write checkpoints in a background thread so training goes on", key="async")
+
+
+@dataclass
+class GuardConfig:
+    policy: str = _f("skip", "on a non-finite or spiking step: skip it, rollback to the last checkpoint, or off",
+                     choices=("skip", "rollback", "off"))
+    sigma: float = _f(6.0, "a spike is loss or grad norm this many std devs above the recent window",
+                      min=0.0, min_exclusive=True)
+    window: int = _f(50, "recent good steps the spike test compares against", min=2)
+    min_history: int = _f(20, "good steps seen before spikes are tested (non-finite is always tested)", min=2)
+    max_retries: int = _f(5, "interventions allowed between two checkpoints before the run stops", min=0)
 
 
 @dataclass
 class LogConfig:
     every: int = _f(10, "steps between metrics lines", min=1)
+    grad_health_every: int = _f(100, "steps between per-block grad norm and update/weight logs; 0 disables",
+                                min=0)
     progress: str = _f("auto", "terminal output: auto (bar on a TTY, lines otherwise), bar, lines, none",
                        choices=("auto", "bar", "lines", "none"))
 
@@ -104,10 +125,16 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        """Sections as {TOML key: value}."""
+        out = {}
+        for section in dataclasses.fields(self):
+            obj = getattr(self, section.name)
+            out[section.name] = {_key(f): getattr(obj, f.name) for f in dataclasses.fields(obj)}
+        return out
 
     def hash(self) -> str:
         """Identity of everything that shapes the numbers a run produces."""
@@ -117,7 +144,8 @@ class Config:
 
 _SECTION_TYPES = {
     "model": ModelConfig, "data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
-    "precision": PrecisionConfig, "checkpoint": CheckpointConfig, "log": LogConfig,
+    "precision": PrecisionConfig, "checkpoint": CheckpointConfig, "guard": GuardConfig,
+    "log": LogConfig,
 }
 
 
@@ -159,7 +187,7 @@ def _ftype(f: dataclasses.Field) -> type:
 
 def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
     """Check one value against its field; return it in the field's type."""
-    key, want = f"{section}.{f.name}", _ftype(f)
+    key, want = f"{section}.{_key(f)}", _ftype(f)
     bad = ConfigError(f"config: {key} = {value!r} is not allowed; expected {_allowed(f)}")
     if want is bool:
         if not isinstance(value, bool):
@@ -198,12 +226,12 @@ def _merge(cfg: Config, data: dict[str, Any], where: str) -> None:
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: [{section}] must be a table of key = value lines")
         obj = getattr(cfg, section)
-        fields = {f.name: f for f in dataclasses.fields(obj)}
+        fields = {_key(f): f for f in dataclasses.fields(obj)}
         for key, value in values.items():
             if key not in fields:
                 raise ConfigError(f"{where}: unknown key {section}.{key}; "
                                   f"allowed in [{section}]: {', '.join(fields)}")
-            setattr(obj, key, _coerce(section, fields[key], value))
+            setattr(obj, fields[key].name, _coerce(section, fields[key], value))
 
 
 def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
@@ -276,5 +304,5 @@ def describe() -> list[tuple[str, Any, str, str]]:
     rows = []
     for section, cls in _SECTION_TYPES.items():
         for f in dataclasses.fields(cls):
-            rows.append((f"{section}.{f.name}", f.default, _allowed(f), f.metadata["help"]))
+            rows.append((f"{section}.{_key(f)}", f.default, _allowed(f), f.metadata["help"]))
     return rows

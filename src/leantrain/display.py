@@ -1,0 +1,99 @@
+"""What the CLI shows people while a run goes: a live bar on a terminal, plain lines elsewhere.
+
+This is an observer of the trainer (on_step / on_event / on_end); the library never prints.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+# Events worth a line in the terminal; the rest are only in events.jsonl.
+_SHOWN = {"resume", "restart", "checkpoint_damaged", "checkpoint_failed", "config_changed", "preempted",
+          "checkpoint", "skip", "rollback", "diverged", "grad_warning"}
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds == float("inf"):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n:.1f} PiB"
+
+
+class TrainDisplay:
+    """Renders trainer records as a rich progress bar (TTY) or as one line per logged step."""
+
+    def __init__(self, mode: str = "auto", console: Console | None = None):
+        self.console = console or Console(stderr=False)
+        if mode == "auto":
+            mode = "bar" if self.console.is_terminal else "lines"
+        self.mode = mode
+        self.total = 0
+        self.first_step: int | None = None
+        self.progress: Progress | None = None
+        self.task = None
+
+    def _eta(self, r: dict[str, Any]) -> float | None:
+        done = r["step"] - (self.first_step or 0)
+        return r["elapsed_s"] / done * (self.total - r["step"]) if done > 0 else None
+
+    def _line(self, r: dict[str, Any]) -> str:
+        val = f" val {r['val_loss']:.4f}" if "val_loss" in r else ""
+        return (f"step {r['step']}/{self.total} loss {r['loss']:.4f}{val} lr {r['lr']:.2e} "
+                f"gnorm {r['grad_norm']:.2f} tok/s {r['tokens_per_s']:,.0f} MFU {r['mfu'] * 100:.1f}% "
+                f"mem {fmt_bytes(r['peak_mem_bytes'])} eta {fmt_duration(self._eta(r))}")
+
+    def on_event(self, e: dict[str, Any]) -> None:
+        kind = e["event"]
+        if kind == "start":
+            self.total = e["total_steps"]
+            self.console.print(f"[bold]run directory:[/bold] {e['run_dir']}")
+            self.console.print(f"model {e['params'] / 1e6:.2f}M params · {e['device']} · {e['dtype']} · "
+                               f"{e['threads']} threads · {self.total} steps")
+            if self.mode == "bar":
+                self.progress = Progress(
+                    TextColumn("[bold blue]train"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("eta {task.fields[eta]}"),
+                    console=self.console, transient=False)
+                self.task = self.progress.add_task("train", total=self.total, completed=e["step"],
+                                                   stats="", eta="?")
+                self.progress.start()
+            return
+        if kind not in _SHOWN or self.mode == "none":
+            return
+        if kind == "checkpoint":
+            how = "writing in background" if e["background"] else "saved"
+            text = f"checkpoint {how}: {e['path']} (loop blocked {e['blocked_s']:.2f} s)"
+        else:
+            detail = e.get("message") or e.get("checkpoint") or e.get("signal") or ""
+            text = f"[yellow]{kind}[/yellow] at step {e['step']}: {detail}"
+        self.console.print(text) if self.progress is None else self.progress.console.print(text)
+
+    def on_step(self, r: dict[str, Any]) -> None:
+        if self.first_step is None:
+            self.first_step = max(0, r["step"] - 1)
+        if self.mode == "lines":
+            self.console.print(self._line(r), highlight=False)
+        elif self.progress is not None:
+            val = f" val {r['val_loss']:.3f}" if "val_loss" in r else ""
+            stats = (f"loss {r['loss']:.3f}{val} · {r['tokens_per_s']:,.0f} tok/s · "
+                     f"MFU {r['mfu'] * 100:.1f}%")
+            self.progress.update(self.task, completed=r["step"], stats=stats, eta=fmt_duration(self._eta(r)))
+            if "val_loss" in r:
+                self.progress.console.print(self._line(r), highlight=False)
+
+    def on_end(self, summary: dict[str, Any]) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        sys.stdout.flush()

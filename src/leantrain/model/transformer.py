@@ -1,0 +1,178 @@
+"""A decoder-only transformer of the Llama family, in plain PyTorch.
+
+Pre-norm blocks of RMSNorm -> grouped-query attention with rotary embeddings -> RMSNorm -> SwiGLU.
+Submodule names follow Llama/torchtitan (`tok_embeddings`, `layers.N.attention.wq`, ...) so that
+converting to and from Hugging Face checkpoints is a rename table, and `layers` is a ModuleList
+so FSDP and activation checkpointing can wrap one block at a time.
+
+This file knows nothing of devices, precision or parallelism: it runs unchanged on CPU or GPU,
+in fp32 or under autocast, and `parallel/` wraps it from outside.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from leantrain.config import ModelConfig
+from leantrain.model.flops import ffn_hidden_dim
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (no mean subtraction, no bias), as in Llama."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def rope_tables(head_dim: int, seq_len: int, theta: float, device: torch.device | None = None) -> Tensor:
+    """cos and sin of the rotary angles, stacked as [2, seq_len, head_dim // 2], in float32.
+
+    Frequency i rotates the pair (x[i], x[i + head_dim/2]): the "rotate-half" layout of Hugging
+    Face Llama, not Meta's interleaved pairs (x[2i], x[2i+1]), so wq/wk export to HF unpermuted.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return torch.stack((angles.cos(), angles.sin()))
+
+
+def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
+    """Rotate x [B, T, H, D] by position; rope is [2, >=T, D/2] from `rope_tables`.
+
+    Written on the two halves directly: the same numbers as HF's x*cos + rotate_half(x)*sin with
+    half the elementwise work.
+    """
+    cos, sin = rope[:, : x.size(1), None, :].to(x.dtype)  # [T, 1, D/2] each, broadcast over heads
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention: n_kv_heads key/value heads shared by n_heads query heads."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
+        self.head_dim = cfg.dim // cfg.n_heads
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor, rope: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rope)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rope)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        # SDPA wants [B, H, T, D]; the transposes are views, the kernel reads the strides.
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), w1 the gate, w3 the up and w2 the down projection."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """One pre-norm residual block; the unit FSDP and activation checkpointing wrap."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg.dim, ffn_hidden_dim(cfg))
+
+    def forward(self, x: Tensor, rope: Tensor) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), rope)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """Token ids in, logits or a float32 cross-entropy loss out."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        device = torch.get_default_device()
+        # Build on meta, then allocate and run the one documented init: no memory or RNG draws
+        # are spent on PyTorch's default inits, and a normal build equals a meta build followed
+        # by to_empty() + init_weights() under the same seed.
+        with torch.device("meta"):
+            self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+            self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+            self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+            # Not persistent: it is a function of the config, rebuilt by init_weights, never saved.
+            self.register_buffer("rope", torch.empty(2, cfg.seq_len, cfg.dim // cfg.n_heads // 2),
+                                 persistent=False)
+        self.to_empty(device=device)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter and rebuild the rope buffer, in a fixed order.
+
+        normal(0, init_std) for the embedding and all linears; the two projections that write
+        into the residual stream (`wo`, `w2`) get init_std/sqrt(2*n_layers) so the stream's
+        variance does not grow with depth (GPT-2); norms start at 1. Also re-ties the output
+        projection, because `to_empty` gives every module a fresh tensor.
+        """
+        std, cfg = self.cfg.init_std, self.cfg
+        residual_std = std / math.sqrt(2 * cfg.n_layers)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=std)
+        for layer in self.layers:
+            layer.attention_norm.reset_parameters()
+            layer.ffn_norm.reset_parameters()
+            attn, ff = layer.attention, layer.feed_forward
+            for linear in (attn.wq, attn.wk, attn.wv, ff.w1, ff.w3):
+                nn.init.normal_(linear.weight, mean=0.0, std=std)
+            for linear in (attn.wo, ff.w2):
+                nn.init.normal_(linear.weight, mean=0.0, std=residual_std)
+        self.norm.reset_parameters()
+        if not cfg.tie_embeddings:
+            nn.init.normal_(self.output.weight, mean=0.0, std=std)
+        self.rope = rope_tables(cfg.dim // cfg.n_heads, cfg.seq_len, cfg.rope_theta, device=self.rope.device)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, reduction: str = "mean") -> Tensor:
+        """Logits [B, T, vocab] when targets is None, else the float32 cross-entropy.
+
+        Positions whose target is -100 are ignored. The trainer asks for reduction="sum" and divides
+        by the token count of the whole accumulated step, so every token weighs the same however
+        the step is split into micro-batches.
+        """
+        if idx.size(1) > self.cfg.seq_len:
+            raise ValueError(f"sequence of {idx.size(1)} tokens is longer than seq_len {self.cfg.seq_len}")
+        x = self.tok_embeddings(idx)
+        for layer in self.layers:
+            x = layer(x, self.rope)
+        logits = self.output(self.norm(x))
+        if targets is None:
+            return logits
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                               reduction=reduction)

@@ -1,0 +1,276 @@
+"""Checkpoints that survive crashes and never execute code when loaded.
+
+Layout of one checkpoint, `checkpoints/step-0000100/`:
+    model.safetensors   model weights (tied aliases stored once, listed in state.json)
+    optim.safetensors   optimizer tensors, keyed "<param index>/<name>"
+    state.json          step, tokens, loader, RNG, schedule and optimizer scalars, config hash
+    manifest.json       size and sha256 of every file above; written last
+
+A checkpoint is built in `.tmp-step-*`, every file fsynced, then renamed into place; the
+`latest` pointer is replaced after that. A crash at any moment leaves either the old or the
+new checkpoint whole. Loading checks the manifest and falls back to the previous checkpoint,
+loudly, when the newest is damaged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from leantrain.errors import CheckpointError
+
+FORMAT = 1
+_PREFIX = "step-"
+
+
+@dataclass
+class Snapshot:
+    """Everything a checkpoint holds, copied off the live model so it can be written later."""
+
+    step: int
+    model: dict[str, torch.Tensor]
+    optim: dict[str, torch.Tensor]
+    state: dict[str, Any]
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
+    if s.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(x, dtype=torch.uint8) for x in s["cuda"]])
+    n = s["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+    p = s["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+def snapshot(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> Snapshot:
+    """Copy model and optimizer state to CPU now, so training may go on while it is written."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    by_ptr: dict[int, str] = {}
+    for name, t in model.state_dict().items():
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in by_ptr and t.shape == tensors[by_ptr[ptr]].shape:
+            aliases[name] = by_ptr[ptr]
+            continue
+        by_ptr[ptr] = name
+        tensors[name] = t.detach().to("cpu", copy=True).contiguous()
+    osd = optimizer.state_dict()
+    optim_tensors, optim_scalars = {}, {}
+    for idx, pstate in osd["state"].items():
+        for key, v in pstate.items():
+            if torch.is_tensor(v):
+                optim_tensors[f"{idx}/{key}"] = v.detach().to("cpu", copy=True).contiguous()
+            else:
+                optim_scalars[f"{idx}/{key}"] = v
+    full_state = dict(state)
+    full_state.update(format=FORMAT, step=step, aliases=aliases, optim_scalars=optim_scalars,
+                      param_groups=osd["param_groups"], rng=rng_state())
+    return Snapshot(step, tensors, optim_tensors, full_state)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Checkpointer:
+    """Writes, lists, prunes and loads the checkpoints of one run directory."""
+
+    def __init__(self, root: Path, keep: int):
+        self.root = Path(root)
+        self.keep = keep
+        self._thread: threading.Thread | None = None
+        self._error: CheckpointError | None = None
+
+    def write_async(self, snap: Snapshot) -> None:
+        """Write in a background thread; the snapshot is already a private copy, so training goes on.
+
+        At most one write is in flight: a second call first waits for the one before. A failure
+        is raised by the next `write_async` or `wait`.
+        """
+        self.wait()
+
+        def work() -> None:
+            try:
+                self.write(snap)
+            except CheckpointError as e:
+                self._error = e
+
+        self._thread = threading.Thread(target=work, name=f"checkpoint-{snap.step}")
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Block until a background write is done; raise its error if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def path_for(self, step: int) -> Path:
+        return self.root / f"{_PREFIX}{step:07d}"
+
+    def list(self) -> list[Path]:
+        """Complete checkpoints (renamed into place), oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX)]
+        return sorted(found, key=lambda p: p.name)
+
+    def write(self, snap: Snapshot) -> Path:
+        """Write a snapshot atomically, move `latest` to it, then prune old ones.
+
+        An OSError (disk full, permissions) leaves every earlier checkpoint as it was and
+        is raised as a CheckpointError that says so.
+        """
+        final = self.path_for(snap.step)
+        tmp = self.root / f".tmp-{final.name}-{os.getpid()}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            blobs = {
+                "model.safetensors": st_save(snap.model),
+                "optim.safetensors": st_save(snap.optim) if snap.optim else st_save({}),
+                "state.json": json.dumps(snap.state).encode(),
+            }
+            manifest = {"format": FORMAT, "step": snap.step, "files": {}}
+            for name, data in blobs.items():
+                _write_durable(tmp / name, data)
+                manifest["files"][name] = {"bytes": len(data), "sha256": _sha256(data)}
+            _write_durable(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
+            _fsync_dir(tmp)
+            if final.exists():  # a re-save of the same step (e.g. after a rollback)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._point_latest(final.name)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(
+                f"could not save checkpoint {final.name} in {self.root}: {e.strerror or e}; earlier "
+                "checkpoints are intact; free disk space or fix permissions, then resume") from None
+        self.prune()
+        return final
+
+    def _point_latest(self, name: str) -> None:
+        tmp = self.root / f".latest.tmp{os.getpid()}"
+        _write_durable(tmp, (name + "\n").encode())
+        os.replace(tmp, self.root / "latest")
+        _fsync_dir(self.root)
+
+    def prune(self) -> None:
+        for old in self.list()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load_latest(self) -> tuple[Path, Snapshot, list[str]] | None:
+        """Newest loadable checkpoint, with one warning line per damaged one skipped; None if none exist."""
+        candidates = self.list()
+        if not candidates:
+            return None
+        pointer = self.root / "latest"
+        try:  # `latest` names the newest whole one; a newer dir without it was never pointed to
+            named = pointer.read_text().strip()
+            candidates.sort(key=lambda p: (p.name == named, p.name))
+        except OSError:
+            pass
+        warnings = []
+        for path in reversed(candidates):
+            try:
+                return path, read_checkpoint(path), warnings
+            except CheckpointError as e:
+                warnings.append(str(e))
+        raise CheckpointError(
+            f"no usable checkpoint in {self.root}: {'; '.join(warnings)}; nothing was overwritten; "
+            "start a new run with --restart or point --run-dir elsewhere")
+
+
+def read_checkpoint(path: Path) -> Snapshot:
+    """Read and verify one checkpoint; any damage is a CheckpointError naming the file."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError):
+        raise CheckpointError(f"checkpoint {path.name} is damaged: manifest.json missing or unreadable") from None
+    blobs = {}
+    for name, info in files.items():
+        try:
+            data = (path / name).read_bytes()
+        except OSError:
+            raise CheckpointError(f"checkpoint {path.name} is damaged: {name} is missing") from None
+        if len(data) != info["bytes"] or _sha256(data) != info["sha256"]:
+            raise CheckpointError(f"checkpoint {path.name} is damaged: {name} fails its checksum "
+                                  f"({len(data)} of {info['bytes']} bytes)")
+        blobs[name] = data
+    try:
+        state = json.loads(blobs["state.json"])
+        return Snapshot(manifest["step"], st_load(blobs["model.safetensors"]),
+                        st_load(blobs["optim.safetensors"]), state)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path.name} is damaged: {e}") from None
+
+
+def restore(snap: Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Load a snapshot into a model (and optimizer) built from the same config."""
+    weights = dict(snap.model)
+    for alias, target in snap.state.get("aliases", {}).items():
+        weights[alias] = weights[target]
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint step {snap.step} does not fit this model ({first}); "
+                              "resume with the config the run was started with") from None
+    if optimizer is None:
+        return
+    state: dict[int, dict[str, Any]] = {}
+    for key, t in snap.optim.items():
+        idx, name = key.split("/", 1)
+        state.setdefault(int(idx), {})[name] = t
+    for key, v in snap.state.get("optim_scalars", {}).items():
+        idx, name = key.split("/", 1)
+        state.setdefault(int(idx), {})[name] = v
+    groups = snap.state["param_groups"]
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

@@ -1,0 +1,37 @@
+"""Reading a finished (or interrupted) run directory back: its config, tokenizer and weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from leantrain.config import Config, load_config
+from leantrain.errors import CheckpointError
+from leantrain.model import Transformer
+from leantrain.train.checkpoint import Checkpointer, read_checkpoint, restore
+
+
+def load_trained(run_dir: str | Path, checkpoint: str | Path | None = None,
+                 device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer, Config, int, list[str]]:
+    """(model in eval mode, tokenizer, config, step, warnings) from a run's newest good checkpoint."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory (no config.toml); pass the folder "
+                              "that `leantrain train` printed")
+    cfg = load_config(run_dir / "config.toml")
+    warnings: list[str] = []
+    if checkpoint is not None:
+        snap = read_checkpoint(Path(checkpoint))
+    else:
+        found = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep).load_latest()
+        if found is None:
+            raise CheckpointError(f"{run_dir} has no checkpoint yet; train it first (checkpoint.every sets how often)")
+        _, snap, warnings = found
+    model = Transformer(cfg.model)
+    restore(snap, model, None)
+    tok_path = run_dir / "tokenizer.json"
+    if not tok_path.is_file():
+        raise CheckpointError(f"{tok_path} is missing; copy the dataset's tokenizer.json into the run directory")
+    return model.to(device).eval(), Tokenizer.from_file(str(tok_path)), cfg, snap.step, warnings

@@ -1,0 +1,339 @@
+"""The training loop, in one file.
+
+Each step: batches -> forward/backward over the accumulated micro-batches -> clip ->
+optimizer -> schedule -> telemetry -> eval / checkpoint when due. Observers (the run log,
+the CLI's display) see records and events; the trainer itself prints nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import resource
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from leantrain.config import Config, to_toml
+from leantrain.errors import CheckpointError, DataError, LeantrainError
+from leantrain.model import Transformer, flops_per_token, generate, param_count
+from leantrain.plan.hardware import peak_flops, physical_cores, pick_device, resolve_dtype
+from leantrain.tokens.dataset import TokenDataset
+from leantrain.tokens.loader import BatchLoader, val_batches
+from leantrain.train.checkpoint import Checkpointer, Snapshot, restore, set_rng_state, snapshot
+from leantrain.train.guard import GradHealth, Guard
+from leantrain.train.optim import build_optimizer, lr_at
+from leantrain.train.telemetry import Observer, RunLog
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated device memory on CUDA; on CPU the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class TrainingDiverged(LeantrainError):
+    """The guard intervened more often than guard.max_retries allows."""
+
+
+class Trainer:
+    """Builds everything a run needs from a config, then `fit()` trains it.
+
+    `resume=True` continues from the newest good checkpoint in `run_dir` if there is one.
+    """
+
+    def __init__(self, cfg: Config, run_dir: str | Path, observers: list[Observer] | tuple = (),
+                 resume: bool = True):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.device = pick_device(cfg.train.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(cfg.train.threads or physical_cores())
+        self.dtype = resolve_dtype(cfg.precision.dtype, self.device)
+
+        self.data = TokenDataset(cfg.data.path)
+        if self.data.vocab_size > cfg.model.vocab_size:
+            raise DataError(f"the dataset's tokenizer has {self.data.vocab_size} tokens but model.vocab_size = "
+                            f"{cfg.model.vocab_size}; set --model.vocab_size={self.data.vocab_size} or more")
+
+        torch.manual_seed(cfg.train.seed)
+        self.model = Transformer(cfg.model).to(self.device)
+        self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.loader = BatchLoader(self.data.shards("train"), cfg.model.seq_len, cfg.train.micro_batch_size,
+                                  cfg.train.grad_accum_steps, cfg.train.seed)
+        self.val = val_batches(self.data.shards("val"), cfg.model.seq_len, cfg.train.micro_batch_size,
+                               cfg.train.eval_steps)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep)
+        self.guard = Guard(cfg.guard)
+        self.health = GradHealth(self.model, cfg.log.grad_health_every)
+        self.log = RunLog(self.run_dir)
+        self.observers: list[Observer] = [self.log, *observers]
+
+        self.flops_per_token = flops_per_token(cfg.model)
+        self.peak_flops, self.peak_source = peak_flops(self.device, self.dtype)
+        self.step = 0
+        self.tokens = 0
+        self.last_val_loss: float | None = None
+        # the logged loss is the mean over steps since the last log line; kept in checkpoints
+        # so a resumed run logs exactly the numbers the uninterrupted one would
+        self.window_loss = torch.zeros((), device=self.device)
+        self.window_steps = 0
+        self._stop_signal: str | None = None
+
+        (self.run_dir / "config.toml").write_text(to_toml(cfg))
+        shutil.copyfile(Path(cfg.data.path) / "tokenizer.json", self.run_dir / "tokenizer.json")
+        if resume:
+            self._resume()
+        self._write_plan()
+
+    # ---- setup helpers -------------------------------------------------------------------
+
+    def _emit(self, kind: str, **fields: Any) -> None:
+        for o in self.observers:
+            o.on_event({"event": kind, "step": self.step, **fields})
+
+    def _resume(self) -> None:
+        found = self.checkpointer.load_latest()
+        if found is None:
+            if self.log.discard_after(0):
+                self._emit("restart", message="no checkpoint to resume from; starting at step 0")
+            return
+        path, snap, warnings = found
+        for w in warnings:
+            self._emit("checkpoint_damaged", message=w)
+        self._load(snap)
+        if snap.state.get("config_hash") != self.cfg.hash():
+            self._emit("config_changed", message="config differs from the checkpoint's; continuing with the new one")
+        discarded = self.log.discard_after(self.step)
+        self._emit("resume", checkpoint=path.name, discarded_metric_lines=discarded)
+
+    def _load(self, snap: Snapshot, keep_loader: bool = False) -> None:
+        """Put model, optimizer, counters, loader, guard and RNG back as the snapshot had them."""
+        restore(snap, self.model, self.optimizer)
+        st = snap.state
+        self.step, self.tokens = snap.step, st["tokens"]
+        if not keep_loader:
+            self.loader.load_state_dict(st["loader"])
+        self.last_val_loss = st.get("val_loss")
+        self.window_loss.fill_(st.get("window_loss", 0.0))
+        self.window_steps = st.get("window_steps", 0)
+        if "guard" in st:
+            self.guard = Guard(self.cfg.guard)
+            self.guard.load_state_dict(st["guard"])
+        set_rng_state(st["rng"])
+
+    def _write_plan(self) -> None:
+        c = self.cfg
+        tokens_per_step = c.train.micro_batch_size * c.train.grad_accum_steps * c.model.seq_len
+        plan = {
+            "params": param_count(c.model),
+            "flops_per_token": self.flops_per_token,
+            "tokens_per_step": tokens_per_step,
+            "total_tokens": tokens_per_step * c.train.steps,
+            "total_flops": self.flops_per_token * tokens_per_step * c.train.steps,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads(),
+            "peak_flops": self.peak_flops,
+            "peak_flops_source": self.peak_source,
+            "dataset_train_tokens": self.data.num_tokens("train"),
+        }
+        (self.run_dir / "plan.json").write_text(json.dumps(plan, indent=1))
+        self.plan = plan
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward/backward over the micro-batches of one optimizer step; returns (loss, grad norm).
+
+        Each micro-batch's summed loss is divided by the target tokens of the WHOLE step, so
+        the gradient equals that of one big batch even when micro-batches hold different
+        numbers of real targets (masked fine-tuning data).
+        """
+        n_targets = sum(int((y != -100).sum()) for _, y in batches)
+        total = torch.zeros((), device=self.device)
+        for x, y in batches:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self._autocast():
+                loss = self.step_model(x, y, reduction="sum") / n_targets
+            loss.backward()
+            total += loss.detach()
+        clip = self.cfg.train.grad_clip or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        return total, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        losses = []
+        for x, y in self.val:
+            with self._autocast():
+                losses.append(self.step_model(x.to(self.device), y.to(self.device)).float())
+        self.model.train()
+        return torch.stack(losses).mean().item()
+
+    def save_checkpoint(self) -> None:
+        """Checkpoint now (in the background with checkpoint.async). A failed save is recorded
+        and raised: earlier checkpoints stay intact and the run stops cleanly."""
+        t0 = time.perf_counter()
+        self.guard.interventions = 0
+        state = {"tokens": self.tokens, "loader": self.loader.state_dict(), "config_hash": self.cfg.hash(),
+                 "val_loss": self.last_val_loss, "guard": self.guard.state_dict(),
+                 "window_loss": self.window_loss.item(), "window_steps": self.window_steps}
+        snap = snapshot(self.step, self.model, self.optimizer, state)
+        try:
+            if self.cfg.checkpoint.async_:
+                self.checkpointer.write_async(snap)
+            else:
+                self.checkpointer.write(snap)
+        except CheckpointError as e:
+            self._emit("checkpoint_failed", message=str(e))
+            raise
+        path = self.checkpointer.path_for(self.step)
+        self._emit("checkpoint", path=str(path.relative_to(self.run_dir)), blocked_s=round(time.perf_counter() - t0, 3),
+                   background=self.cfg.checkpoint.async_)
+
+    def _intervene(self, reason: str) -> None:
+        """Drop this step's update (and its batch); under `rollback` also return to the last checkpoint,
+        keeping the loader where it is so the data window that caused the trouble is skipped."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.guard.interventions += 1
+        if self.guard.interventions > self.cfg.guard.max_retries:
+            self._emit("diverged", message=reason)
+            raise TrainingDiverged(
+                f"training diverged at step {self.step}: {reason}; {self.guard.interventions - 1} interventions "
+                f"since the last checkpoint (guard.max_retries = {self.cfg.guard.max_retries}); "
+                "lower optim.lr or raise optim.warmup_steps, then resume")
+        if self.cfg.guard.policy == "rollback":
+            self.checkpointer.wait()
+            found = self.checkpointer.load_latest()
+            if found is not None:
+                from_step, count = self.step, self.guard.interventions
+                path, snap, _ = found
+                self._load(snap, keep_loader=True)
+                self.guard.interventions = count
+                self._emit("rollback", message=reason, checkpoint=path.name, from_step=from_step)
+                return
+        self._emit("skip", message=reason, loader_step=self.loader.state_dict()["step"])
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._stop_signal = signal.Signals(signum).name
+
+    def fit(self) -> dict[str, Any]:
+        """Train to `train.steps`; returns a summary. SIGTERM/SIGINT stop at the next step boundary
+        after saving a checkpoint (summary["stopped"] names the signal)."""
+        cfg = self.cfg
+        total_steps = cfg.train.steps
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                handlers[sig] = signal.signal(sig, self._on_signal)
+        self._emit("start", total_steps=total_steps, params=self.plan["params"], device=str(self.device),
+                   dtype=self.plan["dtype"], threads=self.plan["threads"], run_dir=str(self.run_dir))
+        self.model.train()
+        window_tokens, window_time = 0, 0.0
+        run_t0 = time.perf_counter()
+        record: dict[str, Any] = {}
+        try:
+            while self.step < total_steps and self._stop_signal is None:
+                t0 = time.perf_counter()
+                lr = lr_at(self.step, total_steps, cfg.optim)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                batches = self.loader.next_step()
+                loss, grad_norm = self.train_step(batches)
+                if cfg.guard.policy != "off":
+                    verdict = self.guard.check(loss.item(), grad_norm.item())
+                    if verdict is not None:
+                        self._intervene(verdict)
+                        continue
+                health_due = self.health.due(self.step + 1)
+                grad_norms = self.health.before_update() if health_due else None
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                step_tokens = sum(x.numel() for x, _ in batches)
+                self.step += 1
+                self.tokens += step_tokens
+
+                last = self.step == total_steps
+                eval_due = last or (cfg.train.eval_every and self.step % cfg.train.eval_every == 0)
+                log_due = eval_due or health_due or self.step % cfg.log.every == 0
+                window_tokens += step_tokens
+                self.window_loss += loss
+                self.window_steps += 1
+                if log_due:
+                    # the mean loss of the steps since the last line; .item() syncs the device
+                    loss_value = (self.window_loss / self.window_steps).item()
+                    grad_norm_value = grad_norm.item()
+                    window_time += time.perf_counter() - t0
+                    tps = window_tokens / window_time
+                    record = {
+                        "step": self.step, "tokens": self.tokens, "loss": loss_value, "lr": lr,
+                        "grad_norm": grad_norm_value, "tokens_per_s": round(tps, 1),
+                        "mfu": round(tps * self.flops_per_token / self.peak_flops, 4),
+                        "peak_mem_bytes": peak_memory_bytes(self.device),
+                        "elapsed_s": round(time.perf_counter() - run_t0, 2),
+                    }
+                    if health_due:
+                        record["grad_norms"] = grad_norms
+                        record["update_ratio"] = self.health.after_update()
+                        warning = self.health.warn(grad_norm_value)
+                        if warning:
+                            self._emit("grad_warning", message=warning)
+                    if eval_due:
+                        self.last_val_loss = record["val_loss"] = self.evaluate()
+                    for o in self.observers:
+                        o.on_step(record)
+                    window_tokens, window_time, self.window_steps = 0, 0.0, 0
+                    self.window_loss.zero_()
+                else:
+                    window_time += time.perf_counter() - t0
+                if last or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
+                    self.save_checkpoint()
+            if self._stop_signal is not None:
+                self.checkpointer.wait()
+                if not self.checkpointer.path_for(self.step).exists():
+                    self.save_checkpoint()
+                self._emit("preempted", signal=self._stop_signal)
+            self.checkpointer.wait()
+            sample = self.sample() if self.step == total_steps and cfg.train.sample_tokens else None
+        finally:
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
+        summary = {
+            "run_dir": str(self.run_dir), "step": self.step, "tokens": self.tokens,
+            "loss": record.get("loss"), "val_loss": self.last_val_loss,
+            "tokens_per_s": record.get("tokens_per_s"), "mfu": record.get("mfu"),
+            "stopped": self._stop_signal, "sample": sample,
+        }
+        self._emit("end", **{k: v for k, v in summary.items() if k != "sample"})
+        for o in self.observers:
+            o.on_end(summary)
+        return summary
+
+    def sample(self) -> str:
+        """Generate from the trained model and append the text to samples.txt."""
+        tok = self.data.tokenizer()
+        prompt = self.cfg.train.sample_prompt
+        ids = tok.encode(prompt).ids
+        with self._autocast():
+            new = generate(self.model, ids, self.cfg.train.sample_tokens, seed=self.cfg.train.seed,
+                           eos_id=None)
+        text = prompt + tok.decode(new)
+        with open(self.run_dir / "samples.txt", "a") as f:
+            f.write(f"=== step {self.step} · prompt {prompt!r}\n{text}\n\n")
+        return text
