@@ -9,7 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from leantrain.config import ModelConfig
-from leantrain.model import Transformer, ffn_hidden_dim, flops_per_token, generate, matmul_params, param_count
+from leantrain.model import (
+    Transformer,
+    ffn_hidden_dim,
+    flops_per_token,
+    generate,
+    matmul_params,
+    param_count,
+    transformer,
+)
 from leantrain.model.transformer import apply_rope, rope_tables
 
 
@@ -131,7 +139,10 @@ def test_rope_is_hf_rotate_half():
     torch.testing.assert_close(apply_rope(x, rope)[:, 0], x[:, 0])  # position 0 is not rotated
 
 
-def test_loss_reductions_and_ignore_index():
+@pytest.mark.parametrize("chunk_rows", [None, 5])  # one slice, and uneven slices of 5 rows
+def test_loss_reductions_and_ignore_index(chunk_rows, monkeypatch):
+    if chunk_rows:
+        monkeypatch.setattr(transformer, "LOSS_CHUNK_ELEMENTS", chunk_rows * 64)
     model = build()
     idx = torch.randint(0, 64, (2, 16))
     targets = torch.randint(0, 64, (2, 16))

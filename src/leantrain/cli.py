@@ -75,6 +75,15 @@ def _overrides(extra: list[str]) -> list[str]:
     return extra
 
 
+def _backup_name(run_dir: Path) -> Path:
+    """`DIR.bak-<time>`, never the name of an earlier backup (moving onto one would nest the run in it)."""
+    stem = f"{run_dir.name}.bak-{time.strftime('%Y%m%d-%H%M%S')}"
+    backup, n = run_dir.with_name(stem), 1
+    while backup.exists():
+        backup, n = run_dir.with_name(f"{stem}-{n}"), n + 1
+    return backup
+
+
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from leantrain.config import load_config
     from leantrain.display import TrainDisplay
@@ -91,17 +100,25 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         else:
             cfg = load_config(run_dir / "config.toml", None, overrides)
     else:
-        if args.config is None and args.recipe is None:
-            args.recipe = "tiny"
-        cfg = load_config(args.config, args.recipe, overrides)
-        name = args.recipe or Path(args.config).stem
+        existing = Path(args.run_dir) / "config.toml" if args.run_dir else None
+        if args.config is None and args.recipe is None and existing is not None and existing.is_file():
+            cfg = load_config(existing, None, overrides)  # an existing run goes on with its own config
+        else:
+            if args.config is None and args.recipe is None:
+                args.recipe = "tiny"
+            cfg = load_config(args.config, args.recipe, overrides)
+        name = args.recipe or Path(args.config or "run").stem
         run_dir = Path(args.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
         if run_dir.exists() and any(run_dir.iterdir()) and args.restart:
-            backup = run_dir.with_name(f"{run_dir.name}.bak-{time.strftime('%Y%m%d-%H%M%S')}")
+            backup = _backup_name(run_dir)
             shutil.move(run_dir, backup)
             console.print(f"--restart: moved the previous contents of {run_dir} to {backup}")
     display = TrainDisplay(cfg.log.progress, console)
-    summary = Trainer(cfg, run_dir, observers=[display], resume=True).fit()
+    try:
+        summary = Trainer(cfg, run_dir, observers=[display], resume=True).fit()
+    except OSError as e:  # disk full, permissions: on the run's other files (checkpoint saves say so already)
+        raise LeantrainError(f"{e.strerror or e}: {e.filename or run_dir}; check free space and permissions of "
+                             f"the run directory {run_dir}, then run the same command again to resume") from None
     if summary["stopped"]:
         console.print(f"stopped by {summary['stopped']} at step {summary['step']}; checkpoint saved. "
                       f"Continue with: leantrain train --resume {run_dir}")

@@ -65,7 +65,11 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "max global gradient norm; 0 disables clipping", min=0.0)
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
     threads: int = _f(0, "intra-op CPU threads; 0 means one per physical core", min=0)
-    compile: bool = _f(False, "compile the model with torch.compile")
+    compile: bool = _f(False, "compile the model with torch.compile (compile time is reported separately)")
+    activation_checkpointing: str = _f("none", "recompute block activations in backward to save memory: "
+                                       "none, full (every block) or selective (every ac_every-th block)",
+                                       choices=("none", "full", "selective"))
+    ac_every: int = _f(2, "selective activation checkpointing wraps every ac_every-th block", min=1)
     sample_tokens: int = _f(200, "tokens generated as a sample at the end; 0 skips it", min=0)
     sample_prompt: str = _f("def ", "prompt of the end-of-run sample")
 

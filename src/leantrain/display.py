@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 # Events worth a line in the terminal; the rest are only in events.jsonl.
 _SHOWN = {"resume", "restart", "checkpoint_damaged", "checkpoint_failed", "config_changed", "preempted",
-          "checkpoint", "skip", "rollback", "diverged", "grad_warning"}
+          "checkpoint", "skip", "rollback", "diverged", "grad_warning", "compiled", "compile_failed"}
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -77,6 +77,8 @@ class TrainDisplay:
             text = f"checkpoint {how}: {e['path']} (loop blocked {e['blocked_s']:.2f} s)"
         else:
             detail = e.get("message") or e.get("checkpoint") or e.get("signal") or ""
+            if kind == "compiled":
+                detail = f"torch.compile took {e['seconds']:.1f} s (not counted in tokens/s)"
             text = f"[yellow]{kind}[/yellow] at step {e['step']}: {detail}"
         self.console.print(text) if self.progress is None else self.progress.console.print(text)
 

@@ -101,6 +101,13 @@ class GradHealth:
         self._before = None
         return {g: math.sqrt(upd[g] / max(wsq[g], 1e-30)) for g in upd}
 
+    def state_dict(self) -> dict[str, Any]:
+        """The warning state, kept in checkpoints so a resumed run warns when the uninterrupted one would."""
+        return {"small_streak": self.small_streak, "mean_norm": self.mean_norm}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.small_streak, self.mean_norm = d["small_streak"], d["mean_norm"]
+
     def warn(self, grad_norm: float) -> str | None:
         """A warning line when gradients vanish or explode, else None."""
         self.small_streak = self.small_streak + 1 if grad_norm < self.vanish_floor else 0

@@ -38,6 +38,19 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _open_appending(path: Path):
+    """Open a JSONL file for appending; a torn last line (the process was killed mid-write) is ended
+    first, so the next record starts on a line of its own instead of being glued to the fragment."""
+    f = open(path, "a")
+    if f.tell() > 0:
+        with open(path, "rb") as r:
+            r.seek(-1, os.SEEK_END)
+            if r.read(1) != b"\n":
+                f.write("\n")
+                f.flush()
+    return f
+
+
 class RunLog:
     """Appends metrics and events to the run directory."""
 
@@ -45,8 +58,8 @@ class RunLog:
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.events_path = self.run_dir / "events.jsonl"
-        self._metrics = open(self.metrics_path, "a")
-        self._events = open(self.events_path, "a")
+        self._metrics = _open_appending(self.metrics_path)
+        self._events = _open_appending(self.events_path)
 
     def discard_after(self, step: int) -> int:
         """Move metric lines with step > `step` to metrics.discarded.jsonl; returns how many."""

@@ -23,6 +23,7 @@ import torch
 from leantrain.config import Config, to_toml
 from leantrain.errors import CheckpointError, DataError, LeantrainError
 from leantrain.model import Transformer, flops_per_token, generate, param_count
+from leantrain.parallel.parallelize import parallelize
 from leantrain.plan.hardware import peak_flops, physical_cores, pick_device, resolve_dtype
 from leantrain.tokens.dataset import TokenDataset
 from leantrain.tokens.loader import BatchLoader, val_batches
@@ -66,7 +67,8 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)
         self.model = Transformer(cfg.model).to(self.device)
-        self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
+        self.step_model = parallelize(self.model, cfg)
+        self._compile_pending = cfg.train.compile  # the first step compiles; timed on its own
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.loader = BatchLoader(self.data.shards("train"), cfg.model.seq_len, cfg.train.micro_batch_size,
                                   cfg.train.grad_accum_steps, cfg.train.seed)
@@ -88,11 +90,13 @@ class Trainer:
         self.window_loss = torch.zeros((), device=self.device)
         self.window_steps = 0
         self._stop_signal: str | None = None
+        self._saved_step: int | None = None  # step of the checkpoint this run last wrote or resumed from
 
-        (self.run_dir / "config.toml").write_text(to_toml(cfg))
-        shutil.copyfile(Path(cfg.data.path) / "tokenizer.json", self.run_dir / "tokenizer.json")
+        # resume first: when no checkpoint is usable it raises before anything in the run is rewritten
         if resume:
             self._resume()
+        (self.run_dir / "config.toml").write_text(to_toml(cfg))
+        shutil.copyfile(Path(cfg.data.path) / "tokenizer.json", self.run_dir / "tokenizer.json")
         self._write_plan()
 
     # ---- setup helpers -------------------------------------------------------------------
@@ -108,12 +112,13 @@ class Trainer:
                 self._emit("restart", message="no checkpoint to resume from; starting at step 0")
             return
         path, snap, warnings = found
-        for w in warnings:
-            self._emit("checkpoint_damaged", message=w)
         self._load(snap)
+        for w in warnings:
+            self._emit("checkpoint_damaged", message=f"{w}; using {path.name} instead")
         if snap.state.get("config_hash") != self.cfg.hash():
             self._emit("config_changed", message="config differs from the checkpoint's; continuing with the new one")
         discarded = self.log.discard_after(self.step)
+        self._saved_step = self.step
         self._emit("resume", checkpoint=path.name, discarded_metric_lines=discarded)
 
     def _load(self, snap: Snapshot, keep_loader: bool = False) -> None:
@@ -129,6 +134,8 @@ class Trainer:
         if "guard" in st:
             self.guard = Guard(self.cfg.guard)
             self.guard.load_state_dict(st["guard"])
+        if "grad_health" in st:
+            self.health.load_state_dict(st["grad_health"])
         set_rng_state(st["rng"])
 
     def _write_plan(self) -> None:
@@ -176,6 +183,21 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         return total, grad_norm
 
+    def _first_compiled_step(self, batches: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the first step through torch.compile, timing the compile; on failure fall back to eager."""
+        self._compile_pending = False
+        t0 = time.perf_counter()
+        try:
+            out = self.train_step(batches)
+            self._emit("compiled", seconds=round(time.perf_counter() - t0, 2))
+            return out
+        except Exception as e:  # noqa: BLE001 - any compiler failure: train on, uncompiled
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step_model = self.model
+            self._emit("compile_failed", message=f"torch.compile failed ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:200]}); training continues without compile")
+            return self.train_step(batches)
+
     @torch.no_grad()
     def evaluate(self) -> float:
         self.model.eval()
@@ -193,6 +215,7 @@ class Trainer:
         self.guard.interventions = 0
         state = {"tokens": self.tokens, "loader": self.loader.state_dict(), "config_hash": self.cfg.hash(),
                  "val_loss": self.last_val_loss, "guard": self.guard.state_dict(),
+                 "grad_health": self.health.state_dict(),
                  "window_loss": self.window_loss.item(), "window_steps": self.window_steps}
         snap = snapshot(self.step, self.model, self.optimizer, state)
         try:
@@ -204,8 +227,17 @@ class Trainer:
             self._emit("checkpoint_failed", message=str(e))
             raise
         path = self.checkpointer.path_for(self.step)
+        self._saved_step = self.step
         self._emit("checkpoint", path=str(path.relative_to(self.run_dir)), blocked_s=round(time.perf_counter() - t0, 3),
                    background=self.cfg.checkpoint.async_)
+
+    def _wait_for_checkpoint(self) -> None:
+        """Wait for a background checkpoint write; its failure is recorded and raised like a sync one."""
+        try:
+            self.checkpointer.wait()
+        except CheckpointError as e:
+            self._emit("checkpoint_failed", message=str(e))
+            raise
 
     def _intervene(self, reason: str) -> None:
         """Drop this step's update (and its batch); under `rollback` also return to the last checkpoint,
@@ -219,16 +251,22 @@ class Trainer:
                 f"since the last checkpoint (guard.max_retries = {self.cfg.guard.max_retries}); "
                 "lower optim.lr or raise optim.warmup_steps, then resume")
         if self.cfg.guard.policy == "rollback":
-            self.checkpointer.wait()
+            self._wait_for_checkpoint()
             found = self.checkpointer.load_latest()
             if found is not None:
                 from_step, count = self.step, self.guard.interventions
-                path, snap, _ = found
+                path, snap, warnings = found
+                self._emit("rollback", message=f"{reason}; back to {path.name}, skipping the data window",
+                           checkpoint=path.name, from_step=from_step)
                 self._load(snap, keep_loader=True)
+                for w in warnings:
+                    self._emit("checkpoint_damaged", message=f"{w}; using {path.name} instead")
                 self.guard.interventions = count
-                self._emit("rollback", message=reason, checkpoint=path.name, from_step=from_step)
+                self._saved_step = self.step
+                self.log.discard_after(self.step)  # the rolled-back steps' lines: metrics stay one clean run
                 return
-        self._emit("skip", message=reason, loader_step=self.loader.state_dict()["step"])
+        self._emit("skip", message=f"{reason}; update and batch dropped",
+                   loader_step=self.loader.state_dict()["step"])
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._stop_signal = signal.Signals(signum).name
@@ -245,7 +283,7 @@ class Trainer:
         self._emit("start", total_steps=total_steps, params=self.plan["params"], device=str(self.device),
                    dtype=self.plan["dtype"], threads=self.plan["threads"], run_dir=str(self.run_dir))
         self.model.train()
-        window_tokens, window_time = 0, 0.0
+        window_tokens, window_time, window_data_s = 0, 0.0, 0.0
         run_t0 = time.perf_counter()
         record: dict[str, Any] = {}
         try:
@@ -255,7 +293,12 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 batches = self.loader.next_step()
-                loss, grad_norm = self.train_step(batches)
+                data_s = time.perf_counter() - t0
+                if self._compile_pending:
+                    loss, grad_norm = self._first_compiled_step(batches)
+                    t0 = time.perf_counter()  # compile time is reported apart from step time
+                else:
+                    loss, grad_norm = self.train_step(batches)
                 if cfg.guard.policy != "off":
                     verdict = self.guard.check(loss.item(), grad_norm.item())
                     if verdict is not None:
@@ -273,6 +316,7 @@ class Trainer:
                 eval_due = last or (cfg.train.eval_every and self.step % cfg.train.eval_every == 0)
                 log_due = eval_due or health_due or self.step % cfg.log.every == 0
                 window_tokens += step_tokens
+                window_data_s += data_s
                 self.window_loss += loss
                 self.window_steps += 1
                 if log_due:
@@ -286,6 +330,7 @@ class Trainer:
                         "grad_norm": grad_norm_value, "tokens_per_s": round(tps, 1),
                         "mfu": round(tps * self.flops_per_token / self.peak_flops, 4),
                         "peak_mem_bytes": peak_memory_bytes(self.device),
+                        "data_wait_frac": round(window_data_s / window_time, 5),
                         "elapsed_s": round(time.perf_counter() - run_t0, 2),
                     }
                     if health_due:
@@ -298,18 +343,18 @@ class Trainer:
                         self.last_val_loss = record["val_loss"] = self.evaluate()
                     for o in self.observers:
                         o.on_step(record)
-                    window_tokens, window_time, self.window_steps = 0, 0.0, 0
+                    window_tokens, window_time, window_data_s, self.window_steps = 0, 0.0, 0.0, 0
                     self.window_loss.zero_()
                 else:
                     window_time += time.perf_counter() - t0
                 if last or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
                     self.save_checkpoint()
             if self._stop_signal is not None:
-                self.checkpointer.wait()
-                if not self.checkpointer.path_for(self.step).exists():
+                self._wait_for_checkpoint()
+                if self._saved_step != self.step:
                     self.save_checkpoint()
                 self._emit("preempted", signal=self._stop_signal)
-            self.checkpointer.wait()
+            self._wait_for_checkpoint()
             sample = self.sample() if self.step == total_steps and cfg.train.sample_tokens else None
         finally:
             for sig, h in handlers.items():
