@@ -10,7 +10,9 @@ measured bf16 matmul peak) and peak memory per contender, and the ratios against
     python bench/throughput.py --only leantrain,plain-fp32 --steps 40
 
 Contenders:
-  leantrain    leantrain's Trainer at its defaults (bf16 where fast, fused AdamW, chunked loss)
+  leantrain    leantrain's Trainer at its defaults (bf16 where fast, fused AdamW, sliced loss,
+               matmul attention on CPU)
+  leantrain-compile  the same with train.compile = true (compile time excluded, reported apart)
   plain-fp32   a textbook PyTorch loop and Llama written below: fp32, torch.optim.AdamW defaults
   plain-bf16   the same loop with torch.autocast(bfloat16)
   hf-fp32      transformers.Trainer + LlamaForCausalLM of the same shape (needs `pip install .[bench]`)
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-CONTENDERS = ["leantrain", "plain-fp32", "plain-bf16", "hf-fp32", "hf-bf16"]
+CONTENDERS = ["leantrain", "leantrain-compile", "plain-fp32", "plain-bf16", "hf-fp32", "hf-bf16"]
 
 
 def model_config(recipe: str):
@@ -136,7 +138,7 @@ def run_plain(args, dtype: torch.dtype) -> dict:
 
 # ---- leantrain -----------------------------------------------------------------------------
 
-def run_leantrain(args) -> dict:
+def run_leantrain(args, compile: bool = False) -> dict:
     from leantrain.config import load_config
     from leantrain.train.trainer import Trainer
 
@@ -147,7 +149,8 @@ def run_leantrain(args) -> dict:
         cfg = load_config(recipe=args.recipe, overrides={
             "data": {"path": str(data)},
             "train": {"steps": args.warmup + args.steps, "micro_batch_size": args.batch, "eval_every": 0,
-                      "eval_steps": 1, "sample_tokens": 0},
+                      "eval_steps": 1, "sample_tokens": 0, "threads": args.threads,
+                      "compile": compile},
             "checkpoint": {"every": 0}, "log": {"every": 1, "progress": "none", "grad_health_every": 0},
             **({"precision": {"dtype": args.leantrain_dtype}} if args.leantrain_dtype else {}),
         })
@@ -217,8 +220,8 @@ def run_hf(args, bf16: bool) -> dict:
 def worker(args) -> None:
     torch.set_num_threads(args.threads)
     name = args.worker
-    if name == "leantrain":
-        out = run_leantrain(args)
+    if name.startswith("leantrain"):
+        out = run_leantrain(args, compile=name.endswith("compile"))
     elif name.startswith("plain"):
         out = run_plain(args, torch.bfloat16 if name.endswith("bf16") else torch.float32)
     else:
@@ -276,14 +279,16 @@ def main() -> None:
             r["tokens_per_s"] = r["tokens_per_step"] / med
             r["mfu_bf16_peak"] = r["tokens_per_s"] * fpt / peaks["bf16"]
         results[name] = r
-        print(f"  {name:11} " + (f"{r['tokens_per_s']:8,.0f} tok/s  MFU {r['mfu_bf16_peak'] * 100:5.1f}% "
+        print(f"  {name:17} " + (f"{r['tokens_per_s']:8,.0f} tok/s  MFU {r['mfu_bf16_peak'] * 100:5.1f}% "
                                  f"of bf16 peak  peak mem {r['peak_mem_bytes'] / 2**20:7,.0f} MiB"
                                  if "skipped" not in r else f"skipped: {r['skipped']}"), flush=True)
-    if "leantrain" in results and "tokens_per_s" in results["leantrain"]:
-        lt = results["leantrain"]["tokens_per_s"]
-        print("ratios (leantrain tokens/s over each):")
+    for mine in ("leantrain", "leantrain-compile"):
+        if "tokens_per_s" not in results.get(mine, {}):
+            continue
+        lt = results[mine]["tokens_per_s"]
+        print(f"ratios ({mine} tokens/s over each):")
         for name, r in results.items():
-            if name != "leantrain" and "tokens_per_s" in r:
+            if not name.startswith("leantrain") and "tokens_per_s" in r:
                 print(f"  vs {name:11} {lt / r['tokens_per_s']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps({"peaks": peaks, "flops_per_token": fpt, "results": results},

@@ -62,3 +62,27 @@ def test_compiled_run_tracks_eager(dataset, tmp_path):
         assert abs(a - b) / a < 1e-3
     events = [e["event"] for e in read_jsonl(tmp_path / "compiled" / "events.jsonl")]
     assert "compiled" in events
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_matmul_attention_matches_sdpa(n_kv_heads):
+    from leantrain.parallel.parallelize import choose_attention_kernel, set_attention_kernel
+
+    cfg = ModelConfig(n_layers=2, dim=64, n_heads=4, n_kv_heads=n_kv_heads, seq_len=32, vocab_size=128)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    x, y = torch.randint(0, 128, (2, 32)), torch.randint(0, 128, (2, 32))
+    logits_sdpa = model(x)
+    model(x, y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    set_attention_kernel(model, "matmul")
+    torch.testing.assert_close(model(x), logits_sdpa, rtol=1e-4, atol=1e-5)
+    model(x, y).backward()
+    for g, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+    cpu = torch.device("cpu")
+    assert choose_attention_kernel("auto", cpu, torch.bfloat16, 256) == "matmul"
+    assert choose_attention_kernel("auto", cpu, torch.float32, 256) == "sdpa"
+    assert choose_attention_kernel("auto", cpu, torch.bfloat16, 4096) == "sdpa"
+    assert choose_attention_kernel("sdpa", cpu, torch.bfloat16, 256) == "sdpa"

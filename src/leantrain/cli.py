@@ -155,8 +155,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # ---- config ----------------------------------------------------------------------------
 
 def cmd_config(args: argparse.Namespace, extra: list[str]) -> int:
-    from leantrain.config import describe, load_config, recipe_names, to_toml
+    from leantrain.config import describe, load_config, recipe_names, reference_markdown, to_toml
 
+    if args.reference and args.markdown:
+        print(reference_markdown(), end="")
+        return 0
     if args.reference:
         for key, default, allowed, help_ in describe():
             print(f"{key:28} = {default!r:<12} {allowed:28} {help_}")
@@ -212,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("config", nargs="?", help="TOML config file")
     cfg.add_argument("--recipe")
     cfg.add_argument("--reference", action="store_true", help="list every field with default and allowed values")
+    cfg.add_argument("--markdown", action="store_true", help="with --reference: as the README's table")
     cfg.add_argument("--recipes", action="store_true", help="list the shipped recipes")
     return p
 

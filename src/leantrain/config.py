@@ -69,6 +69,8 @@ class TrainConfig:
     activation_checkpointing: str = _f("none", "recompute block activations in backward to save memory: "
                                        "none, full (every block) or selective (every ac_every-th block)",
                                        choices=("none", "full", "selective"))
+    attention: str = _f("auto", "attention kernel: sdpa, matmul (faster for short contexts in bf16 on CPU) or "
+                         "auto (picks per device)", choices=("auto", "sdpa", "matmul"))
     ac_every: int = _f(2, "selective activation checkpointing wraps every ac_every-th block", min=1)
     sample_tokens: int = _f(200, "tokens generated as a sample at the end; 0 skips it", min=0)
     sample_prompt: str = _f("def ", "prompt of the end-of-run sample")
@@ -301,6 +303,13 @@ def to_toml(cfg: Config) -> str:
         lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def reference_markdown() -> str:
+    """The config reference table of the README."""
+    rows = ["| key | default | allowed | meaning |", "| --- | --- | --- | --- |"]
+    rows += [f"| `{k}` | `{d!r}` | {a} | {h} |" for k, d, a, h in describe()]
+    return "\n".join(rows) + "\n"
 
 
 def describe() -> list[tuple[str, Any, str, str]]:

@@ -67,7 +67,7 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)
         self.model = Transformer(cfg.model).to(self.device)
-        self.step_model = parallelize(self.model, cfg)
+        self.step_model = parallelize(self.model, cfg, self.device, self.dtype)
         self._compile_pending = cfg.train.compile  # the first step compiles; timed on its own
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.loader = BatchLoader(self.data.shards("train"), cfg.model.seq_len, cfg.train.micro_batch_size,
