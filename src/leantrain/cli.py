@@ -1,11 +1,13 @@
 """`leantrain` command line: one command per stage, each a thin shell over a library function.
 
-User errors (LeantrainError) print one line and exit 2; they never show a traceback.
+User errors (LeantrainError) print one line and exit 2; they never show a traceback. Under torchrun
+only rank 0 prints; another rank prints only an error of its own, prefixed with its rank.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -14,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from leantrain.errors import LeantrainError
+from leantrain.errors import CheckpointError, ConfigError, LeantrainError
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
@@ -86,8 +88,8 @@ def _backup_name(run_dir: Path) -> Path:
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from leantrain.config import load_config
-    from leantrain.display import TrainDisplay
-    from leantrain.train.trainer import Trainer
+    from leantrain.parallel import distributed
+    from leantrain.plan.hardware import pick_device
 
     overrides = _overrides(extra)
     if args.resume:
@@ -99,6 +101,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
             cfg = load_config(args.config, args.recipe, overrides)
         else:
             cfg = load_config(run_dir / "config.toml", None, overrides)
+        layout = distributed.setup(cfg, pick_device(cfg.train.device))
     else:
         existing = Path(args.run_dir) / "config.toml" if args.run_dir else None
         if args.config is None and args.recipe is None and existing is not None and existing.is_file():
@@ -108,17 +111,33 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
                 args.recipe = "tiny"
             cfg = load_config(args.config, args.recipe, overrides)
         name = args.recipe or Path(args.config or "run").stem
-        run_dir = Path(args.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if run_dir.exists() and any(run_dir.iterdir()) and args.restart:
+        layout = distributed.setup(cfg, pick_device(cfg.train.device))
+        # one run directory for all ranks: rank 0's clock names it
+        run_dir = Path(layout.from_rank0(args.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"))
+        if layout.is_rank0 and run_dir.exists() and any(run_dir.iterdir()) and args.restart:
             backup = _backup_name(run_dir)
             shutil.move(run_dir, backup)
             console.print(f"--restart: moved the previous contents of {run_dir} to {backup}")
-    display = TrainDisplay(cfg.log.progress, console)
+        layout.barrier()  # the others wait for the move before they look at the run directory
     try:
-        summary = Trainer(cfg, run_dir, observers=[display], resume=True).fit()
+        return _train_and_report(cfg, run_dir, layout.is_rank0)
+    finally:
+        distributed.cleanup()
+
+
+def _train_and_report(cfg, run_dir: Path, rank0: bool) -> int:
+    """Train and, on rank 0 (the only process without torchrun), tell the user how it went."""
+    from leantrain.display import TrainDisplay
+    from leantrain.train.trainer import Trainer
+
+    observers = [TrainDisplay(cfg.log.progress, console)] if rank0 else []
+    try:
+        summary = Trainer(cfg, run_dir, observers=observers, resume=True).fit()
     except OSError as e:  # disk full, permissions: on the run's other files (checkpoint saves say so already)
         raise LeantrainError(f"{e.strerror or e}: {e.filename or run_dir}; check free space and permissions of "
                              f"the run directory {run_dir}, then run the same command again to resume") from None
+    if not rank0:
+        return 0
     if summary["stopped"]:
         console.print(f"stopped by {summary['stopped']} at step {summary['step']}; checkpoint saved. "
                       f"Continue with: leantrain train --resume {run_dir}")
@@ -237,7 +256,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help() if args.command is None else parser.parse_args([args.command, "--help"])
         return 0 if args.command is None else 2
     except LeantrainError as e:
-        err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+        rank = int(os.environ.get("RANK", "0"))  # set by torchrun
+        if rank == 0:
+            err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+        elif not isinstance(e, ConfigError | CheckpointError):  # those every rank raises alike
+            err_console.print(f"[bold red]error (rank {rank}):[/bold red] {e}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -20,12 +20,15 @@ from leantrain.errors import ConfigError
 
 
 def _f(default: Any, help: str, *, min: float | None = None, max: float | None = None,
-       choices: tuple | None = None, min_exclusive: bool = False, key: str | None = None) -> Any:
+       choices: tuple | None = None, min_exclusive: bool = False, key: str | None = None,
+       allowed: str | None = None) -> Any:
     """A config field with its documentation and the values it allows.
 
-    `key` is the TOML name when it cannot be the Python name (`checkpoint.async`).
+    `key` is the TOML name when it cannot be the Python name (`checkpoint.async`); `allowed` replaces
+    the generated description of the allowed values when the range alone would mislead.
     """
-    meta = {"help": help, "min": min, "max": max, "choices": choices, "min_exclusive": min_exclusive, "key": key}
+    meta = {"help": help, "min": min, "max": max, "choices": choices, "min_exclusive": min_exclusive, "key": key,
+            "allowed": allowed}
     return field(default=default, metadata=meta)
 
 
@@ -91,6 +94,19 @@ class OptimConfig:
 
 
 @dataclass
+class ParallelConfig:
+    dp_replicate: int = _f(1, "data-parallel replicas (DDP; with dp_shard > 1: HSDP replica groups)", min=1)
+    dp_shard: int = _f(-1, "data-parallel shards (FSDP2, ZeRO-3 style); -1 takes the rest of the world size",
+                       min=-1, allowed="-1 (the rest) or an integer >= 1")
+    tp: int = _f(1, "tensor-parallel degree (not implemented yet: must be 1)", min=1)
+    fsdp_reshard_after_forward: bool = _f(True, "FSDP2: free gathered weights after forward (less memory, "
+                                          "one more all-gather in backward)")
+    backend: str = _f("auto", "torch.distributed backend; auto picks nccl on CUDA, gloo on CPU",
+                      choices=("auto", "nccl", "gloo"))
+    timeout_s: int = _f(600, "seconds a collective may wait before the run stops with an error", min=1)
+
+
+@dataclass
 class PrecisionConfig:
     dtype: str = _f("auto", "compute dtype; auto picks bf16 where the device runs it fast, else fp32",
                     choices=("auto", "fp32", "bf16"))
@@ -129,6 +145,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
@@ -143,15 +160,20 @@ class Config:
         return out
 
     def hash(self) -> str:
-        """Identity of everything that shapes the numbers a run produces."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        """Identity of everything that shapes the numbers a run produces.
+
+        `[parallel]` is left out: the layout of a job does not change its numbers (the global batch is
+        layout-independent), so resuming at another world size is not a config change.
+        """
+        sections = {k: v for k, v in self.to_dict().items() if k != "parallel"}
+        blob = json.dumps(sections, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
 _SECTION_TYPES = {
     "model": ModelConfig, "data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
-    "precision": PrecisionConfig, "checkpoint": CheckpointConfig, "guard": GuardConfig,
-    "log": LogConfig,
+    "parallel": ParallelConfig, "precision": PrecisionConfig, "checkpoint": CheckpointConfig,
+    "guard": GuardConfig, "log": LogConfig,
 }
 
 
@@ -175,6 +197,8 @@ def _parse_toml(text: str, where: str) -> dict[str, Any]:
 
 def _allowed(f: dataclasses.Field) -> str:
     m = f.metadata
+    if m.get("allowed"):
+        return m["allowed"]
     if m.get("choices"):
         return "one of " + ", ".join(map(str, m["choices"]))
     kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[_ftype(f)]
@@ -267,6 +291,11 @@ def _check_relations(cfg: Config) -> None:
     dev = cfg.train.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"config: train.device = {dev!r} is not allowed; expected auto, cpu, cuda or cuda:N")
+    if cfg.parallel.tp != 1:
+        raise ConfigError(f"config: parallel.tp = {cfg.parallel.tp}: tensor parallel is not implemented yet; use "
+                          "parallel.tp = 1 and scale with dp_replicate (DDP) and dp_shard (FSDP2)")
+    if cfg.parallel.dp_shard == 0:
+        raise ConfigError("config: parallel.dp_shard = 0 is not allowed; expected -1 (the rest) or an integer >= 1")
 
 
 def load_config(path: str | Path | None = None, recipe: str | None = None,

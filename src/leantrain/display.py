@@ -59,8 +59,12 @@ class TrainDisplay:
         if kind == "start":
             self.total = e["total_steps"]
             self.console.print(f"[bold]run directory:[/bold] {e['run_dir']}")
+            ranks = ""
+            if "parallel" in e:
+                p = e["parallel"]
+                ranks = f" · {p['world_size']} ranks ({p['strategy']})"
             self.console.print(f"model {e['params'] / 1e6:.2f}M params · {e['device']} · {e['dtype']} · "
-                               f"{e['threads']} threads · {self.total} steps")
+                               f"{e['threads']} threads{ranks} · {self.total} steps")
             if self.mode == "bar":
                 self.progress = Progress(
                     TextColumn("[bold blue]train"), BarColumn(), MofNCompleteColumn(),

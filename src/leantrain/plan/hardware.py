@@ -116,8 +116,16 @@ def probe_cpu_peak(dtype: torch.dtype, seconds: float = 0.6) -> float:
     return best
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
-    """(peak FLOP/s, where the number came from) for MFU."""
+PEAK_CACHE_MAX_AGE_S = 7 * 24 * 3600
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, refresh: bool = False) -> tuple[float, str]:
+    """(peak FLOP/s, where the number came from) for MFU.
+
+    A CPU probe can read low when other work shares the cores, so the cache keeps the best of
+    all probes for this machine, re-probes after a week, and `refresh=True` (the trainer asks
+    when it measures more than the peak) probes again at once.
+    """
     kind = "bf16" if dtype == torch.bfloat16 else "fp32"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -131,8 +139,12 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
         cache = {}
-    if key not in cache:
-        cache[key] = probe_cpu_peak(dtype)
+    entry = cache.get(key)
+    if not isinstance(entry, dict):  # missing, or the format of an older version
+        entry = None
+    if refresh or entry is None or time.time() - entry["time"] > PEAK_CACHE_MAX_AGE_S:
+        best = max(probe_cpu_peak(dtype), entry["flops"] if entry else 0.0)
+        entry = cache[key] = {"flops": best, "time": time.time()}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -140,4 +152,4 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
             tmp.replace(path)
         except OSError:
             pass  # an unwritable cache only costs a re-probe next time
-    return cache[key], "probe:matmul 4096x384x1536"
+    return entry["flops"], "probe:matmul 4096x384x1536 (best seen)"

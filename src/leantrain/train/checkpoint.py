@@ -6,6 +6,12 @@ Layout of one checkpoint, `checkpoints/step-0000100/`:
     state.json          step, tokens, loader, RNG, schedule and optimizer scalars, config hash
     manifest.json       size and sha256 of every file above; written last
 
+Under torch.distributed (DDP, FSDP2) the same files are written: every rank joins in gathering the
+full model and optimizer state (`gather_snapshot`), rank 0 writes it, and on resume every rank reads
+the files and takes its own shard (`restore_full`). So a checkpoint resumes at any world size and
+layout without a converter. Fine for models whose full state fits one host's memory; sharded
+torch.distributed.checkpoint (DCP) files for large models are the next step.
+
 A checkpoint is built in `.tmp-step-*`, every file fsynced, then renamed into place; the
 `latest` pointer is replaced after that. A crash at any moment leaves either the old or the
 new checkpoint whole. Loading checks the manifest and falls back to the previous checkpoint,
@@ -89,6 +95,58 @@ def snapshot(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     full_state = dict(state)
     full_state.update(format=FORMAT, step=step, aliases=aliases, optim_scalars=optim_scalars,
                       param_groups=osd["param_groups"], rng=rng_state())
+    return Snapshot(step, tensors, optim_tensors, full_state)
+
+
+def _aliases(model: torch.nn.Module) -> dict[str, str]:
+    """{alias: first name} for parameters registered under several names (tied embeddings)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def _optim_fqns(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the optimizer's own order: the name of parameter index i of the checkpoint format.
+
+    The first name of each parameter in `named_parameters()` is the key torch.distributed's
+    state-dict helpers use for it."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def gather_snapshot(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict) -> Snapshot | None:
+    """`snapshot` for a distributed run: a collective every rank must call; rank 0 gets the whole
+    (unsharded) state in the single-process format, the other ranks None."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=opts)
+    osd = get_optimizer_state_dict(model, optimizer, options=opts)
+    if dist.get_rank() != 0:
+        return None
+    aliases = _aliases(model)
+    tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in msd.items() if name not in aliases}
+    optim_tensors, optim_scalars = {}, {}
+    for idx, fqn in enumerate(_optim_fqns(model, optimizer)):
+        for key, v in osd["state"].get(fqn, {}).items():
+            if torch.is_tensor(v):
+                optim_tensors[f"{idx}/{key}"] = v.detach().to("cpu", copy=True).contiguous()
+            else:
+                optim_scalars[f"{idx}/{key}"] = v
+    full_state = dict(state)
+    full_state.update(format=FORMAT, step=step, aliases=aliases, optim_scalars=optim_scalars,
+                      param_groups=optimizer.state_dict()["param_groups"], rng=rng_state())
     return Snapshot(step, tensors, optim_tensors, full_state)
 
 
@@ -310,19 +368,21 @@ def read_checkpoint(path: Path) -> Snapshot:
         raise CheckpointError(f"checkpoint {path.name} is damaged: {e}") from None
 
 
-def restore(snap: Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    """Load a snapshot into a model (and optimizer) built from the same config."""
+def _weights(snap: Snapshot) -> dict[str, torch.Tensor]:
     weights = dict(snap.model)
     for alias, target in snap.state.get("aliases", {}).items():
         weights[alias] = weights[target]
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint step {snap.step} does not fit this model ({first}); "
-                              "resume with the config the run was started with") from None
-    if optimizer is None:
-        return
+    return weights
+
+
+def _does_not_fit(snap: Snapshot, e: Exception) -> CheckpointError:
+    first = str(e).strip().splitlines()[0]
+    return CheckpointError(f"checkpoint step {snap.step} does not fit this model ({first}); "
+                           "resume with the config the run was started with")
+
+
+def _optim_state(snap: Snapshot) -> tuple[dict[int, dict[str, Any]], list[dict[str, Any]]]:
+    """(state by parameter index, param groups) as the checkpoint holds them."""
     state: dict[int, dict[str, Any]] = {}
     for key, t in snap.optim.items():
         idx, name = key.split("/", 1)
@@ -334,4 +394,43 @@ def restore(snap: Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optim
     for g in groups:
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
+    return state, groups
+
+
+def restore(snap: Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Load a snapshot into a model (and optimizer) built from the same config."""
+    try:
+        model.load_state_dict(_weights(snap), strict=True)
+    except RuntimeError as e:
+        raise _does_not_fit(snap, e) from None
+    if optimizer is None:
+        return
+    state, groups = _optim_state(snap)
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def restore_full(snap: Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """`restore` for a distributed run (DDP or FSDP2): a collective every rank calls with the same snapshot
+    (each read the same files); each rank keeps its own shard of the weights and optimizer state."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, strict=True)
+    try:
+        set_model_state_dict(model, _weights(snap), options=opts)
+    except (RuntimeError, KeyError) as e:
+        raise _does_not_fit(snap, e) from None
+    if optimizer is None:
+        return
+    state, groups = _optim_state(snap)
+    fqns = _optim_fqns(model, optimizer)
+    if sum(len(g["params"]) for g in groups) != len(fqns):
+        raise CheckpointError(f"checkpoint step {snap.step} holds optimizer state for a different set of "
+                              "parameters; resume with the config the run was started with")
+    for g in groups:
+        g["params"] = [fqns[i] for i in g["params"]]
+    by_name = {fqns[i]: s for i, s in state.items()}
+    set_optimizer_state_dict(model, optimizer, {"state": by_name, "param_groups": groups}, options=opts)

@@ -56,6 +56,13 @@ class Guard:
         self.interventions = d["interventions"]
 
 
+def _value(t: torch.Tensor) -> float:
+    """A scalar as a float; a DTensor (FSDP2 shards) is reduced over its ranks first."""
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return float(t)
+
+
 def _group(name: str) -> str:
     """Parameters grouped per block: "layers.3", "tok_embeddings", "norm", "output"."""
     parts = name.split(".")
@@ -85,7 +92,7 @@ class GradHealth:
         for name, p in self.model.named_parameters():
             if p.grad is not None:
                 g = _group(name)
-                sq[g] = sq.get(g, 0.0) + float(p.grad.detach().float().square().sum())
+                sq[g] = sq.get(g, 0.0) + _value(p.grad.detach().float().square().sum())
                 self._before[name] = p.detach().clone()
         return {g: math.sqrt(v) for g, v in sq.items()}
 
@@ -96,8 +103,8 @@ class GradHealth:
         for name, p in self.model.named_parameters():
             if self._before is not None and name in self._before:
                 g = _group(name)
-                upd[g] = upd.get(g, 0.0) + float((p.detach() - self._before[name]).float().square().sum())
-                wsq[g] = wsq.get(g, 0.0) + float(self._before[name].float().square().sum())
+                upd[g] = upd.get(g, 0.0) + _value((p.detach() - self._before[name]).float().square().sum())
+                wsq[g] = wsq.get(g, 0.0) + _value(self._before[name].float().square().sum())
         self._before = None
         return {g: math.sqrt(upd[g] / max(wsq[g], 1e-30)) for g in upd}
 

@@ -3,6 +3,10 @@
 Each step: batches -> forward/backward over the accumulated micro-batches -> clip ->
 optimizer -> schedule -> telemetry -> eval / checkpoint when due. Observers (the run log,
 the CLI's display) see records and events; the trainer itself prints nothing.
+
+Under torchrun every rank runs this same loop on its part of the global batch; only rank 0 has
+observers and writes the run directory, and every decision that steers the loop (loss, grad norm,
+guard verdicts, stopping) is made from values all ranks share, so they never take different paths.
 """
 
 from __future__ import annotations
@@ -23,11 +27,20 @@ import torch
 from leantrain.config import Config, to_toml
 from leantrain.errors import CheckpointError, DataError, LeantrainError
 from leantrain.model import Transformer, flops_per_token, generate, param_count
-from leantrain.parallel.parallelize import parallelize
+from leantrain.parallel.distributed import setup as setup_distributed
+from leantrain.parallel.parallelize import parallelize, set_grad_sync
 from leantrain.plan.hardware import peak_flops, physical_cores, pick_device, resolve_dtype
 from leantrain.tokens.dataset import TokenDataset
 from leantrain.tokens.loader import BatchLoader, val_batches
-from leantrain.train.checkpoint import Checkpointer, Snapshot, restore, set_rng_state, snapshot
+from leantrain.train.checkpoint import (
+    Checkpointer,
+    Snapshot,
+    gather_snapshot,
+    restore,
+    restore_full,
+    set_rng_state,
+    snapshot,
+)
 from leantrain.train.guard import GradHealth, Guard
 from leantrain.train.optim import build_optimizer, lr_at
 from leantrain.train.telemetry import Observer, RunLog
@@ -44,10 +57,18 @@ class TrainingDiverged(LeantrainError):
     """The guard intervened more often than guard.max_retries allows."""
 
 
+class _NoLog:
+    """The run log of ranks other than 0: only rank 0 writes the run's record."""
+
+    def discard_after(self, step: int) -> int:
+        return 0
+
+
 class Trainer:
     """Builds everything a run needs from a config, then `fit()` trains it.
 
-    `resume=True` continues from the newest good checkpoint in `run_dir` if there is one.
+    `resume=True` continues from the newest good checkpoint in `run_dir` if there is one. Under
+    torchrun (WORLD_SIZE > 1) it joins the process group and lays the model out per `[parallel]`.
     """
 
     def __init__(self, cfg: Config, run_dir: str | Path, observers: list[Observer] | tuple = (),
@@ -55,9 +76,10 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.device = pick_device(cfg.train.device)
-        if self.device.type == "cpu":
-            torch.set_num_threads(cfg.train.threads or physical_cores())
+        self.layout = setup_distributed(cfg, pick_device(cfg.train.device))
+        self.device = self.layout.device
+        if self.device.type == "cpu":  # processes sharing a host share its cores
+            torch.set_num_threads(cfg.train.threads or max(1, physical_cores() // self.layout.local_world_size))
         self.dtype = resolve_dtype(cfg.precision.dtype, self.device)
 
         self.data = TokenDataset(cfg.data.path)
@@ -67,21 +89,24 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)
         self.model = Transformer(cfg.model).to(self.device)
-        self.step_model = parallelize(self.model, cfg, self.device, self.dtype)
+        self.step_model = parallelize(self.model, cfg, self.device, self.dtype, self.layout)
         self._compile_pending = cfg.train.compile  # the first step compiles; timed on its own
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.loader = BatchLoader(self.data.shards("train"), cfg.model.seq_len, cfg.train.micro_batch_size,
-                                  cfg.train.grad_accum_steps, cfg.train.seed)
-        self.val = val_batches(self.data.shards("val"), cfg.model.seq_len, cfg.train.micro_batch_size,
-                               cfg.train.eval_steps)
+                                  cfg.train.grad_accum_steps, cfg.train.seed, rank=self.layout.dp_rank,
+                                  world_size=self.layout.dp_size)
+        self.val = val_batches(self.data.shards("val"), cfg.model.seq_len,
+                               cfg.train.micro_batch_size * self.layout.dp_size, cfg.train.eval_steps)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep)
         self.guard = Guard(cfg.guard)
         self.health = GradHealth(self.model, cfg.log.grad_health_every)
-        self.log = RunLog(self.run_dir)
-        self.observers: list[Observer] = [self.log, *observers]
+        self.log: RunLog | _NoLog = RunLog(self.run_dir) if self.layout.is_rank0 else _NoLog()
+        self.observers: list[Observer] = [self.log, *observers] if self.layout.is_rank0 else []
 
         self.flops_per_token = flops_per_token(cfg.model)
-        self.peak_flops, self.peak_source = peak_flops(self.device, self.dtype)
+        # measured once, on rank 0 (ranks probing at once would slow each other's probe down)
+        self.peak_flops, self.peak_source = self.layout.from_rank0(
+            peak_flops(self.device, self.dtype) if self.layout.is_rank0 else None)
         self.step = 0
         self.tokens = 0
         self.last_val_loss: float | None = None
@@ -90,13 +115,15 @@ class Trainer:
         self.window_loss = torch.zeros((), device=self.device)
         self.window_steps = 0
         self._stop_signal: str | None = None
+        self._signal_seen: str | None = None  # distributed: a signal this rank got, not yet agreed on
         self._saved_step: int | None = None  # step of the checkpoint this run last wrote or resumed from
 
         # resume first: when no checkpoint is usable it raises before anything in the run is rewritten
         if resume:
             self._resume()
-        (self.run_dir / "config.toml").write_text(to_toml(cfg))
-        shutil.copyfile(Path(cfg.data.path) / "tokenizer.json", self.run_dir / "tokenizer.json")
+        if self.layout.is_rank0:
+            (self.run_dir / "config.toml").write_text(to_toml(cfg))
+            shutil.copyfile(Path(cfg.data.path) / "tokenizer.json", self.run_dir / "tokenizer.json")
         self._write_plan()
 
     # ---- setup helpers -------------------------------------------------------------------
@@ -123,7 +150,10 @@ class Trainer:
 
     def _load(self, snap: Snapshot, keep_loader: bool = False) -> None:
         """Put model, optimizer, counters, loader, guard and RNG back as the snapshot had them."""
-        restore(snap, self.model, self.optimizer)
+        if self.layout.distributed:
+            restore_full(snap, self.model, self.optimizer)
+        else:
+            restore(snap, self.model, self.optimizer)
         st = snap.state
         self.step, self.tokens = snap.step, st["tokens"]
         if not keep_loader:
@@ -140,7 +170,7 @@ class Trainer:
 
     def _write_plan(self) -> None:
         c = self.cfg
-        tokens_per_step = c.train.micro_batch_size * c.train.grad_accum_steps * c.model.seq_len
+        tokens_per_step = c.train.micro_batch_size * c.train.grad_accum_steps * self.layout.dp_size * c.model.seq_len
         plan = {
             "params": param_count(c.model),
             "flops_per_token": self.flops_per_token,
@@ -153,8 +183,10 @@ class Trainer:
             "peak_flops": self.peak_flops,
             "peak_flops_source": self.peak_source,
             "dataset_train_tokens": self.data.num_tokens("train"),
+            "parallel": self.layout.describe(),
         }
-        (self.run_dir / "plan.json").write_text(json.dumps(plan, indent=1))
+        if self.layout.is_rank0:
+            (self.run_dir / "plan.json").write_text(json.dumps(plan, indent=1))
         self.plan = plan
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -169,18 +201,40 @@ class Trainer:
 
         Each micro-batch's summed loss is divided by the target tokens of the WHOLE step, so
         the gradient equals that of one big batch even when micro-batches hold different
-        numbers of real targets (masked fine-tuning data).
+        numbers of real targets (masked fine-tuning data). With data parallelism "the whole step"
+        spans all ranks: DDP and FSDP2 average gradients over the dp ranks, so each rank divides by
+        the step's global target count over dp, and the returned loss is the global mean.
         """
         n_targets = sum(int((y != -100).sum()) for _, y in batches)
+        dp = self.layout.dp_size
+        if dp > 1:
+            counted = self.layout.all_sum(torch.tensor(float(n_targets), device=self.device))
+            n_targets = counted.item() / dp
         total = torch.zeros((), device=self.device)
-        for x, y in batches:
+        for i, (x, y) in enumerate(batches):
+            if dp > 1:  # gradients are reduced across ranks once per step, after the last micro-batch
+                set_grad_sync(self.step_model, i == len(batches) - 1)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self._autocast():
                 loss = self.step_model(x, y, reduction="sum") / n_targets
             loss.backward()
             total += loss.detach()
         clip = self.cfg.train.grad_clip or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if self.layout.sharded:  # DTensor gradients: their norm is reduced over the shards
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            torch.nn.utils.clip_grads_with_norm_(params, clip, grad_norm)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if self.layout.distributed:
+            # one all-reduce: the global mean loss, and whether any rank was asked to stop
+            flag = 1.0 if self._signal_seen else 0.0
+            stats = self.layout.all_sum(torch.stack([total, torch.tensor(flag, device=self.device)]))
+            total = stats[0] / dp
+            if stats[1].item() > 0:
+                self._stop_signal = self._signal_seen or "SIGTERM"
         return total, grad_norm
 
     def _first_compiled_step(self, batches: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,6 +254,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        """Mean validation loss over the fixed val batches (micro-batch x dp windows each, so the
+        same windows whatever the layout); with data parallelism each rank scores its rows of every batch."""
+        if self.layout.dp_size > 1:
+            return self._evaluate_split()
         self.model.eval()
         losses = []
         for x, y in self.val:
@@ -207,6 +265,23 @@ class Trainer:
                 losses.append(self.step_model(x.to(self.device), y.to(self.device)).float())
         self.model.train()
         return torch.stack(losses).mean().item()
+
+    def _evaluate_split(self) -> float:
+        dp, r = self.layout.dp_size, self.layout.dp_rank
+        self.model.eval()
+        stats = []  # per batch: [loss sum, targets] of this rank's rows, summed over ranks below
+        for x, y in self.val:
+            whole = len(x) < dp  # a short last batch: every rank scores all of it, counted once
+            if not whole:
+                x, y = x[r::dp], y[r::dp]
+            x, y = x.to(self.device), y.to(self.device)
+            with self._autocast():
+                loss_sum = self.step_model(x, y, reduction="sum").float()
+            row = torch.stack([loss_sum, (y != -100).sum().float()])
+            stats.append(row / dp if whole else row)
+        self.model.train()
+        totals = self.layout.all_sum(torch.stack(stats))
+        return (totals[:, 0] / totals[:, 1]).mean().item()
 
     def save_checkpoint(self) -> None:
         """Checkpoint now (in the background with checkpoint.async). A failed save is recorded
@@ -217,27 +292,43 @@ class Trainer:
                  "val_loss": self.last_val_loss, "guard": self.guard.state_dict(),
                  "grad_health": self.health.state_dict(),
                  "window_loss": self.window_loss.item(), "window_steps": self.window_steps}
-        snap = snapshot(self.step, self.model, self.optimizer, state)
+        if self.layout.distributed:  # every rank gathers; rank 0 gets the whole state and writes it
+            snap = gather_snapshot(self.step, self.model, self.optimizer, state)
+        else:
+            snap = snapshot(self.step, self.model, self.optimizer, state)
+        failure = None
         try:
-            if self.cfg.checkpoint.async_:
+            if snap is not None and self.cfg.checkpoint.async_:
                 self.checkpointer.write_async(snap)
-            else:
+            elif snap is not None:
                 self.checkpointer.write(snap)
         except CheckpointError as e:
-            self._emit("checkpoint_failed", message=str(e))
-            raise
+            failure = e
+        self._raise_checkpoint_failure(failure)
         path = self.checkpointer.path_for(self.step)
         self._saved_step = self.step
         self._emit("checkpoint", path=str(path.relative_to(self.run_dir)), blocked_s=round(time.perf_counter() - t0, 3),
                    background=self.cfg.checkpoint.async_)
 
+    def _raise_checkpoint_failure(self, failure: CheckpointError | None) -> None:
+        """Record and raise a failed checkpoint write. Distributed, rank 0 (the writer) tells every rank
+        its outcome, so all stop together; this is also the barrier after a save."""
+        if self.layout.distributed:
+            message = self.layout.from_rank0(str(failure) if failure else None)
+            if message is not None and failure is None:
+                failure = CheckpointError(message)
+        if failure is not None:
+            self._emit("checkpoint_failed", message=str(failure))
+            raise failure
+
     def _wait_for_checkpoint(self) -> None:
         """Wait for a background checkpoint write; its failure is recorded and raised like a sync one."""
+        failure = None
         try:
             self.checkpointer.wait()
         except CheckpointError as e:
-            self._emit("checkpoint_failed", message=str(e))
-            raise
+            failure = e
+        self._raise_checkpoint_failure(failure)
 
     def _intervene(self, reason: str) -> None:
         """Drop this step's update (and its batch); under `rollback` also return to the last checkpoint,
@@ -269,7 +360,10 @@ class Trainer:
                    loader_step=self.loader.state_dict()["step"])
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        self._stop_signal = signal.Signals(signum).name
+        if self.layout.distributed:  # ranks stop together, after the step in which any of them saw it
+            self._signal_seen = signal.Signals(signum).name
+        else:
+            self._stop_signal = signal.Signals(signum).name
 
     def fit(self) -> dict[str, Any]:
         """Train to `train.steps`; returns a summary. SIGTERM/SIGINT stop at the next step boundary
@@ -280,8 +374,9 @@ class Trainer:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 handlers[sig] = signal.signal(sig, self._on_signal)
+        layout = {"parallel": self.layout.describe()} if self.layout.distributed else {}
         self._emit("start", total_steps=total_steps, params=self.plan["params"], device=str(self.device),
-                   dtype=self.plan["dtype"], threads=self.plan["threads"], run_dir=str(self.run_dir))
+                   dtype=self.plan["dtype"], threads=self.plan["threads"], run_dir=str(self.run_dir), **layout)
         self.model.train()
         window_tokens, window_time, window_data_s = 0, 0.0, 0.0
         run_t0 = time.perf_counter()
@@ -308,7 +403,7 @@ class Trainer:
                 grad_norms = self.health.before_update() if health_due else None
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                step_tokens = sum(x.numel() for x, _ in batches)
+                step_tokens = sum(x.numel() for x, _ in batches) * self.layout.dp_size
                 self.step += 1
                 self.tokens += step_tokens
 
@@ -325,10 +420,14 @@ class Trainer:
                     grad_norm_value = grad_norm.item()
                     window_time += time.perf_counter() - t0
                     tps = window_tokens / window_time
+                    if tps * self.flops_per_token > self.peak_flops and self.device.type == "cpu":
+                        # more than the peak: the cached probe ran on busy cores; measure again
+                        self.peak_flops, _ = peak_flops(self.device, self.dtype, refresh=True)
+                        self._emit("peak_reprobed", peak_flops=self.peak_flops)
                     record = {
                         "step": self.step, "tokens": self.tokens, "loss": loss_value, "lr": lr,
                         "grad_norm": grad_norm_value, "tokens_per_s": round(tps, 1),
-                        "mfu": round(tps * self.flops_per_token / self.peak_flops, 4),
+                        "mfu": round(tps * self.flops_per_token / (self.peak_flops * self.layout.world_size), 4),
                         "peak_mem_bytes": peak_memory_bytes(self.device),
                         "data_wait_frac": round(window_data_s / window_time, 5),
                         "elapsed_s": round(time.perf_counter() - run_t0, 2),
@@ -370,8 +469,11 @@ class Trainer:
             o.on_end(summary)
         return summary
 
-    def sample(self) -> str:
-        """Generate from the trained model and append the text to samples.txt."""
+    def sample(self) -> str | None:
+        """Generate from the trained model and append the text to samples.txt (rank 0). Sharded weights
+        need every rank in each forward, so under FSDP2 all ranks generate the same text."""
+        if not (self.layout.is_rank0 or self.layout.sharded):
+            return None
         tok = self.data.tokenizer()
         prompt = self.cfg.train.sample_prompt
         ids = tok.encode(prompt).ids
@@ -379,6 +481,8 @@ class Trainer:
             new = generate(self.model, ids, self.cfg.train.sample_tokens, seed=self.cfg.train.seed,
                            eos_id=None)
         text = prompt + tok.decode(new)
+        if not self.layout.is_rank0:
+            return None
         with open(self.run_dir / "samples.txt", "a") as f:
             f.write(f"=== step {self.step} · prompt {prompt!r}\n{text}\n\n")
         return text

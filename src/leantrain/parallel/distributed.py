@@ -1,0 +1,158 @@
+"""The process layout of a run: torch.distributed setup from torchrun's environment, and the DeviceMesh.
+
+`torchrun` starts one process per device and sets RANK, WORLD_SIZE and LOCAL_RANK. Without it (or
+with WORLD_SIZE=1) nothing here touches torch.distributed and a run is the plain single process.
+
+The `[parallel]` degrees lay the world out as a mesh (dp_replicate, dp_shard): dp_replicate > 1
+alone is DDP, dp_shard > 1 is FSDP2 over the shard dimension, both is HSDP (FSDP2 on the 2-D mesh:
+sharded inside a group, replicated across groups). Their product is the world size; dp_shard = -1
+takes whatever the others leave.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from leantrain.config import Config, ParallelConfig
+from leantrain.errors import ConfigError
+
+MESH_DIMS = ("dp_replicate", "dp_shard")
+
+
+@dataclass
+class Layout:
+    """Where this process sits in the job. The single-process layout has world_size 1 and no mesh."""
+
+    device: torch.device
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    local_world_size: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    mesh: Any = None  # torch.distributed.device_mesh.DeviceMesh when world_size > 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel degree: how many ranks each read their own part of the global batch."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp
+
+    @property
+    def strategy(self) -> str:
+        if self.dp_shard > 1:
+            return "hsdp" if self.dp_replicate > 1 else "fsdp"
+        return "ddp" if self.dp_replicate > 1 else "single"
+
+    @property
+    def sharded(self) -> bool:
+        """Parameters are DTensor shards (FSDP2/HSDP): every rank must join each forward."""
+        return self.dp_shard > 1
+
+    def describe(self) -> dict[str, Any]:
+        return {"world_size": self.world_size, "strategy": self.strategy, "dp_replicate": self.dp_replicate,
+                "dp_shard": self.dp_shard, "tp": self.tp}
+
+    # ---- small collectives; no-ops (identity) in a single process ----------------------------
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over all ranks, in place (returns it)."""
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def from_rank0(self, value: Any) -> Any:
+        """Rank 0's value of a small picklable object, on every rank (also a barrier)."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def resolve_degrees(p: ParallelConfig, world_size: int) -> tuple[int, int, int]:
+    """(dp_replicate, dp_shard, tp) for this world size; a ConfigError when they cannot fit it."""
+    if p.tp != 1:
+        raise ConfigError(f"config: parallel.tp = {p.tp}: tensor parallel is not implemented yet; use "
+                          "parallel.tp = 1 and scale with dp_replicate (DDP) and dp_shard (FSDP2)")
+    rep, shard, tp = p.dp_replicate, p.dp_shard, p.tp
+    if shard == -1:
+        if world_size % (rep * tp):
+            raise ConfigError(f"config: parallel.dp_replicate = {rep} x parallel.tp = {tp} does not divide the "
+                              f"world size {world_size}; pick degrees whose product is the number of processes")
+        shard = world_size // (rep * tp)
+    if rep * shard * tp != world_size:
+        raise ConfigError(f"config: parallel.dp_replicate = {rep} x parallel.dp_shard = {shard} x parallel.tp = "
+                          f"{tp} = {rep * shard * tp} processes, but the world size is {world_size}; make the "
+                          "product equal the number of processes (dp_shard = -1 takes the rest)")
+    return rep, shard, tp
+
+
+def env_rank() -> int:
+    """This process's rank as torchrun set it (0 without torchrun); readable before any setup."""
+    return int(os.environ.get("RANK", "0"))
+
+
+_MESHES: dict[tuple, Any] = {}
+
+
+def setup(cfg: Config, device: torch.device) -> Layout:
+    """The layout of this process; under torchrun (WORLD_SIZE > 1) also the process group and the mesh.
+
+    `device` is the one train.device names; under torchrun a bare `cuda` becomes cuda:LOCAL_RANK
+    (`layout.device`). Safe to call again in the same process: the group is made once, the mesh reused.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rep, shard, tp = resolve_degrees(cfg.parallel, world)
+    if world == 1:
+        return Layout(device=device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    backend = cfg.parallel.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError(f"config: parallel.backend = 'nccl' needs CUDA devices but train.device is {device}; "
+                          "use parallel.backend = gloo (or auto)")
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.parallel.timeout_s))
+    key = (device.type, rep, shard)
+    if key not in _MESHES:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        _MESHES[key] = init_device_mesh(device.type, (rep, shard), mesh_dim_names=MESH_DIMS)
+    return Layout(device=device, world_size=world, rank=rank, local_rank=local_rank, local_world_size=local_world,
+                  dp_replicate=rep, dp_shard=shard, tp=tp, mesh=_MESHES[key])
+
+
+def cleanup() -> None:
+    """Tear the process group down at the end of a run (a no-op when there is none)."""
+    _MESHES.clear()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,144 @@
+"""Data parallelism on real processes: two `gloo` ranks launched by torchrun, the tiny model, 1 thread each.
+
+Every 2-rank run uses micro_batch_size 4 per rank: the same global batch (8 sequences) as the
+single-process reference, so its logged loss curve must match the reference's within float rounding
+(the sums are split across ranks and added in another order). Checkpoints cross layouts both ways.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from leantrain.cli import main
+from leantrain.config import ParallelConfig, load_config, to_toml
+from leantrain.errors import ConfigError
+from leantrain.parallel.distributed import resolve_degrees
+from leantrain.train.telemetry import read_jsonl
+from leantrain.train.trainer import Trainer
+
+REL = 1e-4  # fp32; measured differences are ~1e-6 relative
+
+
+def make_cfg(data_path, **over):
+    base = {
+        "model": {"n_layers": 2, "dim": 64, "n_heads": 4, "n_kv_heads": 2, "seq_len": 64, "vocab_size": 512},
+        "data": {"path": str(data_path)},
+        "train": {"steps": 12, "micro_batch_size": 8, "eval_every": 0, "eval_steps": 2, "sample_tokens": 0,
+                  "threads": 1},
+        "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "precision": {"dtype": "fp32"},
+        "checkpoint": {"every": 6, "keep": 2},
+        "log": {"every": 1, "progress": "lines", "grad_health_every": 6},
+    }
+    for dotted, value in over.items():
+        section, key = dotted.split("__")
+        base.setdefault(section, {})[key] = value
+    return load_config(overrides=base)
+
+
+def records(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_jsonl(run_dir / "metrics.jsonl")}
+
+
+def assert_same_curve(run_dir: Path, reference: Path, steps=range(1, 13)) -> None:
+    got, want = records(run_dir), records(reference)
+    assert sorted(got) == list(range(1, 13)), "rank 0 alone writes metrics, one line per step"
+    for s in steps:
+        assert got[s]["loss"] == pytest.approx(want[s]["loss"], rel=REL), f"step {s}"
+        assert got[s]["grad_norm"] == pytest.approx(want[s]["grad_norm"], rel=1e-3), f"step {s}"
+        assert got[s]["tokens"] == want[s]["tokens"]
+        assert ("val_loss" in got[s]) == ("val_loss" in want[s])  # only the last step evaluates
+        if "val_loss" in want[s]:
+            assert got[s]["val_loss"] == pytest.approx(want[s]["val_loss"], rel=REL), f"val at step {s}"
+    for s in (6, 12):
+        if s in steps:
+            for block, norm in want[s]["grad_norms"].items():
+                assert got[s]["grad_norms"][block] == pytest.approx(norm, rel=1e-3), (s, block)
+
+
+def torchrun(cfg, run_dir: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node 2 -m leantrain.cli train CFG --run-dir RUN_DIR`."""
+    cfg_path = run_dir.with_name(run_dir.name + ".toml")
+    cfg_path.write_text(to_toml(cfg))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "leantrain.cli", "train", str(cfg_path), "--run-dir", str(run_dir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def reference(dataset, tmp_path_factory):
+    """The single-process run (micro-batch 8, checkpoints at steps 6 and 12) every layout must match."""
+    run = tmp_path_factory.mktemp("single") / "run"
+    with pytest.MonkeyPatch.context() as mp:  # conftest's per-test cache dir is not set up yet here
+        mp.setenv("LEANTRAIN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+        Trainer(make_cfg(dataset), run).fit()
+    return run
+
+
+def test_ddp_two_ranks_match_single_process(dataset, reference, tmp_path):
+    run = tmp_path / "ddp"
+    proc = torchrun(make_cfg(dataset, train__micro_batch_size=4, parallel__dp_replicate=2, parallel__dp_shard=1),
+                    run)
+    assert_same_curve(run, reference)
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["parallel"]["strategy"] == "ddp" and plan["tokens_per_step"] == 8 * 64
+    assert proc.stdout.count("done: 12 steps") == 1 and proc.stdout.count("step 12/12 ") == 1  # rank 1: silent
+
+
+def test_fsdp_two_ranks_match_and_resume_at_one_rank(dataset, reference, tmp_path):
+    run = tmp_path / "fsdp"
+    torchrun(make_cfg(dataset, train__micro_batch_size=4), run)
+    assert json.loads((run / "plan.json").read_text())["parallel"]["strategy"] == "fsdp"
+    assert_same_curve(run, reference)
+    # 2 ranks -> 1: continue the FSDP run's step-6 checkpoint in this single process
+    shutil.rmtree(run / "checkpoints" / "step-0000012")
+    single = Trainer(load_config(run / "config.toml", overrides={"train": {"micro_batch_size": 8}}), run)
+    assert single.step == 6
+    single.fit()
+    assert_same_curve(run, reference)
+    assert len(read_jsonl(run / "metrics.discarded.jsonl")) == 6
+
+
+def test_single_process_checkpoint_resumes_at_two_ranks(dataset, reference, tmp_path):
+    run = tmp_path / "one-then-two"
+    shutil.copytree(reference, run)
+    shutil.rmtree(run / "checkpoints" / "step-0000012")
+    torchrun(make_cfg(dataset, train__micro_batch_size=4), run)
+    assert_same_curve(run, reference, steps=range(7, 13))
+    resumed = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "resume"]
+    assert resumed and resumed[-1]["checkpoint"] == "step-0000006"
+
+
+@pytest.mark.parametrize("degrees, world, words", [
+    ({"dp_replicate": 3}, 2, ["dp_replicate = 3", "world size 2"]),
+    ({"dp_replicate": 2, "dp_shard": 2}, 2, ["= 4 processes", "world size is 2"]),
+    ({"dp_replicate": 2}, 1, ["= 2 processes", "world size is 1"]),
+])
+def test_bad_degrees_are_one_line_config_errors(degrees, world, words):
+    with pytest.raises(ConfigError) as e:
+        resolve_degrees(ParallelConfig(**degrees), world)
+    assert "\n" not in str(e.value) and all(w in str(e.value) for w in words)
+    assert resolve_degrees(ParallelConfig(), 4) == (1, 4, 1) and resolve_degrees(ParallelConfig(dp_replicate=2), 4) \
+        == (2, 2, 1)
+
+
+def test_cli_refuses_degrees_and_tensor_parallel_before_any_work(dataset, tmp_path, capsys):
+    assert main(["train", "--run-dir", str(tmp_path / "run"), f"--data.path={dataset}",
+                 "--parallel.dp_replicate=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "world size is 1" in err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="tensor parallel is not implemented yet"):
+        load_config(overrides=["--parallel.tp=2"])
+    with pytest.raises(ConfigError, match="dp_shard = 0"):
+        load_config(overrides=["--parallel.dp_shard=0"])
