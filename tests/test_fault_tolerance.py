@@ -26,6 +26,7 @@ import torch
 from rich.console import Console
 
 import leantrain.train.checkpoint as checkpoint_mod
+from helpers import StopAt
 from leantrain.config import load_config, to_toml
 from leantrain.display import TrainDisplay
 from leantrain.errors import CheckpointError
@@ -289,7 +290,7 @@ def test_first_save_after_falling_back_removes_the_abandoned_newer_checkpoint(da
     damage(run / "checkpoints" / "step-0000012", "flip")
     again = Trainer(make_cfg(dataset, train__steps=12, checkpoint__every=3), run)
     assert again.step == 8
-    again.observers.append(StopAfter(again, 9))
+    again.observers.append(StopAt(again, 9))
     again.fit()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-0000008", "step-0000009"]
 
@@ -366,7 +367,7 @@ def test_cli_disk_full_exits_2_with_one_line(dataset, tmp_path):
     cfg = make_cfg(dataset, train__steps=8)
     run = tmp_path / "run"
     first = Trainer(cfg, run)
-    first.observers.append(StopAfter(first, 4))
+    first.observers.append(StopAt(first, 4))
     assert first.fit()["stopped"]
     good = {k: v for k, v in tree(run / "checkpoints").items()}
 
@@ -388,23 +389,6 @@ def test_cli_disk_full_exits_2_with_one_line(dataset, tmp_path):
                               preexec_fn=tiny_files), tmp_path / "f")
     assert rc == 2 and "Traceback" not in err, err
     assert err.strip().count("\n") == 0 and "File too large" in err and "tokenizer.json" in err
-
-
-class StopAfter:
-    """Asks the trainer to stop after a step, as SIGTERM would."""
-
-    def __init__(self, trainer, step):
-        self.trainer, self.step = trainer, step
-
-    def on_step(self, r):
-        if r["step"] == self.step:
-            self.trainer._stop_signal = "SIGTERM"
-
-    def on_event(self, e):
-        pass
-
-    def on_end(self, s):
-        pass
 
 
 # ---- the stability guard -------------------------------------------------------------------
@@ -522,7 +506,7 @@ def test_grad_health_warning_state_survives_a_resume(dataset, tmp_path):
     cfg = make_cfg(dataset, train__steps=21, guard__policy="off", log__grad_health_every=1)
     first = Trainer(cfg, tmp_path / "run")
     Corrupt(first, at=0, factor=1e-9, times=1000)
-    first.observers.append(StopAfter(first, 12))
+    first.observers.append(StopAt(first, 12))
     first.fit()
     second = Trainer(cfg, tmp_path / "run")
     Corrupt(second, at=0, factor=1e-9, times=1000)

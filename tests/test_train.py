@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from helpers import StopAt
 from leantrain.config import load_config
 from leantrain.train.telemetry import read_jsonl
 from leantrain.train.trainer import Trainer
@@ -24,23 +25,6 @@ def tiny_cfg(data_path, **over):
         section, key = dotted.split("__")
         base.setdefault(section, {})[key] = value
     return load_config(overrides=base)
-
-
-class StopAt:
-    """An observer that asks the trainer to stop after a step, as SIGTERM would."""
-
-    def __init__(self, trainer, step):
-        self.trainer, self.step = trainer, step
-
-    def on_step(self, r):
-        if r["step"] == self.step:
-            self.trainer._stop_signal = "SIGTERM"
-
-    def on_event(self, e):
-        self.on_step(e)
-
-    def on_end(self, s):
-        pass
 
 
 def losses(run_dir):

@@ -110,17 +110,23 @@ def read_builtin(name: str = "stdlib", stats: ReadStats | None = None) -> Iterat
     return _read_builtin(files, f"builtin:{name}", stats if stats is not None else ReadStats())
 
 
+def _document(data: bytes, doc_id: str, source: str, stats: ReadStats) -> Document | None:
+    """Decode one file's bytes into a document, counting it; None (counted as empty) if blank."""
+    text = _decode(data, stats)
+    if not text.strip():
+        stats.empty += 1
+        return None
+    stats.documents += 1
+    stats.bytes += len(data)
+    return Document(id=doc_id, text=text, source=source)
+
+
 def _read_builtin(files: list[tuple[str, Path]], source: str, stats: ReadStats) -> Iterator[Document]:
     for rel, path in files:
         stats.files += 1
-        data = path.read_bytes()
-        text = _decode(data, stats)
-        if not text.strip():
-            stats.empty += 1
-            continue
-        stats.documents += 1
-        stats.bytes += len(data)
-        yield Document(id=rel, text=text, source=source)
+        doc = _document(path.read_bytes(), rel, source, stats)
+        if doc is not None:
+            yield doc
 
 
 def _walk(root: Path, stats: ReadStats) -> list[tuple[str, Path]]:
@@ -172,13 +178,9 @@ def _read_files(plan: list[tuple[str, Path]], text_field: str, stats: ReadStats)
         if b"\0" in data[:_SNIFF_BYTES]:
             stats.binary += 1
             continue
-        text = _decode(data, stats)
-        if not text.strip():
-            stats.empty += 1
-            continue
-        stats.documents += 1
-        stats.bytes += len(data)
-        yield Document(id=doc_id, text=text, source=str(path))
+        doc = _document(data, doc_id, str(path), stats)
+        if doc is not None:
+            yield doc
 
 
 def _read_jsonl(doc_id: str, path: Path, text_field: str, stats: ReadStats) -> Iterator[Document]:
