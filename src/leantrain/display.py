@@ -40,12 +40,12 @@ class TrainDisplay:
             mode = "bar" if self.console.is_terminal else "lines"
         self.mode = mode
         self.total = 0
-        self.first_step: int | None = None
+        self.first_step = 0  # the step this process started at (after a resume, not 0)
         self.progress: Progress | None = None
         self.task = None
 
     def _eta(self, r: dict[str, Any]) -> float | None:
-        done = r["step"] - (self.first_step or 0)
+        done = r["step"] - self.first_step
         return r["elapsed_s"] / done * (self.total - r["step"]) if done > 0 else None
 
     def _line(self, r: dict[str, Any]) -> str:
@@ -57,7 +57,7 @@ class TrainDisplay:
     def on_event(self, e: dict[str, Any]) -> None:
         kind = e["event"]
         if kind == "start":
-            self.total = e["total_steps"]
+            self.total, self.first_step = e["total_steps"], e["step"]
             self.console.print(f"[bold]run directory:[/bold] {e['run_dir']}")
             ranks = ""
             if "parallel" in e:
@@ -87,8 +87,6 @@ class TrainDisplay:
         self.console.print(text) if self.progress is None else self.progress.console.print(text)
 
     def on_step(self, r: dict[str, Any]) -> None:
-        if self.first_step is None:
-            self.first_step = max(0, r["step"] - 1)
         if self.mode == "lines":
             self.console.print(self._line(r), highlight=False)
         elif self.progress is not None:
