@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,7 @@ from leantrain.parallel.distributed import resolve_degrees
 from leantrain.train.telemetry import read_jsonl
 from leantrain.train.trainer import Trainer
 
-REL = 1e-4  # fp32; measured differences are ~1e-6 relative
+REL = 1e-5  # fp32 losses; measured differences are ~1e-7 relative (grad norms ~1e-6)
 
 
 def make_cfg(data_path, **over):
@@ -52,7 +54,7 @@ def assert_same_curve(run_dir: Path, reference: Path, steps=range(1, 13)) -> Non
     assert sorted(got) == list(range(1, 13)), "rank 0 alone writes metrics, one line per step"
     for s in steps:
         assert got[s]["loss"] == pytest.approx(want[s]["loss"], rel=REL), f"step {s}"
-        assert got[s]["grad_norm"] == pytest.approx(want[s]["grad_norm"], rel=1e-3), f"step {s}"
+        assert got[s]["grad_norm"] == pytest.approx(want[s]["grad_norm"], rel=1e-4), f"step {s}"
         assert got[s]["tokens"] == want[s]["tokens"]
         assert ("val_loss" in got[s]) == ("val_loss" in want[s])  # only the last step evaluates
         if "val_loss" in want[s]:
@@ -60,7 +62,7 @@ def assert_same_curve(run_dir: Path, reference: Path, steps=range(1, 13)) -> Non
     for s in (6, 12):
         if s in steps:
             for block, norm in want[s]["grad_norms"].items():
-                assert got[s]["grad_norms"][block] == pytest.approx(norm, rel=1e-3), (s, block)
+                assert got[s]["grad_norms"][block] == pytest.approx(norm, rel=1e-4), (s, block)
 
 
 def torchrun(cfg, run_dir: Path, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -119,10 +121,57 @@ def test_single_process_checkpoint_resumes_at_two_ranks(dataset, reference, tmp_
     assert resumed and resumed[-1]["checkpoint"] == "step-0000006"
 
 
+def test_killed_rank_restarts_the_group_which_resumes(dataset, tmp_path):
+    """torchrun --max-restarts 1: SIGKILL rank 1 mid-run; the restarted group resumes from the newest
+    checkpoint and finishes on the uninterrupted curve."""
+    cfg = make_cfg(dataset, train__steps=40, checkpoint__every=5, log__grad_health_every=0)
+    straight = tmp_path / "straight"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LEANTRAIN_CACHE_DIR", str(tmp_path / "cache"))
+        Trainer(cfg, straight).fit()
+    run = tmp_path / "elastic"
+    cfg_path = tmp_path / "elastic.toml"
+    cfg_path.write_text(to_toml(make_cfg(dataset, train__steps=40, train__micro_batch_size=4, checkpoint__every=5,
+                                         log__grad_health_every=0)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--max-restarts", "1",
+           "--nproc-per-node", "2", "-m", "leantrain.cli", "train", str(cfg_path), "--run-dir", str(run)]
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        agent = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while agent.poll() is None and time.monotonic() < deadline and len(read_jsonl(run / "metrics.jsonl")) < 12:
+        time.sleep(0.01)
+    killed = [pid for pid in worker_pids(agent.pid) if "LOCAL_RANK=1" in environ(pid)]
+    assert len(killed) == 1, "rank 1 should still be running at step 12 of 40"
+    os.kill(killed[0], signal.SIGKILL)
+    assert agent.wait(180) == 0, (tmp_path / "err").read_text()[-3000:]
+    resumed = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "resume"]
+    assert len(resumed) == 1 and resumed[0]["step"] >= 10
+    got, want = records(run), records(straight)
+    assert sorted(got) == list(range(1, 41))
+    for s in want:
+        assert got[s]["loss"] == pytest.approx(want[s]["loss"], rel=REL), f"step {s}"
+
+
+def worker_pids(parent: int) -> list[int]:
+    """Children of the torchrun agent (any of its threads may have started them)."""
+    pids = []
+    for task in Path(f"/proc/{parent}/task").iterdir():
+        pids += [int(p) for p in (task / "children").read_text().split()]
+    return pids
+
+
+def environ(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
 @pytest.mark.parametrize("degrees, world, words", [
     ({"dp_replicate": 3}, 2, ["dp_replicate = 3", "world size 2"]),
     ({"dp_replicate": 2, "dp_shard": 2}, 2, ["= 4 processes", "world size is 2"]),
-    ({"dp_replicate": 2}, 1, ["= 2 processes", "world size is 1"]),
+    ({"dp_replicate": 2}, 1, ["dp_replicate = 2", "world size 1"]),
 ])
 def test_bad_degrees_are_one_line_config_errors(degrees, world, words):
     with pytest.raises(ConfigError) as e:
@@ -136,7 +185,7 @@ def test_cli_refuses_degrees_and_tensor_parallel_before_any_work(dataset, tmp_pa
     assert main(["train", "--run-dir", str(tmp_path / "run"), f"--data.path={dataset}",
                  "--parallel.dp_replicate=2"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "world size is 1" in err
+    assert len(err.splitlines()) == 1 and "world size 1" in err
     assert not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match="tensor parallel is not implemented yet"):
         load_config(overrides=["--parallel.tp=2"])

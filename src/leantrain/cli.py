@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from leantrain.errors import CheckpointError, ConfigError, LeantrainError
@@ -120,9 +121,12 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
             console.print(f"--restart: moved the previous contents of {run_dir} to {backup}")
         layout.barrier()  # the others wait for the move before they look at the run directory
     try:
-        return _train_and_report(cfg, run_dir, layout.is_rank0)
-    finally:
+        code = _train_and_report(cfg, run_dir, layout.is_rank0)
+    except BaseException:
         distributed.cleanup()
+        raise
+    distributed.cleanup(together=True)
+    return code
 
 
 def _train_and_report(cfg, run_dir: Path, rank0: bool) -> int:
@@ -258,9 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     except LeantrainError as e:
         rank = int(os.environ.get("RANK", "0"))  # set by torchrun
         if rank == 0:
-            err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
         elif not isinstance(e, ConfigError | CheckpointError):  # those every rank raises alike
-            err_console.print(f"[bold red]error (rank {rank}):[/bold red] {e}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error (rank {rank}):[/bold red] {escape(str(e))}", highlight=False,
+                              soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err_console.print("interrupted")

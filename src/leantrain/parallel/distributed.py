@@ -110,11 +110,6 @@ def resolve_degrees(p: ParallelConfig, world_size: int) -> tuple[int, int, int]:
     return rep, shard, tp
 
 
-def env_rank() -> int:
-    """This process's rank as torchrun set it (0 without torchrun); readable before any setup."""
-    return int(os.environ.get("RANK", "0"))
-
-
 _MESHES: dict[tuple, Any] = {}
 
 
@@ -141,7 +136,14 @@ def setup(cfg: Config, device: torch.device) -> Layout:
         raise ConfigError(f"config: parallel.backend = 'nccl' needs CUDA devices but train.device is {device}; "
                           "use parallel.backend = gloo (or auto)")
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.parallel.timeout_s))
+        timeout = timedelta(seconds=cfg.parallel.timeout_s)
+        # torchrun --max-restarts reuses its rendezvous store for a restarted group: keys the group
+        # before it left (the addresses of dead ranks) would be read as this group's, so each
+        # attempt gets keys of its own
+        store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"leantrain/attempt-{attempt}", store), rank=rank,
+                                world_size=world, timeout=timeout)
     key = (device.type, rep, shard)
     if key not in _MESHES:
         from torch.distributed.device_mesh import init_device_mesh
@@ -151,8 +153,12 @@ def setup(cfg: Config, device: torch.device) -> Layout:
                   dp_replicate=rep, dp_shard=shard, tp=tp, mesh=_MESHES[key])
 
 
-def cleanup() -> None:
-    """Tear the process group down at the end of a run (a no-op when there is none)."""
+def cleanup(together: bool = False) -> None:
+    """Tear the process group down at the end of a run (a no-op when there is none). `together` (after a
+    run every rank finished) first waits for all ranks: a rank closing its connections while a peer
+    still uses them can make that peer abort."""
     _MESHES.clear()
     if dist.is_available() and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()

@@ -418,9 +418,12 @@ def restore_full(snap: Snapshot, model: torch.nn.Module, optimizer: torch.optim.
         set_optimizer_state_dict,
     )
 
+    # every rank scatters the tensors in dict order, so the order must be the same on every rank;
+    # safetensors' loader returns them in a per-process (hash) order
     opts = StateDictOptions(full_state_dict=True, strict=True)
+    weights = _weights(snap)
     try:
-        set_model_state_dict(model, _weights(snap), options=opts)
+        set_model_state_dict(model, {k: weights[k] for k in sorted(weights)}, options=opts)
     except (RuntimeError, KeyError) as e:
         raise _does_not_fit(snap, e) from None
     if optimizer is None:
@@ -432,5 +435,5 @@ def restore_full(snap: Snapshot, model: torch.nn.Module, optimizer: torch.optim.
                               "parameters; resume with the config the run was started with")
     for g in groups:
         g["params"] = [fqns[i] for i in g["params"]]
-    by_name = {fqns[i]: s for i, s in state.items()}
+    by_name = {fqns[i]: {k: state[i][k] for k in sorted(state[i])} for i in sorted(state)}
     set_optimizer_state_dict(model, optimizer, {"state": by_name, "param_groups": groups}, options=opts)

@@ -420,8 +420,10 @@ class Trainer:
                     grad_norm_value = grad_norm.item()
                     window_time += time.perf_counter() - t0
                     tps = window_tokens / window_time
-                    if tps * self.flops_per_token > self.peak_flops and self.device.type == "cpu":
-                        # more than the peak: the cached probe ran on busy cores; measure again
+                    peak_all = self.peak_flops * self.layout.world_size
+                    if tps * self.flops_per_token > peak_all and self.device.type == "cpu" and self.layout.is_rank0:
+                        # more than the peak: the cached probe ran on busy cores; measure again (rank 0
+                        # alone: only its records are logged)
                         self.peak_flops, _ = peak_flops(self.device, self.dtype, refresh=True)
                         self._emit("peak_reprobed", peak_flops=self.peak_flops)
                     record = {
