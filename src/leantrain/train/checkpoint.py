@@ -85,8 +85,15 @@ def snapshot(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer
         by_ptr[ptr] = name
         tensors[name] = t.detach().to("cpu", copy=True).contiguous()
     osd = optimizer.state_dict()
+    return _assemble(step, tensors, aliases, osd["state"].items(), osd["param_groups"], state)
+
+
+def _assemble(step: int, tensors: dict[str, torch.Tensor], aliases: dict[str, str], param_states: Any,
+              param_groups: list[dict], state: dict) -> Snapshot:
+    """The checkpoint format: optimizer tensors keyed "<param index>/<name>", its scalars, param
+    groups, aliases and RNG states in state.json."""
     optim_tensors, optim_scalars = {}, {}
-    for idx, pstate in osd["state"].items():
+    for idx, pstate in param_states:
         for key, v in pstate.items():
             if torch.is_tensor(v):
                 optim_tensors[f"{idx}/{key}"] = v.detach().to("cpu", copy=True).contiguous()
@@ -94,7 +101,7 @@ def snapshot(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer
                 optim_scalars[f"{idx}/{key}"] = v
     full_state = dict(state)
     full_state.update(format=FORMAT, step=step, aliases=aliases, optim_scalars=optim_scalars,
-                      param_groups=osd["param_groups"], rng=rng_state())
+                      param_groups=param_groups, rng=rng_state())
     return Snapshot(step, tensors, optim_tensors, full_state)
 
 
@@ -137,17 +144,8 @@ def gather_snapshot(step: int, model: torch.nn.Module, optimizer: torch.optim.Op
         return None
     aliases = _aliases(model)
     tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in msd.items() if name not in aliases}
-    optim_tensors, optim_scalars = {}, {}
-    for idx, fqn in enumerate(_optim_fqns(model, optimizer)):
-        for key, v in osd["state"].get(fqn, {}).items():
-            if torch.is_tensor(v):
-                optim_tensors[f"{idx}/{key}"] = v.detach().to("cpu", copy=True).contiguous()
-            else:
-                optim_scalars[f"{idx}/{key}"] = v
-    full_state = dict(state)
-    full_state.update(format=FORMAT, step=step, aliases=aliases, optim_scalars=optim_scalars,
-                      param_groups=optimizer.state_dict()["param_groups"], rng=rng_state())
-    return Snapshot(step, tensors, optim_tensors, full_state)
+    param_states = ((idx, osd["state"].get(fqn, {})) for idx, fqn in enumerate(_optim_fqns(model, optimizer)))
+    return _assemble(step, tensors, aliases, param_states, optimizer.state_dict()["param_groups"], state)
 
 
 def _sha256(data: bytes) -> str:
