@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import tiny_config
 from leantrain.cli import main
 from leantrain.config import ParallelConfig, load_config, to_toml
 from leantrain.errors import ConfigError
@@ -29,22 +30,8 @@ REL = 1e-5  # fp32 losses; measured differences are ~1e-7 relative (grad norms ~
 
 
 def make_cfg(data_path, **over):
-    base = {
-        "model": {"n_layers": 2, "dim": 64, "n_heads": 4, "n_kv_heads": 2, "seq_len": 64, "vocab_size": 512},
-        "data": {"path": str(data_path)},
-        "train": {"steps": 12, "micro_batch_size": 8, "eval_every": 0, "eval_steps": 2, "sample_tokens": 0,
-                  "threads": 1},
-        "optim": {"lr": 3e-3, "warmup_steps": 2},
-        "precision": {"dtype": "fp32"},
-        "checkpoint": {"every": 6, "keep": 2},
-        "log": {"every": 1, "progress": "lines", "grad_health_every": 6},
-    }
-    for dotted, value in over.items():
-        section, key = dotted.split("__")
-        base.setdefault(section, {})[key] = value
-    return load_config(overrides=base)
-
-
+    return tiny_config(data_path, **{"train__micro_batch_size": 8, "train__eval_every": 0, "train__threads": 1,
+                                     "log__progress": "lines", "log__grad_health_every": 6, **over})
 def records(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in read_jsonl(run_dir / "metrics.jsonl")}
 

@@ -26,8 +26,8 @@ import torch
 from rich.console import Console
 
 import leantrain.train.checkpoint as checkpoint_mod
-from helpers import StopAt
-from leantrain.config import load_config, to_toml
+from helpers import StopAt, tiny_config
+from leantrain.config import to_toml
 from leantrain.display import TrainDisplay
 from leantrain.errors import CheckpointError
 from leantrain.train.checkpoint import read_checkpoint
@@ -38,22 +38,8 @@ STEPS = 48  # long enough that a kill aimed at step <= 28 lands well before the 
 
 
 def make_cfg(data_path, **over):
-    base = {
-        "model": {"n_layers": 2, "dim": 64, "n_heads": 4, "n_kv_heads": 2, "seq_len": 64, "vocab_size": 512},
-        "data": {"path": str(data_path)},
-        "train": {"steps": STEPS, "micro_batch_size": 4, "eval_every": 0, "eval_steps": 2, "sample_tokens": 0,
-                  "threads": 1},
-        "optim": {"lr": 3e-3, "warmup_steps": 2},
-        "precision": {"dtype": "fp32"},
-        "checkpoint": {"every": 4, "keep": 2},
-        "log": {"every": 1, "progress": "lines"},
-    }
-    for dotted, value in over.items():
-        section, key = dotted.split("__")
-        base.setdefault(section, {})[key] = value
-    return load_config(overrides=base)
-
-
+    return tiny_config(data_path, **{"train__steps": STEPS, "train__eval_every": 0, "train__threads": 1,
+                                     "checkpoint__every": 4, "log__progress": "lines", **over})
 def write_cfg(path: Path, cfg) -> Path:
     path.write_text(to_toml(cfg))
     return path

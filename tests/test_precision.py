@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from leantrain.config import ModelConfig, load_config
+from helpers import tiny_config
+from leantrain.config import ModelConfig
 from leantrain.model import Transformer
 from leantrain.parallel.parallelize import apply_activation_checkpointing
 from leantrain.train.telemetry import read_jsonl
@@ -11,17 +12,8 @@ from leantrain.train.trainer import Trainer
 
 
 def small_run_cfg(dataset, **train):
-    return load_config(overrides={
-        "model": {"n_layers": 2, "dim": 64, "n_heads": 4, "n_kv_heads": 2, "seq_len": 64, "vocab_size": 512},
-        "data": {"path": str(dataset)},
-        "train": {"steps": 10, "micro_batch_size": 4, "eval_every": 0, "eval_steps": 2, "sample_tokens": 0, **train},
-        "optim": {"lr": 3e-3, "warmup_steps": 2},
-        "precision": {"dtype": "fp32"},
-        "checkpoint": {"every": 0},
-        "log": {"every": 1, "progress": "none"},
-    })
-
-
+    train = {"steps": 10, "eval_every": 0, **train}
+    return tiny_config(dataset, checkpoint__every=0, **{f"train__{k}": v for k, v in train.items()})
 def run_losses(cfg, run_dir):
     Trainer(cfg, run_dir).fit()
     return [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl")]

@@ -5,28 +5,14 @@ import json
 import pytest
 import torch
 
-from helpers import StopAt
+from helpers import StopAt, tiny_config
 from leantrain.config import load_config
 from leantrain.train.telemetry import read_jsonl
 from leantrain.train.trainer import Trainer
 
 
 def tiny_cfg(data_path, **over):
-    base = {
-        "model": {"n_layers": 2, "dim": 64, "n_heads": 4, "n_kv_heads": 2, "seq_len": 64, "vocab_size": 512},
-        "data": {"path": str(data_path)},
-        "train": {"steps": 12, "micro_batch_size": 4, "eval_every": 6, "eval_steps": 2, "sample_tokens": 0},
-        "optim": {"lr": 3e-3, "warmup_steps": 2},
-        "precision": {"dtype": "fp32"},
-        "checkpoint": {"every": 6, "keep": 2},
-        "log": {"every": 1, "progress": "none"},
-    }
-    for dotted, value in over.items():
-        section, key = dotted.split("__")
-        base.setdefault(section, {})[key] = value
-    return load_config(overrides=base)
-
-
+    return tiny_config(data_path, **over)
 def losses(run_dir):
     return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl")}
 

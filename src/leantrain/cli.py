@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from leantrain.corpus.readers import BUILTIN_CORPORA
 from leantrain.errors import CheckpointError, ConfigError, LeantrainError
 
 console = Console(soft_wrap=True)
@@ -38,10 +39,6 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
             return read_builtin(args.builtin, stats=stats)
         sources = {"builtin": args.builtin}
     else:
-        for p in args.paths:
-            if not Path(p).exists():
-                raise LeantrainError(f"input {p} does not exist; check the path")
-
         def documents():
             stats.reset()
             return read_paths(args.paths, text_field=args.text_field, stats=stats)
@@ -206,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Read documents, train (or reuse) a byte-level BPE tokenizer and "
                                "write train/val token shards with meta.json and tokenizer.json.")
     prep.add_argument("paths", nargs="*", help="text files, .jsonl files or folders")
-    prep.add_argument("--builtin", choices=["stdlib"], help="use a built-in corpus instead of files")
+    prep.add_argument("--builtin", choices=BUILTIN_CORPORA, help="use a built-in corpus instead of files")
     prep.add_argument("--out", required=True, help="dataset folder to write")
     prep.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default 8192)")
     prep.add_argument("--tokenizer", help="reuse this tokenizer.json instead of training one")

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from leantrain.config import Config
 from leantrain.errors import ConfigError
+from leantrain.model.transformer import Attention
 from leantrain.parallel.distributed import Layout
 
 
@@ -49,7 +50,7 @@ def choose_attention_kernel(requested: str, device: torch.device, dtype: torch.d
 
 def set_attention_kernel(model: nn.Module, kernel: str) -> None:
     for module in model.modules():
-        if hasattr(module, "kernel") and module.__class__.__name__ == "Attention":
+        if isinstance(module, Attention):
             module.kernel = kernel
 
 
