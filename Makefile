@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 data/stdlib/meta.json: | $(STAMP)
-	$(BIN)/leantrain data prepare --builtin stdlib --out data/stdlib
+	$(BIN)/leantrain data prepare --builtin stdlib --profile code --out data/stdlib
 
 demo: $(STAMP) data/stdlib/meta.json
 	$(BIN)/leantrain train --recipe tiny

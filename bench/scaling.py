@@ -9,6 +9,7 @@ communication cost. The modes run in alternating order for `--rounds` rounds so 
 speeds up or slows down during the benchmark does not favour one of them.
 
     python bench/scaling.py                      # tiny recipe, 30 steps, 2 threads
+    python bench/scaling.py --tp                 # + 2-rank tensor parallel and 4-rank FSDP2 x TP rows
     python bench/scaling.py --recipe small --steps 20 --rounds 2
 """
 
@@ -31,14 +32,19 @@ MODES = {
     "1 process": (1, {}),
     "2 ranks DDP": (2, {"parallel.dp_replicate": 2, "parallel.dp_shard": 1}),
     "2 ranks FSDP2": (2, {"parallel.dp_shard": 2}),
+    "2 ranks TP": (2, {"parallel.tp": 2, "parallel.dp_shard": 1}),
+    "4 ranks FSDP2xTP": (4, {"parallel.tp": 2, "parallel.dp_shard": 2}),
 }
+TP_MODES = ("2 ranks TP", "4 ranks FSDP2xTP")
 
 
 def run(mode: str, args: argparse.Namespace, data: str, scratch: Path, i: int) -> float:
     ranks, extra = MODES[mode]
+    dp = ranks // extra.get("parallel.tp", 1)  # tensor-parallel ranks share their data-parallel group's batch
     run_dir = scratch / f"run-{i}"
     over = {"data.path": data, "train.steps": args.steps, "train.threads": max(1, args.threads // ranks),
-            "train.micro_batch_size": args.global_batch // ranks, "train.eval_every": 0, "train.eval_steps": 1,
+            "train.micro_batch_size": args.global_batch // dp, "model.tie_embeddings": args.tie,
+            "train.eval_every": 0, "train.eval_steps": 1,
             "train.sample_tokens": 0, "checkpoint.every": 0, "log.every": 1, "log.progress": "none", **extra}
     cli = ["-m", "leantrain.cli", "train", "--recipe", args.recipe, "--run-dir", str(run_dir),
            *[f"--{k}={v}" for k, v in over.items()]]
@@ -61,7 +67,13 @@ def main() -> None:
     p.add_argument("--global-batch", type=int, default=16, help="sequences per step over all ranks")
     p.add_argument("--threads", type=int, default=2, help="threads of the single process; ranks share them")
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--tp", action="store_true", help="also tensor parallel (2 ranks) and FSDP2 x TP (4 ranks); "
+                   "every mode then runs with untied embeddings, which tensor parallel needs")
     args = p.parse_args()
+    args.tie = "false" if args.tp else "true"
+    if not args.tp:
+        for mode in TP_MODES:
+            del MODES[mode]
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         data = dataset(args.data, scratch)

@@ -78,3 +78,29 @@ def test_matmul_attention_matches_sdpa(n_kv_heads):
     assert choose_attention_kernel("auto", cpu, torch.float32, 256) == "sdpa"
     assert choose_attention_kernel("auto", cpu, torch.bfloat16, 4096) == "sdpa"
     assert choose_attention_kernel("sdpa", cpu, torch.bfloat16, 256) == "sdpa"
+
+
+def test_fp8_tracks_bf16(dataset, tmp_path):
+    pytest.importorskip("torchao.float8")
+    runs = {}
+    for fp8 in (False, True):
+        cfg = small_run_cfg(dataset, steps=8)
+        cfg.precision.dtype, cfg.precision.fp8 = "bf16", fp8
+        runs[fp8] = run_losses(cfg, tmp_path / f"fp8-{fp8}")
+    assert runs[True] != runs[False]  # the float8 path really ran
+    for a, b in zip(runs[False], runs[True], strict=True):
+        assert abs(a - b) / a < 0.03
+    event = next(e for e in read_jsonl(tmp_path / "fp8-True" / "events.jsonl") if e["event"] == "fp8")
+    assert event["layers"] == 2 * 7  # wq wk wv wo w1 w2 w3 per block; the output projection stays bf16
+
+
+def test_fp8_without_support_says_why_and_trains(dataset, tmp_path, monkeypatch):
+    import leantrain.train.precision as precision
+
+    monkeypatch.setattr(precision, "float8_unavailable", lambda device: "fp8 needs torchao: pip install torchao")
+    cfg = small_run_cfg(dataset, steps=2)
+    cfg.precision.fp8 = True
+    losses = run_losses(cfg, tmp_path)
+    assert len(losses) == 2
+    event = next(e for e in read_jsonl(tmp_path / "events.jsonl") if e["event"] == "fp8")
+    assert event["layers"] == 0 and "torchao" in event["message"]

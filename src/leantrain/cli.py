@@ -7,6 +7,7 @@ only rank 0 prints; another rank prints only an error of its own, prefixed with 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -26,27 +27,66 @@ err_console = Console(stderr=True)
 
 # ---- data ------------------------------------------------------------------------------
 
+def _prepare_chat(args: argparse.Namespace) -> int:
+    """`data prepare --format chat`: prompt/response .jsonl -> tokens + loss masks (tokens/chat.py)."""
+    from leantrain.tokens.chat import DEFAULT_TEMPLATE, prepare_chat_dataset
+
+    # a \n typed in a shell arrives as backslash + n
+    template = args.chat_template.replace("\\n", "\n") if args.chat_template else DEFAULT_TEMPLATE
+    if args.builtin or not args.paths:
+        raise LeantrainError("--format chat reads .jsonl files of prompt/response records; pass them as inputs")
+    t0 = time.perf_counter()
+    meta = prepare_chat_dataset(args.paths, args.out, prompt_field=args.prompt_field,
+                                response_field=args.response_field, template=template,
+                                tokenizer_path=args.tokenizer, vocab_size=args.vocab_size,
+                                val_fraction=args.val_fraction, overwrite=args.overwrite,
+                                provenance={"paths": [str(Path(p).resolve()) for p in args.paths]})
+    tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    console.print(f"chat dataset written to [bold]{args.out}[/bold] in {time.perf_counter() - t0:.1f} s: "
+                  f"vocab {meta['vocab_size']}, train {tr['documents']:,} examples ({tr['tokens']:,} tokens, "
+                  f"{tr['target_tokens']:,} trained on), val {va['documents']:,} examples")
+    return 0
+
+
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from leantrain.corpus.readers import ReadStats, read_builtin, read_paths
-    from leantrain.tokens.prepare import prepare_dataset
 
+    if args.format == "chat":
+        return _prepare_chat(args)
     if bool(args.builtin) == bool(args.paths):
         raise LeantrainError("give input files/folders or --builtin stdlib (one of the two)")
+    from leantrain.corpus.card import summary_lines
+    from leantrain.corpus.executors import make_executor
+    from leantrain.corpus.pipeline import build_steps, curate_dataset, load_config
+
     stats = ReadStats()
     if args.builtin:
+        if args.include or args.exclude:
+            raise LeantrainError("--include/--exclude pick files inside input folders; they do not apply to --builtin")
+
         def documents():
-            stats.reset()  # prepare reads twice (tokenizer, then encoding); count one pass
             return read_builtin(args.builtin, stats=stats)
         sources = {"builtin": args.builtin}
     else:
+        read_paths(args.paths, text_field=args.text_field, include=args.include or (),
+                   exclude=args.exclude or ())  # checks paths and optional reader packages before any work
+
         def documents():
-            stats.reset()
-            return read_paths(args.paths, text_field=args.text_field, stats=stats)
+            return read_paths(args.paths, text_field=args.text_field, stats=stats, include=args.include or (),
+                              exclude=args.exclude or ())
         sources = {"paths": [str(Path(p).resolve()) for p in args.paths]}
+    if args.workers is not None and args.workers < 1:
+        raise LeantrainError(f"--workers {args.workers} is not allowed; expected an integer >= 1")
+    config = load_config(args.curation_config, args.set or ())
+    profile = args.profile or config.pop("profile", None) or "none"
+    config.pop("profile", None)
+    plan = build_steps(profile, config, dedup=not args.no_dedup, pii=not args.no_pii,
+                       eval_paths=args.decontaminate or (), language=args.language)
 
     t0 = time.perf_counter()
     with Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, disable=not console.is_terminal) as bar:
+                  TimeElapsedColumn(), console=console, disable=not console.is_terminal) as bar, \
+            make_executor(args.executor, args.workers) as executor:
         tasks: dict[str, int] = {}
 
         def progress(stage: str, done: int, total: int | None) -> None:
@@ -54,15 +94,22 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
                 tasks[stage] = bar.add_task(stage, total=total)
             bar.update(tasks[stage], completed=done, total=total)
 
-        meta = prepare_dataset(documents, args.out, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer,
-                               val_fraction=args.val_fraction, overwrite=args.overwrite,
-                               provenance=sources, progress=progress)
+        meta, card = curate_dataset(documents, args.out, plan=plan, executor=executor, read_stats=stats,
+                                    provenance=sources, progress=progress, vocab_size=args.vocab_size,
+                                    tokenizer_path=args.tokenizer, val_fraction=args.val_fraction,
+                                    overwrite=args.overwrite)
     split = meta["splits"]
     console.print(f"token dataset written to [bold]{args.out}[/bold] in {time.perf_counter() - t0:.1f} s: "
                   f"vocab {meta['vocab_size']}, train {split['train']['tokens']:,} tokens "
                   f"({split['train']['documents']:,} docs), val {split['val']['tokens']:,} tokens "
                   f"({split['val']['documents']:,} docs)")
     console.print(stats.summary())
+    console.print(f"curation ({executor.describe()}), data card in {Path(args.out) / 'data_card.md'}:",
+                  highlight=False)
+    for line in summary_lines(card):
+        console.print(line, highlight=False, markup=False)
+    for note in card["notes"]:
+        console.print(f"  note: {note}", highlight=False, markup=False)
     return 0
 
 
@@ -84,19 +131,43 @@ def _backup_name(run_dir: Path) -> Path:
     return backup
 
 
+def _load_train_config(path: str | None, recipe: str | None, overrides: list[str]):
+    """load_config; with train.init_from, the [model] section comes from the HF folder's config.json,
+    except the [model] values the user set in the config file or overrides (which must agree with it)."""
+    import tomllib
+
+    from leantrain.config import load_config, parse_overrides
+
+    cfg = load_config(path, recipe, overrides)
+    if not cfg.train.init_from:
+        return cfg
+    from leantrain.model.hf import init_model_fields
+
+    ov = parse_overrides(overrides)
+    keys = set(tomllib.loads(Path(path).read_text()).get("model", {})) if path else set()
+    keys |= set(ov.get("model", {}))
+    explicit = {k: getattr(cfg.model, k) for k in keys}
+    ov.setdefault("model", {}).update(init_model_fields(cfg.train.init_from, explicit))
+    return load_config(path, recipe, ov)
+
+
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from leantrain.config import load_config
     from leantrain.parallel import distributed
     from leantrain.plan.hardware import pick_device
 
     overrides = _overrides(extra)
+    if args.carbon_aware:
+        overrides = [*overrides, "--energy.carbon_aware=true"]
+    if args.init_from:
+        overrides = [*overrides, f"--train.init_from={json.dumps(args.init_from)}"]
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.toml").is_file():
             raise LeantrainError(f"--resume {run_dir}: not a run directory (no config.toml); "
                                  "pass the folder that `leantrain train` printed")
         if args.config or args.recipe:
-            cfg = load_config(args.config, args.recipe, overrides)
+            cfg = _load_train_config(args.config, args.recipe, overrides)
         else:
             cfg = load_config(run_dir / "config.toml", None, overrides)
         layout = distributed.setup(cfg, pick_device(cfg.train.device))
@@ -107,7 +178,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         else:
             if args.config is None and args.recipe is None:
                 args.recipe = "tiny"
-            cfg = load_config(args.config, args.recipe, overrides)
+            cfg = _load_train_config(args.config, args.recipe, overrides)
         name = args.recipe or Path(args.config or "run").stem
         layout = distributed.setup(cfg, pick_device(cfg.train.device))
         # one run directory for all ranks: rank 0's clock names it
@@ -119,7 +190,11 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         layout.barrier()  # the others wait for the move before they look at the run directory
     try:
         code = _train_and_report(cfg, run_dir, layout.is_rank0)
-    except BaseException:
+    except BaseException as e:
+        message = distributed.collective_timeout_message(e, layout.rank, cfg.parallel.timeout_s)
+        if message is not None:  # one line, not a C++ traceback; no teardown, which would wait on the stuck peer
+            err_console.print(message, markup=False, highlight=False, soft_wrap=True)
+            return 3
         distributed.cleanup()
         raise
     distributed.cleanup(together=True)
@@ -139,6 +214,7 @@ def _train_and_report(cfg, run_dir: Path, rank0: bool) -> int:
                              f"the run directory {run_dir}, then run the same command again to resume") from None
     if not rank0:
         return 0
+    _write_report_safely(run_dir)
     if summary["stopped"]:
         console.print(f"stopped by {summary['stopped']} at step {summary['step']}; checkpoint saved. "
                       f"Continue with: leantrain train --resume {run_dir}")
@@ -146,12 +222,96 @@ def _train_and_report(cfg, run_dir: Path, rank0: bool) -> int:
     val = f"{summary['val_loss']:.4f}" if summary["val_loss"] is not None else "n/a"
     console.print(f"[bold green]done[/bold green]: {summary['step']} steps, {summary['tokens']:,} tokens, "
                   f"val loss {val}, {summary['tokens_per_s'] or 0:,.0f} tok/s, MFU {(summary['mfu'] or 0) * 100:.1f}%")
+    if "energy_j" in summary:
+        est = " (estimate)" if summary["energy_source"] == "estimate" else ""
+        saved = f", {summary['co2_saved_g']:.3g} g saved by carbon-aware pauses" if "co2_saved_g" in summary else ""
+        console.print(f"energy{est}: {summary['energy_kwh'] * 1000:.3g} Wh, {summary['co2_g']:.3g} g CO2e{saved}, "
+                      f"${summary['cost_usd']:.3g} (source: {summary['energy_source']})")
     console.print(f"run directory: [bold]{run_dir}[/bold]")
     if summary["sample"]:
         console.rule("sample")
         console.print(summary["sample"], markup=False, highlight=False)
         console.rule()
     return 0
+
+
+# ---- lr-find ---------------------------------------------------------------------------
+
+def cmd_lr_find(args: argparse.Namespace, extra: list[str]) -> int:
+    from leantrain.config import load_config
+    from leantrain.train.lr_find import lr_find
+
+    if args.config is None and args.recipe is None:
+        args.recipe = "tiny"
+    cfg = load_config(args.config, args.recipe, _overrides(extra))
+    out = Path(args.out or f"runs/lr-find-{time.strftime('%Y%m%d-%H%M%S')}")
+    console.print(f"lr range test: {cfg.optim.name}, lr {args.min_lr:g} -> {args.max_lr:g} over {args.steps} steps")
+    r = lr_find(cfg, out, args.min_lr, args.max_lr, args.steps)
+    console.print(f"stopped: {r['stopped']} after {r['steps_run']} steps")
+    if r["suggested"] is None:
+        console.print("no suggestion: too few finite losses; lower --min-lr")
+    else:
+        steep = f"{r['steepest']:.3g}" if r["steepest"] else "n/a"
+        console.print(f"[bold]suggested lr: {r['suggested']:.3g}[/bold] (steepest descent {steep}, "
+                      f"min-loss lr / 10 {r['min_loss_div10']:.3g})")
+    console.print(f"wrote {out / 'lr_find.json'}" + (f" and {r['plot']}" if r["plot"] else
+                                                    " (no plot: install matplotlib for lr_find.png)"))
+    return 0
+
+
+# ---- export ----------------------------------------------------------------------------
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from leantrain.export.hf import export_hf, parse_size
+
+    info = export_hf(args.run_dir, args.out, args.checkpoint, parse_size(args.max_shard_size), args.overwrite)
+    for w in info["warnings"]:
+        err_console.print(f"[yellow]warning[/yellow]: {w}; used an older checkpoint")
+    console.print(f"exported step {info['step']} of {args.run_dir} ({info['arch']}, {info['params']:,} parameters) "
+                  f"to [bold]{info['out_dir']}[/bold]: {', '.join(info['files'])}")
+    console.print(f"load it with transformers: AutoModelForCausalLM.from_pretrained({info['out_dir']!r})",
+                  markup=False, highlight=False)
+    return 0
+
+
+# ---- plan / report ---------------------------------------------------------------------
+
+def cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
+    from leantrain.config import load_config
+    from leantrain.plan.catalog import get_hardware
+    from leantrain.plan.planner import describe, detect_hardware, plan
+
+    if args.config is None and args.recipe is None:
+        args.recipe = "tiny"
+    cfg = load_config(args.config, args.recipe, _overrides(extra))
+    tdp = cfg.energy.tdp_w if hasattr(cfg, "energy") else 0.0
+    hw = get_hardware(args.hardware, tdp) if args.hardware else detect_hardware(tdp)
+    result = plan(cfg, hw, args.gpus)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1, default=str))
+    else:
+        for line in describe(result):
+            console.print(line, markup=False, highlight=False)
+    return 0 if result.recommended is not None else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from leantrain.report import write_report
+
+    path = write_report(args.run_dir, args.out)
+    console.print(f"report written to [bold]{path}[/bold]")
+    return 0
+
+
+def _write_report_safely(run_dir: Path) -> None:
+    """The end-of-training report: a failure here warns in one line and never costs the run."""
+    try:
+        from leantrain.report import write_report
+
+        write_report(run_dir)
+    except Exception as e:  # noqa: BLE001 - the run is saved; the report can be rebuilt with `leantrain report`
+        err_console.print(f"[yellow]warning[/yellow]: report.html not written ({type(e).__name__}: {e}); "
+                          f"retry with: leantrain report {run_dir}", highlight=False, soft_wrap=True)
 
 
 # ---- generate --------------------------------------------------------------------------
@@ -163,12 +323,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, tok, cfg, step, warnings = load_trained(args.run_dir, args.checkpoint)
     for w in warnings:
         err_console.print(f"[yellow]warning[/yellow]: {w}; used an older checkpoint")
-    ids = tok.encode(args.prompt).ids
+    if args.chat:  # wrap the prompt as the chat data did, print only the answer
+        from leantrain.tokens.chat import ChatEncoder
+
+        template = Path(args.run_dir) / "chat_template.txt"
+        if not template.is_file():
+            raise LeantrainError(f"--chat: {template} is missing, so this run was not trained on chat data "
+                                 "(`leantrain data prepare --format chat`); drop --chat")
+        encoder = ChatEncoder(tok, template.read_text())
+        ids, eos = encoder.encode_prompt(args.prompt), encoder.eot  # an answer ends at the end-of-text token
+    else:
+        ids, eos = tok.encode(args.prompt).ids, None
     if not ids:
         raise LeantrainError("the prompt is empty; pass some text with --prompt")
     new = generate(model, ids, args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k or None, seed=args.seed)
-    print(args.prompt + tok.decode(new))
+                   top_k=args.top_k or None, seed=args.seed, eos_id=eos)
+    print(tok.decode(new) if args.chat else args.prompt + tok.decode(new))
+    return 0
+
+
+# ---- checkpoint ------------------------------------------------------------------------
+
+def cmd_checkpoint_consolidate(args: argparse.Namespace) -> int:
+    from leantrain.train.dcp import consolidate
+
+    out = consolidate(args.checkpoint_dir, args.out)
+    console.print(f"consolidated {args.checkpoint_dir} into [bold]{out}[/bold] (model.safetensors, "
+                  "optim.safetensors): use it with --checkpoint in generate and export")
     return 0
 
 
@@ -210,6 +391,31 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out (0.02)")
     prep.add_argument("--text-field", default="text", help="field of .jsonl records holding the text")
     prep.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    prep.add_argument("--profile", choices=("none", "code", "web"), default=None,
+                      help="curation: none (default: no filtering), code (source-code filters, PII scrub, dedup) "
+                      "or web (Gopher/C4/FineWeb filters, PII scrub, dedup); a data card is written either way")
+    prep.add_argument("--executor", choices=("local", "ray", "serial"), default="local",
+                      help="where curation steps run: local process pool (default), ray, or serial")
+    prep.add_argument("--workers", type=int, default=None, help="curation workers (default: all cores)")
+    prep.add_argument("--include", action="append", metavar="GLOB",
+                      help="only files matching this glob inside input folders (repeatable), e.g. '*.py'")
+    prep.add_argument("--exclude", action="append", metavar="GLOB", help="leave out matching files (repeatable)")
+    prep.add_argument("--no-dedup", action="store_true", help="skip exact and near dedup")
+    prep.add_argument("--no-pii", action="store_true", help="skip PII scrubbing")
+    prep.add_argument("--decontaminate", action="append", metavar="EVAL_PATH",
+                      help="drop documents sharing a 13-gram with these eval files/folders (repeatable)")
+    prep.add_argument("--language", help="keep only this language (needs fasttext and a lid.176.bin model; "
+                      "skipped with a note otherwise)")
+    prep.add_argument("--curation-config", metavar="TOML", help="curation settings: [step] tables of thresholds")
+    prep.add_argument("--set", action="append", metavar="STEP.FIELD=VALUE",
+                      help="override one curation setting, e.g. gopher_quality.min_words=20 (repeatable)")
+    prep.add_argument("--format", choices=("text", "chat"), default="text",
+                      help="text: documents; chat: prompt/response .jsonl records, loss on the response only")
+    prep.add_argument("--prompt-field", default="prompt", help="chat: field of the prompt (default prompt)")
+    prep.add_argument("--response-field", default="response", help="chat: field of the answer (default response)")
+    prep.add_argument("--chat-template", default=None,
+                      help="chat: template with {prompt} and {response} (default: <|user|>\\n{prompt}\\n"
+                      "<|assistant|>\\n{response}<|endoftext|>)")
 
     train = sub.add_parser("train", help="train a model",
                            description="Train from a TOML config and/or a recipe. Any config field can be "
@@ -221,6 +427,33 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
     train.add_argument("--restart", action="store_true",
                        help="start over in --run-dir, moving its old contents aside instead of resuming")
+    train.add_argument("--carbon-aware", action="store_true",
+                       help="pause while the grid is dirtier than energy.deadline allows (sets energy.carbon_aware; "
+                       "needs energy.intensity_csv and energy.deadline)")
+    train.add_argument("--init-from", metavar="HF_DIR",
+                       help="start from a local Hugging Face Llama or GPT-2 folder (sets train.init_from and "
+                       "the [model] section from its config.json)")
+
+    exp = sub.add_parser("export", help="write a trained run as a Hugging Face model folder",
+                         description="Write the newest good checkpoint of a run as a folder that "
+                         "transformers' AutoModelForCausalLM and AutoTokenizer load with no custom code.")
+    exp.add_argument("run_dir", help="run directory written by `leantrain train`")
+    exp.add_argument("--format", choices=["hf"], default="hf", help="output format (hf: safetensors + config)")
+    exp.add_argument("--out", required=True, help="folder to write")
+    exp.add_argument("--checkpoint", help="a specific checkpoint folder instead of the newest")
+    exp.add_argument("--max-shard-size", default="5GB", help="split weights into files of at most this size (5GB)")
+    exp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+
+    lrf = sub.add_parser("lr-find", help="sweep the learning rate over a short run and suggest one",
+                         description="Raise the lr exponentially each step (Smith 2017), stop on divergence, "
+                         "write lr_find.json and lr_find.png, print the suggested lr. Config overrides as "
+                         "for train (--optim.name=muon).")
+    lrf.add_argument("config", nargs="?", help="TOML config file")
+    lrf.add_argument("--recipe", help="named recipe (default: tiny)")
+    lrf.add_argument("--min-lr", type=float, default=1e-5, help="first lr of the sweep (1e-5)")
+    lrf.add_argument("--max-lr", type=float, default=1.0, help="last lr of the sweep (1.0)")
+    lrf.add_argument("--steps", type=int, default=100, help="steps of the sweep (100)")
+    lrf.add_argument("--out", help="output folder (default runs/lr-find-<time>)")
 
     gen = sub.add_parser("generate", help="sample text from a trained run")
     gen.add_argument("run_dir", help="run directory written by `leantrain train`")
@@ -230,6 +463,32 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=50, help="0 disables top-k")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--checkpoint", help="a specific checkpoint folder instead of the newest")
+    gen.add_argument("--chat", action="store_true",
+                     help="wrap the prompt in the run's chat template (chat data) and print only the answer")
+
+    ckpt = sub.add_parser("checkpoint", help="work on checkpoints")
+    ckpt_sub = ckpt.add_subparsers(dest="checkpoint_command", metavar="SUBCOMMAND")
+    cons = ckpt_sub.add_parser("consolidate", help="turn a sharded checkpoint into one full checkpoint folder",
+                               description="Read a checkpoint written with checkpoint.format = sharded and write "
+                               "it as a full checkpoint folder (model.safetensors, optim.safetensors), in one process.")
+    cons.add_argument("checkpoint_dir", help="a sharded checkpoint folder, e.g. RUN/checkpoints/step-0001000")
+    cons.add_argument("--out", required=True, help="the folder to write (must not exist)")
+
+    pl = sub.add_parser("plan", help="estimate memory, time, energy, CO2e and cost of a config; find a layout",
+                        description="Estimate peak memory per device, time, energy, CO2e and cost of training a "
+                        "config on a hardware kind, for every layout (DDP, FSDP2, TP, activation checkpointing), "
+                        "and recommend the fastest that fits. Overrides as for train (--section.field=value).")
+    pl.add_argument("config", nargs="?", help="TOML config file")
+    pl.add_argument("--recipe", help="named recipe (default: tiny when no config is given)")
+    pl.add_argument("--hardware", help="h100, h200, a100-80gb, a100-40gb, l4, rtx4090 or cpu (default: this machine)")
+    pl.add_argument("--gpus", type=int, default=1, help="devices (processes) to plan for (default 1)")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    rep = sub.add_parser("report", help="write report.html for a run directory",
+                         description="Write RUN_DIR/report.html: curves, throughput, memory, energy, predicted vs "
+                         "measured, events and config, as one offline page (inline SVG, no scripts).")
+    rep.add_argument("run_dir", help="run directory written by `leantrain train`")
+    rep.add_argument("--out", help="write the page here instead of RUN_DIR/report.html")
 
     cfg = sub.add_parser("config", help="show the resolved config or the config reference")
     cfg.add_argument("config", nargs="?", help="TOML config file")
@@ -248,12 +507,22 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args, extra)
         if args.command == "config":
             return cmd_config(args, extra)
+        if args.command == "lr-find":
+            return cmd_lr_find(args, extra)
+        if args.command == "plan":
+            return cmd_plan(args, extra)
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         if args.command == "data" and args.data_command == "prepare":
             return cmd_data_prepare(args)
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "report":
+            return cmd_report(args)
+        if args.command == "export":
+            return cmd_export(args)
+        if args.command == "checkpoint" and args.checkpoint_command == "consolidate":
+            return cmd_checkpoint_consolidate(args)
         parser.print_help() if args.command is None else parser.parse_args([args.command, "--help"])
         return 0 if args.command is None else 2
     except LeantrainError as e:

@@ -50,6 +50,8 @@ class ModelConfig:
     tie_embeddings: bool = _f(True, "share the input embedding with the output projection")
     init_std: float = _f(0.02, "std of the normal init; residual projections get std/sqrt(2*n_layers)",
                          min=0.0, min_exclusive=True)
+    arch: str = _f("llama", "block layout: llama (RMSNorm, RoPE, SwiGLU, no biases) or gpt2 (LayerNorm, learned "
+                   "positions, GELU MLP, biases; ffn_dim 0 means 4*dim)", choices=("llama", "gpt2"))
 
 
 @dataclass
@@ -77,20 +79,31 @@ class TrainConfig:
     ac_every: int = _f(2, "selective activation checkpointing wraps every ac_every-th block", min=1)
     sample_tokens: int = _f(200, "tokens generated as a sample at the end; 0 skips it", min=0)
     sample_prompt: str = _f("def ", "prompt of the end-of-run sample")
+    init_from: str = _f("", "start from the weights of a local Hugging Face model folder (Llama or GPT-2); "
+                        "empty starts from random init")
 
 
 @dataclass
 class OptimConfig:
-    name: str = _f("adamw", "optimizer", choices=("adamw",))
+    name: str = _f("adamw", "optimizer (README: Optimizers says when to use which)",
+                   choices=("adamw", "lamb", "lion", "muon", "schedule_free_adamw"))
     lr: float = _f(3e-3, "peak learning rate", min=0.0, min_exclusive=True)
     weight_decay: float = _f(0.1, "decoupled weight decay (not applied to norms, biases, embeddings)", min=0.0)
     beta1: float = _f(0.9, "Adam beta1", min=0.0, max=1.0)
     beta2: float = _f(0.95, "Adam beta2", min=0.0, max=1.0)
     eps: float = _f(1e-8, "Adam epsilon", min=0.0, min_exclusive=True)
     warmup_steps: int = _f(30, "linear warmup steps", min=0)
-    schedule: str = _f("cosine", "learning-rate schedule after warmup", choices=("cosine", "wsd", "constant"))
+    schedule: str = _f("cosine", "learning-rate schedule after warmup",
+                       choices=("cosine", "wsd", "constant", "inverse_sqrt"))
     min_lr_ratio: float = _f(0.1, "final lr as a fraction of lr (cosine, wsd)", min=0.0, max=1.0)
     decay_fraction: float = _f(0.2, "wsd: fraction of steps spent in the final decay", min=0.0, max=1.0)
+    wsd_shape: str = _f("linear", "wsd: shape of the final decay", choices=("linear", "cosine", "1-sqrt"))
+    muon_lr: float = _f(0.02, "muon: peak lr of the 2-D hidden weights (the rest use lr with AdamW)",
+                        min=0.0, min_exclusive=True)
+    muon_momentum: float = _f(0.95, "muon: Nesterov momentum of the hidden weights", min=0.0, max=1.0)
+    ns_steps: int = _f(5, "muon: Newton-Schulz iterations that orthogonalise the update", min=1)
+    lion_beta1: float = _f(0.9, "lion: interpolation of momentum and gradient for the sign update", min=0.0, max=1.0)
+    lion_beta2: float = _f(0.99, "lion: momentum decay", min=0.0, max=1.0)
 
 
 @dataclass
@@ -98,7 +111,8 @@ class ParallelConfig:
     dp_replicate: int = _f(1, "data-parallel replicas (DDP; with dp_shard > 1: HSDP replica groups)", min=1)
     dp_shard: int = _f(-1, "data-parallel shards (FSDP2, ZeRO-3 style); -1 takes the rest of the world size",
                        min=-1, allowed="-1 (the rest) or an integer >= 1")
-    tp: int = _f(1, "tensor-parallel degree (not implemented yet: must be 1)", min=1)
+    tp: int = _f(1, "tensor-parallel degree: each block's heads and hidden units split over tp ranks (needs "
+                 "n_heads and n_kv_heads divisible by tp, untied embeddings)", min=1)
     fsdp_reshard_after_forward: bool = _f(True, "FSDP2: free gathered weights after forward (less memory, "
                                           "one more all-gather in backward)")
     backend: str = _f("auto", "torch.distributed backend; auto picks nccl on CUDA, gloo on CPU",
@@ -110,6 +124,8 @@ class ParallelConfig:
 class PrecisionConfig:
     dtype: str = _f("auto", "compute dtype; auto picks bf16 where the device runs it fast, else fp32",
                     choices=("auto", "fp32", "bf16"))
+    fp8: bool = _f(False, "float8 matmuls in the linear layers (torchao) on GPUs of compute capability >= 8.9; "
+                   "emulated (no speed-up) on CPU; the run goes on without it where torchao or the GPU is missing")
 
 
 @dataclass
@@ -117,6 +133,9 @@ class CheckpointConfig:
     every: int = _f(100, "steps between checkpoints; 0 saves only at the end", min=0)
     keep: int = _f(2, "newest checkpoints kept on disk", min=1)
     async_: bool = _f(False, "write checkpoints in a background thread so training goes on", key="async")
+    format: str = _f("full", "full: rank 0 writes the whole state in one file per kind; sharded: every rank "
+                     "writes its own shards (torch.distributed.checkpoint; for models too big for one host)",
+                     choices=("full", "sharded"))
 
 
 @dataclass
@@ -140,6 +159,38 @@ class LogConfig:
 
 
 @dataclass
+class EnergyConfig:
+    meter: str = _f("auto", "power meter: auto (NVML on a GPU, RAPL on the CPU, else an estimate from TDP and "
+                    "utilisation), rapl, nvml, estimate or off", choices=("auto", "rapl", "nvml", "estimate", "off"))
+    region: str = _f("world", "grid region for carbon intensity: world, a country code (FR), a US state (US-VA) or "
+                     "a cloud region (aws:us-east-1, gcp:europe-west4, azure:westeurope)")
+    pue: float = _f(1.2, "power usage effectiveness, facility / device energy (1.2: a modern data centre; "
+                    "1.0 for a desktop)", min=1.0)
+    price_per_kwh: float = _f(0.15, "electricity price, USD per kWh of facility energy", min=0.0)
+    price_per_device_hour: float = _f(0.0, "rental price, USD per device-hour (one device per process)", min=0.0)
+    tdp_w: float = _f(0.0, "estimate meter: device power at full load in W; 0 takes the GPU's power limit or "
+                      "3.5 W per CPU thread", min=0.0)
+    rapl_root: str = _f("/sys/class/powercap", "where the RAPL powercap sysfs tree is")
+    intensity_csv: str = _f("", "hourly carbon intensity CSV (timestamp_utc,g_per_kwh); empty uses the region's "
+                            "yearly average")
+    deadline: str = _f("", "carbon-aware: finish by this UTC time (ISO 8601, e.g. 2025-06-01T08:00:00Z)")
+    carbon_aware: bool = _f(False, "pause at step boundaries while the grid is dirtier than the deadline allows "
+                            "(needs intensity_csv and deadline)")
+
+
+@dataclass
+class FinetuneConfig:
+    lora_rank: int = _f(0, "LoRA adapter rank; 0 trains the full model (minus finetune.freeze)", min=0)
+    lora_alpha: float = _f(16.0, "LoRA scale numerator: the update is (lora_alpha/lora_rank) * B A",
+                           min=0.0, min_exclusive=True)
+    lora_dropout: float = _f(0.0, "dropout on the LoRA branch's input", min=0.0, max=1.0)
+    lora_targets: str = _f("wq,wk,wv,wo", "comma list of linear layers given adapters (wq, wk, wv, wo, w1, w2, w3, "
+                           "output, or globs), or all-linear (every linear of the blocks)")
+    freeze: str = _f("", "comma list of parameter-name prefixes or globs kept frozen (e.g. tok_embeddings,layers.0); "
+                     "with LoRA every base weight is frozen anyway")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -150,6 +201,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Sections as {TOML key: value}."""
@@ -163,9 +216,14 @@ class Config:
         """Identity of everything that shapes the numbers a run produces.
 
         `[parallel]` is left out: the layout of a job does not change its numbers (the global batch is
-        layout-independent), so resuming at another world size is not a config change.
+        layout-independent), so resuming at another world size is not a config change. `[energy]` is left
+        out too: metering, prices and carbon-aware pauses never change the training numbers. Only values
+        that differ from their defaults count, so a new leantrain version that adds fields (at defaults
+        that keep the old behaviour) does not make old checkpoints look like another config.
         """
-        sections = {k: v for k, v in self.to_dict().items() if k != "parallel"}
+        defaults = Config().to_dict()
+        sections = {name: {k: v for k, v in values.items() if v != defaults[name][k]}
+                    for name, values in self.to_dict().items() if name not in ("parallel", "energy")}
         blob = json.dumps(sections, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -173,7 +231,8 @@ class Config:
 _SECTION_TYPES = {
     "model": ModelConfig, "data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
     "parallel": ParallelConfig, "precision": PrecisionConfig, "checkpoint": CheckpointConfig,
-    "guard": GuardConfig, "log": LogConfig,
+    "guard": GuardConfig, "log": LogConfig, "finetune": FinetuneConfig,
+    "energy": EnergyConfig,
 }
 
 
@@ -282,20 +341,39 @@ def _check_relations(cfg: Config) -> None:
     if m.dim % m.n_heads:
         raise ConfigError(f"config: model.dim = {m.dim} does not divide by model.n_heads = {m.n_heads}; "
                           "pick n_heads that divides dim")
-    if (m.dim // m.n_heads) % 2:
+    if m.arch == "llama" and (m.dim // m.n_heads) % 2:
         raise ConfigError(f"config: head size model.dim/model.n_heads = {m.dim // m.n_heads} is odd; "
                           "rotary embeddings need an even head size")
     if m.n_heads % m.n_kv_heads:
         raise ConfigError(f"config: model.n_heads = {m.n_heads} does not divide by model.n_kv_heads = "
                           f"{m.n_kv_heads}; pick n_kv_heads that divides n_heads")
+    if m.arch == "gpt2" and m.n_kv_heads != m.n_heads:
+        raise ConfigError(f"config: model.arch = gpt2 has no grouped-query attention but model.n_kv_heads = "
+                          f"{m.n_kv_heads} != model.n_heads = {m.n_heads}; set n_kv_heads = n_heads")
     dev = cfg.train.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"config: train.device = {dev!r} is not allowed; expected auto, cpu, cuda or cuda:N")
-    if cfg.parallel.tp != 1:
-        raise ConfigError(f"config: parallel.tp = {cfg.parallel.tp}: tensor parallel is not implemented yet; use "
-                          "parallel.tp = 1 and scale with dp_replicate (DDP) and dp_shard (FSDP2)")
+    tp = cfg.parallel.tp
+    if tp > 1 and (m.n_heads % tp or m.n_kv_heads % tp):
+        raise ConfigError(f"config: parallel.tp = {tp} does not divide model.n_heads = {m.n_heads} and "
+                          f"model.n_kv_heads = {m.n_kv_heads}; pick a tp that divides both")
+    if tp > 1 and m.arch != "llama":
+        raise ConfigError(f"config: parallel.tp = {tp} supports model.arch = llama only, not {m.arch}; "
+                          "set parallel.tp = 1")
+    if tp > 1 and m.tie_embeddings:
+        raise ConfigError(f"config: parallel.tp = {tp} needs separate input and output embeddings (they are split "
+                          "differently); set --model.tie_embeddings=false")
+    if tp > 1 and cfg.parallel.dp_replicate > 1:
+        raise ConfigError(f"config: parallel.tp = {tp} with parallel.dp_replicate = {cfg.parallel.dp_replicate} "
+                          "is not supported; combine tensor parallel with dp_shard (FSDP2) instead")
     if cfg.parallel.dp_shard == 0:
         raise ConfigError("config: parallel.dp_shard = 0 is not allowed; expected -1 (the rest) or an integer >= 1")
+    if cfg.energy.carbon_aware and not (cfg.energy.intensity_csv and cfg.energy.deadline):
+        raise ConfigError("config: energy.carbon_aware needs energy.intensity_csv (an hourly forecast) and "
+                          "energy.deadline (ISO 8601 UTC); set both")
+    if cfg.finetune.lora_rank and (cfg.parallel.tp > 1 or cfg.precision.fp8):
+        raise ConfigError("config: finetune.lora_rank > 0 does not combine with parallel.tp > 1 or precision.fp8 "
+                          "yet; set parallel.tp = 1 and precision.fp8 = false for LoRA")
 
 
 def load_config(path: str | Path | None = None, recipe: str | None = None,

@@ -1,23 +1,37 @@
 """Readers: turn the built-in corpus or the user's files into a stream of `Document`s.
 
-Rules, so that a dataset can be rebuilt bit for bit from the same inputs:
+Rules, so that a dataset can be rebuilt bit for bit from the same inputs, and so that no input
+file can crash a run (every skip or repair is counted in a `ReadStats`, never silent):
 
 - Files are visited in sorted relative-path order (posix form), never in directory order.
+- Inside folders, hidden names (starting with ".") are skipped, so `.git/` never becomes data;
+  `include` / `exclude` globs (fnmatch, matched against the path relative to the folder and
+  against the bare file name) pick files inside folders. Files named directly are always read.
 - Text is decoded as UTF-8 (a leading BOM is dropped); bytes that are not valid UTF-8 become
   U+FFFD replacement characters instead of failing the run. Such files are counted.
-- A file with a NUL byte in its first 8 KiB is binary and skipped; an empty or whitespace-only
-  file (or jsonl text) is skipped. Every skip is counted in a `ReadStats`, never silent.
+- A file with a NUL byte in its first 8 KiB (after decompression) is binary and skipped; an
+  empty or whitespace-only file (or jsonl/parquet text) is skipped.
 - `.jsonl` / `.ndjson` files give one document per line, taken from one string field; lines
-  that are not JSON objects with that string field are skipped and counted.
-- Inside folders, hidden names (starting with ".") are skipped, so `.git/` never becomes data.
+  that are not JSON objects with that string field are skipped and counted. `.parquet` files
+  (needs pyarrow, the `data` extra) give one document per row of that column.
+- `.gz` and `.zst` wrap any of the above (`x.jsonl.gz`, `notes.txt.zst`). A compressed file
+  that ends early (truncated download) keeps what was decoded before the damage, without the
+  cut-off last line, and is counted as `truncated`; one that cannot be decoded at all is
+  counted as `unreadable`.
+- Enormous lines: a jsonl record longer than `max_line_bytes` (default 8 MiB) is skipped, and a
+  line of a text file longer than that is cut out of its document (the rest is kept); both are
+  counted as `long_lines`. Memory stays bounded by that size for jsonl, whatever the input.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import gzip
 import json
 import os
 import sysconfig
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +39,11 @@ from leantrain.errors import DataError
 
 BUILTIN_CORPORA = ("stdlib",)
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
+MAX_LINE_BYTES = 8 << 20
 _SNIFF_BYTES = 8192
+_CHUNK = 1 << 20
 # Test suites are huge and repetitive; the stdlib without them is ~12 MB of ordinary code.
 _STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 
@@ -53,18 +71,34 @@ class ReadStats:
     bad_json_lines: int = 0
     replaced_utf8: int = 0
     hidden: int = 0
+    excluded: int = 0  # files left out by --include/--exclude globs
+    truncated: int = 0  # compressed files that ended early (the part before the damage is kept)
+    unreadable: int = 0  # files that could not be decoded at all (corrupt archive, bad parquet, no such column)
+    long_lines: int = 0  # jsonl records skipped / text lines cut for being longer than max_line_bytes
+    bad_records: int = 0  # parquet rows whose text is null or not a string
 
     def reset(self) -> None:
         for name in self.__dataclass_fields__:
             setattr(self, name, 0)
+
+    def to_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
     def summary(self) -> str:
         text = (f"read {self.files} files -> {self.documents} documents ({self.bytes:,} bytes); "
                 f"skipped {self.binary} binary, {self.empty} empty, {self.bad_json_lines} bad json lines")
         if self.hidden:
             text += f", {self.hidden} hidden files/folders"
+        for name, what in (("excluded", "excluded by globs"), ("unreadable", "unreadable"),
+                           ("bad_records", "bad parquet rows")):
+            if getattr(self, name):
+                text += f", {getattr(self, name)} {what}"
         if self.replaced_utf8:
             text += f"; {self.replaced_utf8} files had invalid UTF-8 (replaced with U+FFFD)"
+        if self.truncated:
+            text += f"; {self.truncated} compressed files were truncated (kept the part before the damage)"
+        if self.long_lines:
+            text += f"; {self.long_lines} over-long lines/records removed"
         return text
 
 
@@ -129,7 +163,17 @@ def _read_builtin(files: list[tuple[str, Path]], source: str, stats: ReadStats) 
             yield doc
 
 
-def _walk(root: Path, stats: ReadStats) -> list[tuple[str, Path]]:
+def _selected(rel: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    name = rel.rsplit("/", 1)[-1]
+
+    def hit(patterns: Sequence[str]) -> bool:
+        return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+    return (not include or hit(include)) and not hit(exclude)
+
+
+def _walk(root: Path, stats: ReadStats, include: Sequence[str] = (),
+          exclude: Sequence[str] = ()) -> list[tuple[str, Path]]:
     """Files under `root`, sorted by posix relative path, ids prefixed with the folder's name."""
     found: list[tuple[str, Path]] = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -141,73 +185,251 @@ def _walk(root: Path, stats: ReadStats) -> list[tuple[str, Path]]:
                 stats.hidden += 1
                 continue
             path = Path(dirpath, name)
+            if not _selected(path.relative_to(root).as_posix(), include, exclude):
+                stats.excluded += 1
+                continue
             found.append(((Path(root.name) / path.relative_to(root)).as_posix(), path))
     found.sort()
     return found
 
 
-def read_paths(paths: list[str | Path], text_field: str = "text",
-               stats: ReadStats | None = None) -> Iterator[Document]:
-    """Documents from files and folders (recursive): one per text file, one per jsonl line.
+def _inner_suffix(path: Path) -> tuple[str, str]:
+    """(kind suffix, compression suffix): `a.jsonl.gz` -> (".jsonl", ".gz")."""
+    suffixes = [s.lower() for s in path.suffixes]
+    comp = suffixes[-1] if suffixes and suffixes[-1] in COMPRESSED_SUFFIXES else ""
+    rest = suffixes[:-1] if comp else suffixes
+    return (rest[-1] if rest else ""), comp
+
+
+def _need(module: str) -> None:
+    try:
+        __import__(module)
+    except ImportError:
+        raise DataError(f"reading this input needs the {module} package; "
+                        "install it with: pip install 'leantrain[data]'") from None
+
+
+def read_paths(paths: list[str | Path], text_field: str = "text", stats: ReadStats | None = None, *,
+               include: Sequence[str] = (), exclude: Sequence[str] = (),
+               max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[Document]:
+    """Documents from files and folders (recursive): one per text file, one per jsonl line or parquet row.
 
     ids are stable under moving the data: `folder/rel/path.txt` (the folder's own name, then the
-    relative path) or the bare file name for a file passed directly; jsonl lines add `#L<n>`.
-    Missing paths fail at call time, before anything is read.
+    relative path) or the bare file name for a file passed directly; jsonl lines add `#L<n>`,
+    parquet rows `#R<n>`. Missing paths (and a missing optional reader package) fail at call
+    time, before anything is read.
     """
     stats = stats if stats is not None else ReadStats()
     if isinstance(paths, str | Path):
         paths = [paths]
+    if max_line_bytes < 1:
+        raise DataError(f"max_line_bytes = {max_line_bytes} is not allowed; expected an integer >= 1")
     plan: list[tuple[str, Path]] = []
     for p in map(Path, paths):
         if not p.exists():
             raise DataError(f"input path {p} does not exist; check the path or pass another file or folder")
         if p.is_dir():
-            plan.extend(_walk(p, stats))
+            plan.extend(_walk(p, stats, include, exclude))
         else:
             plan.append((p.name, p))
-    return _read_files(plan, text_field, stats)
+    for _, path in plan:
+        kind, comp = _inner_suffix(path)
+        if kind in PARQUET_SUFFIXES and not comp:
+            _need("pyarrow")
+        if comp in (".zst", ".zstd"):
+            _need("zstandard")
+    return _read_files(plan, text_field, stats, max_line_bytes)
 
 
-def _read_files(plan: list[tuple[str, Path]], text_field: str, stats: ReadStats) -> Iterator[Document]:
+def _read_files(plan: list[tuple[str, Path]], text_field: str, stats: ReadStats,
+                max_line_bytes: int) -> Iterator[Document]:
     for doc_id, path in plan:
         stats.files += 1
-        if path.suffix.lower() in JSONL_SUFFIXES:
-            yield from _read_jsonl(doc_id, path, text_field, stats)
-            continue
-        data = path.read_bytes()
-        if b"\0" in data[:_SNIFF_BYTES]:
-            stats.binary += 1
-            continue
-        doc = _document(data, doc_id, str(path), stats)
-        if doc is not None:
-            yield doc
+        kind, comp = _inner_suffix(path)
+        if kind in PARQUET_SUFFIXES and not comp:
+            yield from _read_parquet(doc_id, path, text_field, stats)
+        elif kind in JSONL_SUFFIXES:
+            yield from _read_jsonl(doc_id, path, text_field, stats, max_line_bytes)
+        else:
+            yield from _read_text(doc_id, path, stats, max_line_bytes)
 
 
-def _read_jsonl(doc_id: str, path: Path, text_field: str, stats: ReadStats) -> Iterator[Document]:
-    with path.open("rb") as f:
-        head = f.read(_SNIFF_BYTES)
-        if b"\0" in head:
-            stats.binary += 1
+class _Damaged(Exception):
+    """A compressed stream ended early (`truncated`) or could not be decoded at all."""
+
+    def __init__(self, truncated: bool) -> None:
+        super().__init__("truncated" if truncated else "unreadable")
+        self.truncated = truncated
+
+
+def _chunks(path: Path) -> Iterator[bytes]:
+    """The decompressed bytes of `path` in chunks; raises `_Damaged` where the stream breaks."""
+    comp = _inner_suffix(path)[1]
+    if comp == ".gz":
+        got = False
+        try:
+            with gzip.open(path, "rb") as f:
+                while chunk := f.read1(_CHUNK):  # read1: what decodes now, so a truncated tail loses little
+                    got = True
+                    yield chunk
+        except EOFError:
+            raise _Damaged(truncated=True) from None
+        except (OSError, zlib.error):
+            raise _Damaged(truncated=got) from None
+    elif comp in (".zst", ".zstd"):
+        import zstandard
+
+        dctx = zstandard.ZstdDecompressor()
+        dobj, got, pending = dctx.decompressobj(), False, False
+        try:
+            with path.open("rb") as f:
+                while raw := f.read(_CHUNK):
+                    while raw:
+                        out = dobj.decompress(raw)
+                        pending = not dobj.eof
+                        if out:
+                            got = True
+                            yield out
+                        raw = dobj.unused_data if dobj.eof else b""
+                        if dobj.eof:
+                            dobj = dctx.decompressobj()  # the next frame (zstd files may hold several)
+        except zstandard.ZstdError:
+            raise _Damaged(truncated=got) from None
+        if pending:
+            raise _Damaged(truncated=True)
+    else:
+        with path.open("rb") as f:
+            while chunk := f.read(_CHUNK):
+                yield chunk
+
+
+def _cut_long_lines(data: bytes, limit: int, stats: ReadStats) -> bytes:
+    if len(data) <= limit:
+        return data
+    lines = data.split(b"\n")
+    kept = [line for line in lines if len(line) <= limit]
+    if len(kept) == len(lines):
+        return data
+    stats.long_lines += len(lines) - len(kept)
+    return b"\n".join(kept)
+
+
+def _read_text(doc_id: str, path: Path, stats: ReadStats, max_line_bytes: int) -> Iterator[Document]:
+    parts: list[bytes] = []
+    try:
+        parts.extend(_chunks(path))
+    except _Damaged as e:
+        if not e.truncated:
+            stats.unreadable += 1
             return
-        if not head.strip():
+        stats.truncated += 1
+        data = b"".join(parts)
+        parts = [data[: data.rfind(b"\n") + 1]]  # the cut-off last line goes
+    data = b"".join(parts)
+    if b"\0" in data[:_SNIFF_BYTES]:
+        stats.binary += 1
+        return
+    doc = _document(_cut_long_lines(data, max_line_bytes, stats), doc_id, str(path), stats)
+    if doc is not None:
+        yield doc
+
+
+def _lines(path: Path, limit: int, stats: ReadStats) -> Iterator[bytes]:
+    """Lines of `path` (decompressed), one item per line so numbering holds; a line longer than
+    `limit` comes out as b"" (counted), so memory stays bounded by `limit`."""
+    buf = b""
+    skipping = False  # inside an over-long line: drop bytes up to its newline
+    try:
+        for chunk in _chunks(path):
+            buf += chunk
+            start = 0
+            while True:
+                nl = buf.find(b"\n", start)
+                if nl < 0:
+                    break
+                if skipping:
+                    skipping = False
+                    yield b""
+                elif nl - start <= limit:
+                    yield buf[start:nl + 1]
+                else:
+                    stats.long_lines += 1
+                    yield b""
+                start = nl + 1
+            buf = buf[start:]
+            if len(buf) > limit:
+                if not skipping:
+                    stats.long_lines += 1
+                skipping, buf = True, b""
+    except _Damaged as e:
+        if e.truncated:
+            stats.truncated += 1
+        else:
+            stats.unreadable += 1
+        return  # the cut-off last line goes
+    if buf and not skipping:
+        yield buf
+
+
+def _read_jsonl(doc_id: str, path: Path, text_field: str, stats: ReadStats,
+                max_line_bytes: int) -> Iterator[Document]:
+    lines = _lines(path, max_line_bytes, stats)
+    damaged = stats.unreadable + stats.truncated
+    first, blank = True, True
+    for lineno, raw in enumerate(lines, start=1):
+        if first:
+            first = False
+            if b"\0" in raw[:_SNIFF_BYTES]:
+                stats.binary += 1
+                lines.close()
+                return
+        if not raw.strip():
+            continue  # blank lines separate nothing in jsonl; not an error
+        blank = False
+        try:
+            obj = json.loads(raw.decode("utf-8", errors="replace"))
+        except ValueError:
+            stats.bad_json_lines += 1
+            continue
+        text = obj.get(text_field) if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            stats.bad_json_lines += 1
+            continue
+        if not text.strip():
             stats.empty += 1
+            continue
+        stats.documents += 1
+        stats.bytes += len(text.encode("utf-8", errors="replace"))
+        yield Document(id=f"{doc_id}#L{lineno}", text=text, source=str(path))
+    if blank and damaged == stats.unreadable + stats.truncated:
+        stats.empty += 1
+
+
+def _read_parquet(doc_id: str, path: Path, text_field: str, stats: ReadStats) -> Iterator[Document]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+        if text_field not in pf.schema_arrow.names:
+            stats.unreadable += 1
             return
-        f.seek(0)
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue  # blank lines separate nothing in jsonl; not an error
-            try:
-                obj = json.loads(raw.decode("utf-8", errors="replace"))
-            except ValueError:
-                stats.bad_json_lines += 1
-                continue
-            text = obj.get(text_field) if isinstance(obj, dict) else None
-            if not isinstance(text, str):
-                stats.bad_json_lines += 1
-                continue
-            if not text.strip():
-                stats.empty += 1
-                continue
-            stats.documents += 1
-            stats.bytes += len(text.encode("utf-8", errors="replace"))
-            yield Document(id=f"{doc_id}#L{lineno}", text=text, source=str(path))
+        row = 0
+        any_rows = False
+        for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
+            for text in batch.column(0).to_pylist():
+                row += 1
+                any_rows = True
+                if not isinstance(text, str):
+                    stats.bad_records += 1
+                    continue
+                if not text.strip():
+                    stats.empty += 1
+                    continue
+                stats.documents += 1
+                stats.bytes += len(text.encode("utf-8", errors="replace"))
+                yield Document(id=f"{doc_id}#R{row}", text=text, source=str(path))
+        if not any_rows:
+            stats.empty += 1
+    except (pa.ArrowException, OSError):
+        stats.unreadable += 1

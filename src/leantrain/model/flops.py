@@ -14,17 +14,19 @@ def ffn_hidden_dim(cfg: ModelConfig) -> int:
 
     8/3 keeps the three SwiGLU matrices at the parameter cost of a 4*dim GELU MLP; the multiple
     of 64 keeps matmul shapes friendly to vector units and tensor cores. Integer arithmetic, so
-    no float rounding can make the planner and the module disagree.
+    no float rounding can make the planner and the module disagree. GPT-2's GELU MLP defaults to 4*dim.
     """
     if cfg.ffn_dim:
         return cfg.ffn_dim
+    if cfg.arch == "gpt2":
+        return 4 * cfg.dim
     return (8 * cfg.dim + 191) // 192 * 64
 
 
 def _layer_matmul_params(cfg: ModelConfig) -> int:
     kv_dim = cfg.n_kv_heads * (cfg.dim // cfg.n_heads)
     attention = 2 * cfg.dim * cfg.dim + 2 * cfg.dim * kv_dim  # wq, wo; wk, wv
-    feed_forward = 3 * cfg.dim * ffn_hidden_dim(cfg)  # w1, w2, w3
+    feed_forward = (2 if cfg.arch == "gpt2" else 3) * cfg.dim * ffn_hidden_dim(cfg)  # w1, w2(, w3)
     return attention + feed_forward
 
 
@@ -32,6 +34,10 @@ def param_count(cfg: ModelConfig) -> int:
     """Unique parameters of `Transformer(cfg)`; a tied output projection is counted once."""
     per_layer = _layer_matmul_params(cfg) + 2 * cfg.dim  # + attention_norm, ffn_norm
     embeddings = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
+    if cfg.arch == "gpt2":  # + norm biases, linear biases (wq, wk, wv, wo, w1, w2), position embeddings
+        kv_dim = cfg.n_kv_heads * (cfg.dim // cfg.n_heads)
+        per_layer += 2 * cfg.dim + 2 * cfg.dim + 2 * kv_dim + ffn_hidden_dim(cfg) + cfg.dim
+        return embeddings + cfg.seq_len * cfg.dim + cfg.n_layers * per_layer + 2 * cfg.dim
     return embeddings + cfg.n_layers * per_layer + cfg.dim  # + final norm
 
 

@@ -5,6 +5,10 @@ Submodule names follow Llama/torchtitan (`tok_embeddings`, `layers.N.attention.w
 converting to and from Hugging Face checkpoints is a rename table, and `layers` is a ModuleList
 so FSDP and activation checkpointing can wrap one block at a time.
 
+`arch = "gpt2"` swaps in GPT-2's parts under the same names: LayerNorm with bias, learned position
+embeddings (`pos_embeddings`) instead of RoPE, biases on every linear, and a GELU(tanh) MLP whose
+up and down projections are `w1` and `w2` (no `w3`). The Llama path is unchanged by it.
+
 This file knows nothing of devices, precision or parallelism: it runs unchanged on CPU or GPU,
 in fp32 or under autocast, and `parallel/` wraps it from outside.
 """
@@ -36,6 +40,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """RMSNorm for Llama, LayerNorm with bias for GPT-2; both start at weight 1 via reset_parameters."""
+    return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.arch == "gpt2" else RMSNorm(cfg.dim, cfg.norm_eps)
 
 
 def rope_tables(head_dim: int, seq_len: int, theta: float, device: torch.device | None = None) -> Tensor:
@@ -86,15 +95,19 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
         self.head_dim = cfg.dim // cfg.n_heads
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        bias = cfg.arch == "gpt2"
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=bias)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=bias)
 
-    def forward(self, x: Tensor, rope: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor | None) -> Tensor:
+        """rope None (GPT-2): positions were already added to the input embeddings."""
         B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rope)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rope)
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         # Attention wants [B, H, T, D]; the transposes are views, the kernels read the strides.
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -121,17 +134,30 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class GeluMLP(nn.Module):
+    """GPT-2's MLP: w2(gelu_tanh(w1 x)) with biases; w1 is HF's c_fc, w2 its c_proj."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden)
+        self.w2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.gelu(self.w1(x), approximate="tanh"))
+
+
 class Block(nn.Module):
     """One pre-norm residual block; the unit FSDP and activation checkpointing wrap."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention_norm = make_norm(cfg)
         self.attention = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg.dim, ffn_hidden_dim(cfg))
+        self.ffn_norm = make_norm(cfg)
+        mlp = GeluMLP if cfg.arch == "gpt2" else FeedForward
+        self.feed_forward = mlp(cfg.dim, ffn_hidden_dim(cfg))
 
-    def forward(self, x: Tensor, rope: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor | None) -> Tensor:
         x = x + self.attention(self.attention_norm(x), rope)
         return x + self.feed_forward(self.ffn_norm(x))
 
@@ -148,12 +174,14 @@ class Transformer(nn.Module):
         # by to_empty() + init_weights() under the same seed.
         with torch.device("meta"):
             self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+            if cfg.arch == "gpt2":
+                self.pos_embeddings = nn.Embedding(cfg.seq_len, cfg.dim)
             self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-            self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.norm = make_norm(cfg)
             self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
             # Not persistent: it is a function of the config, rebuilt by init_weights, never saved.
-            self.register_buffer("rope", torch.empty(2, cfg.seq_len, cfg.dim // cfg.n_heads // 2),
-                                 persistent=False)
+            rope = None if cfg.arch == "gpt2" else torch.empty(2, cfg.seq_len, cfg.dim // cfg.n_heads // 2)
+            self.register_buffer("rope", rope, persistent=False)
         self.to_empty(device=device)
         self.init_weights()
 
@@ -164,7 +192,8 @@ class Transformer(nn.Module):
         normal(0, init_std) for the embedding and all linears; the two projections that write
         into the residual stream (`wo`, `w2`) get init_std/sqrt(2*n_layers) so the stream's
         variance does not grow with depth (GPT-2); norms start at 1. Also re-ties the output
-        projection, because `to_empty` gives every module a fresh tensor.
+        projection, because `to_empty` gives every module a fresh tensor. GPT-2 adds, after these
+        draws: position embeddings normal(0, init_std), all biases zero.
         """
         std, cfg = self.cfg.init_std, self.cfg
         residual_std = std / math.sqrt(2 * cfg.n_layers)
@@ -175,14 +204,21 @@ class Transformer(nn.Module):
             layer.attention_norm.reset_parameters()
             layer.ffn_norm.reset_parameters()
             attn, ff = layer.attention, layer.feed_forward
-            for linear in (attn.wq, attn.wk, attn.wv, ff.w1, ff.w3):
+            for linear in (attn.wq, attn.wk, attn.wv, ff.w1, *([ff.w3] if cfg.arch == "llama" else [])):
                 nn.init.normal_(linear.weight, mean=0.0, std=std)
             for linear in (attn.wo, ff.w2):
                 nn.init.normal_(linear.weight, mean=0.0, std=residual_std)
         self.norm.reset_parameters()
         if not cfg.tie_embeddings:
             nn.init.normal_(self.output.weight, mean=0.0, std=std)
-        self.rope = rope_tables(cfg.dim // cfg.n_heads, cfg.seq_len, cfg.rope_theta, device=self.rope.device)
+        if cfg.arch == "gpt2":
+            nn.init.normal_(self.pos_embeddings.weight, mean=0.0, std=std)
+            for layer in self.layers:
+                for linear in (layer.attention.wq, layer.attention.wk, layer.attention.wv, layer.attention.wo,
+                               layer.feed_forward.w1, layer.feed_forward.w2):
+                    nn.init.zeros_(linear.bias)
+        else:
+            self.rope = rope_tables(cfg.dim // cfg.n_heads, cfg.seq_len, cfg.rope_theta, device=self.rope.device)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, reduction: str = "mean") -> Tensor:
         """Logits [B, T, vocab] when targets is None, else the float32 cross-entropy.
@@ -196,6 +232,8 @@ class Transformer(nn.Module):
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
         x = self.tok_embeddings(idx)
+        if self.cfg.arch == "gpt2":
+            x = x + self.pos_embeddings.weight[: idx.size(1)]
         for layer in self.layers:
             x = layer(x, self.rope)
         h = self.norm(x)

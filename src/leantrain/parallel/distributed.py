@@ -3,10 +3,12 @@
 `torchrun` starts one process per device and sets RANK, WORLD_SIZE and LOCAL_RANK. Without it (or
 with WORLD_SIZE=1) nothing here touches torch.distributed and a run is the plain single process.
 
-The `[parallel]` degrees lay the world out as a mesh (dp_replicate, dp_shard): dp_replicate > 1
+The `[parallel]` degrees lay the world out as a mesh (dp_replicate, dp_shard, tp): dp_replicate > 1
 alone is DDP, dp_shard > 1 is FSDP2 over the shard dimension, both is HSDP (FSDP2 on the 2-D mesh:
-sharded inside a group, replicated across groups). Their product is the world size; dp_shard = -1
-takes whatever the others leave.
+sharded inside a group, replicated across groups); tp > 1 is tensor parallel inside each data-parallel
+group, alone or under FSDP2 (2-D FSDP x TP). Their product is the world size; dp_shard = -1 takes
+whatever the others leave. tp is the innermost dimension: ranks r*tp .. r*tp+tp-1 form one tensor-parallel
+group (on GPUs, neighbours on one host) and all of them read data-parallel rank r's batch.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch.distributed as dist
 from leantrain.config import Config, ParallelConfig
 from leantrain.errors import ConfigError
 
-MESH_DIMS = ("dp_replicate", "dp_shard")
+MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
 
 
 @dataclass
@@ -54,18 +56,23 @@ class Layout:
 
     @property
     def dp_rank(self) -> int:
+        """The data-parallel rank: the tp ranks of one group share it (and so read the same batch)."""
         return self.rank // self.tp
 
     @property
     def strategy(self) -> str:
         if self.dp_shard > 1:
-            return "hsdp" if self.dp_replicate > 1 else "fsdp"
-        return "ddp" if self.dp_replicate > 1 else "single"
+            dp = "hsdp" if self.dp_replicate > 1 else "fsdp"
+        else:
+            dp = "ddp" if self.dp_replicate > 1 else ""
+        if self.tp > 1:
+            return f"{dp}+tp" if dp else "tp"
+        return dp or "single"
 
     @property
     def sharded(self) -> bool:
-        """Parameters are DTensor shards (FSDP2/HSDP): every rank must join each forward."""
-        return self.dp_shard > 1
+        """Parameters are DTensors (FSDP2/HSDP shards, tensor-parallel pieces): every rank must join each forward."""
+        return self.dp_shard > 1 or self.tp > 1
 
     def describe(self) -> dict[str, Any]:
         return {"world_size": self.world_size, "strategy": self.strategy, "dp_replicate": self.dp_replicate,
@@ -94,9 +101,6 @@ class Layout:
 
 def resolve_degrees(p: ParallelConfig, world_size: int) -> tuple[int, int, int]:
     """(dp_replicate, dp_shard, tp) for this world size; a ConfigError when they cannot fit it."""
-    if p.tp != 1:
-        raise ConfigError(f"config: parallel.tp = {p.tp}: tensor parallel is not implemented yet; use "
-                          "parallel.tp = 1 and scale with dp_replicate (DDP) and dp_shard (FSDP2)")
     rep, shard, tp = p.dp_replicate, p.dp_shard, p.tp
     if shard == -1:
         if world_size % (rep * tp):
@@ -144,13 +148,26 @@ def setup(cfg: Config, device: torch.device) -> Layout:
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(backend, store=dist.PrefixStore(f"leantrain/attempt-{attempt}", store), rank=rank,
                                 world_size=world, timeout=timeout)
-    key = (device.type, rep, shard)
+    key = (device.type, rep, shard, tp)
     if key not in _MESHES:
         from torch.distributed.device_mesh import init_device_mesh
 
-        _MESHES[key] = init_device_mesh(device.type, (rep, shard), mesh_dim_names=MESH_DIMS)
+        _MESHES[key] = init_device_mesh(device.type, (rep, shard, tp), mesh_dim_names=MESH_DIMS)
     return Layout(device=device, world_size=world, rank=rank, local_rank=local_rank, local_world_size=local_world,
                   dp_replicate=rep, dp_shard=shard, tp=tp, mesh=_MESHES[key])
+
+
+def collective_timeout_message(exc: BaseException, rank: int, timeout_s: int) -> str | None:
+    """One line for a collective that gave up waiting (gloo raises it as a RuntimeError), else None.
+
+    A peer that hangs or died without its process being reaped leaves the others blocked in their next
+    all-reduce until `parallel.timeout_s`; the error torch raises then names a C++ source line, not the
+    cause. (NCCL's watchdog aborts the process itself, with its own log lines.)"""
+    text = str(exc).lower()
+    if not isinstance(exc, RuntimeError) or not ("timed out" in text or "timeout" in text):
+        return None
+    return (f"rank {rank}: a collective waited longer than parallel.timeout_s={timeout_s} s — another rank is "
+            "stuck or dead; check its log (raise parallel.timeout_s if a rank legitimately works that long alone)")
 
 
 def cleanup(together: bool = False) -> None:

@@ -1,13 +1,13 @@
 """Apply execution strategies to a plain model from outside it.
 
 Order (DESIGN.md): tensor parallel -> activation checkpointing -> compile -> FSDP2/DDP. None of
-them changes parameter names, so checkpoints do not depend on how a run executed. Tensor parallel
-is not implemented yet (`resolve_degrees` refuses tp > 1).
+them changes parameter names, so checkpoints do not depend on how a run executed.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -54,13 +54,96 @@ def set_attention_kernel(model: nn.Module, kernel: str) -> None:
             module.kernel = kernel
 
 
+def _replicate_style() -> object:
+    """A ParallelStyle that keeps a module whole on every tensor-parallel rank, its parameters made
+    Replicate DTensors: all parameters then live on the one tp mesh (the fused optimizer and the
+    gradient norm take no mix of plain tensors and DTensors), while its input and output stay plain
+    tensors. Used for the norms, which are too small to be worth splitting."""
+    from torch.distributed.tensor import DTensor, Replicate, distribute_module
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    class ReplicateParallel(ParallelStyle):
+        def _apply(self, module: nn.Module, device_mesh: object) -> nn.Module:
+            def to_dtensor(mod: nn.Module, inputs: tuple, mesh: object) -> tuple:
+                return tuple(DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+                             if isinstance(x, torch.Tensor) and not isinstance(x, DTensor) else x for x in inputs)
+
+            def to_local(mod: nn.Module, output: torch.Tensor, mesh: object) -> torch.Tensor:
+                return output.to_local() if isinstance(output, DTensor) else output
+
+            return distribute_module(module, device_mesh, input_fn=to_dtensor, output_fn=to_local)
+
+    return ReplicateParallel()
+
+
+def apply_tensor_parallel(model: nn.Module, layout: Layout) -> None:
+    """Megatron-style tensor parallel over the "tp" mesh dimension, in place.
+
+    Per block: wq/wk/wv and w1/w3 column-wise (each rank computes its own heads and hidden units),
+    wo and w2 row-wise (their partial outputs are summed by one all-reduce), so a block costs two
+    all-reduces forward and two backward. The embedding is split by vocabulary rows and the output
+    projection by vocabulary columns, both handing plain replicated activations on (the sliced loss in
+    the model stays unchanged); norms are replicated. Every attention module gets its local head
+    counts, so the model's own reshapes see its share of heads. The residual stream stays a plain
+    tensor, the same on every tp rank; the data loader gives all of them the same batch.
+    """
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh, tp = layout.mesh["tp"], layout.tp
+    if hasattr(model, "pos_embeddings"):
+        raise ConfigError(f"config: parallel.tp = {tp} supports model.arch = llama only (GPT-2's position table is "
+                          "read outside a module call); use parallel.tp = 1 and scale with dp_shard")
+    replicate = _replicate_style()
+    top = {"tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+           "norm": replicate, "output": ColwiseParallel(output_layouts=Replicate())}
+    _check_plain_linears(model, ("tok_embeddings", "output"), tp)
+    parallelize_module(model, mesh, top)
+    for block in model.layers:
+        plan = {"attention_norm": replicate, "ffn_norm": replicate,
+                "attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(),
+                "attention.wv": ColwiseParallel(), "attention.wo": RowwiseParallel(),
+                "feed_forward.w1": ColwiseParallel(), "feed_forward.w2": RowwiseParallel()}
+        if hasattr(block.feed_forward, "w3"):
+            plan["feed_forward.w3"] = ColwiseParallel()
+        _check_plain_linears(block, [name for name, style in plan.items() if style is not replicate], tp)
+        parallelize_module(block, mesh, plan)
+        block.attention.n_heads //= tp
+        block.attention.n_kv_heads //= tp
+
+
+def _check_plain_linears(root: nn.Module, names: Iterable[str], tp: int) -> None:
+    """Column/row-wise splitting knows nn.Linear and nn.Embedding; a layer another feature replaced
+    (LoRA adapters, float8) would be split wrongly or not at all: refuse it by name."""
+    for name in names:
+        module = root.get_submodule(name)
+        if type(module) not in (nn.Linear, nn.Embedding):
+            raise ConfigError(f"config: parallel.tp = {tp} splits plain Linear layers, but {name} is a "
+                              f"{type(module).__name__}; turn off LoRA / precision.fp8 or use parallel.tp = 1")
+
+
+def apply_compile(model: nn.Module) -> None:
+    """With more than one process, compile each block in place (as torchtitan does) rather than the whole
+    model: FSDP2 and DDP then wrap compiled blocks and run their own communication between them, and
+    module and parameter names stay those of the plain model."""
+    for block in model.layers:
+        block.compile()
+
+
+def remove_compile(model: nn.Module) -> None:
+    """Undo `apply_compile` (after a compiler failure): the blocks run eagerly again, wrappers untouched."""
+    for block in model.layers:
+        block._compiled_call_impl = None
+
+
 def apply_fsdp(model: nn.Module, layout: Layout, reshard_after_forward: bool) -> None:
     """FSDP2 in place: each block of `model.layers` is one unit (its weights gathered just before it runs),
     the root holds the rest (embeddings, final norm, output). On a (replicate, shard) mesh with
-    dp_replicate > 1 this is HSDP. Parameters become DTensor shards under the same names."""
+    dp_replicate > 1 this is HSDP. Parameters become DTensor shards under the same names; after tensor
+    parallel they become 2-D (dp_shard, tp) DTensors."""
     from torch.distributed.fsdp import fully_shard
 
-    mesh = layout.mesh if layout.dp_replicate > 1 else layout.mesh["dp_shard"]
+    mesh = layout.mesh["dp_replicate", "dp_shard"] if layout.dp_replicate > 1 else layout.mesh["dp_shard"]
     for block in model.layers:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
@@ -89,20 +172,27 @@ def parallelize(model: nn.Module, cfg: Config, device: torch.device, dtype: torc
                 layout: Layout | None = None) -> nn.Module:
     """The module the training step calls. `model` itself keeps its state-dict names.
 
-    With a distributed `layout`: FSDP2 (or HSDP) shards `model` in place when dp_shard > 1 and the
-    result is `model` itself; DDP (dp_replicate > 1 alone) returns a wrapper around it.
+    With a distributed `layout`: tensor parallel (tp > 1) splits `model`'s layers in place first; FSDP2
+    (or HSDP) shards `model` in place when dp_shard > 1 and the result is `model` itself; DDP
+    (dp_replicate > 1 alone) returns a wrapper around it.
     """
     kernel = choose_attention_kernel(cfg.train.attention, device, dtype, cfg.model.seq_len)
     set_attention_kernel(model, kernel)
+    if layout is not None and layout.tp > 1:
+        apply_tensor_parallel(model, layout)
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.ac_every)
     if layout is None or not layout.distributed:
         if cfg.train.compile:
             return torch.compile(model)
         return model
     if cfg.train.compile:
-        raise ConfigError("config: train.compile = true is not supported with more than one process yet; "
-                          "set --train.compile=false")
-    if layout.sharded:
+        if layout.tp > 1:  # dynamo fails on the DTensor hooks (torch 2.13, CPU); the step would fall back anyway
+            raise ConfigError(f"config: train.compile = true does not work with parallel.tp = {layout.tp} yet; "
+                              "set --train.compile=false")
+        apply_compile(model)
+    if layout.dp_shard > 1:
         apply_fsdp(model, layout, cfg.parallel.fsdp_reshard_after_forward)
         return model
-    return apply_ddp(model, layout)
+    if layout.dp_replicate > 1:
+        return apply_ddp(model, layout)
+    return model  # tensor parallel alone: the tp ranks need no gradient reduction of their own

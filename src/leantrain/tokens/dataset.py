@@ -6,6 +6,8 @@ Layout (format 1):
     tokenizer.json
     train/000000.bin  raw little-endian tokens, every document followed by the end-of-text id
     val/000000.bin
+    train/mask/000000.bin   chat data only (`tokens/chat.py`): one uint8 per token, 1 where the loss
+                            counts (response tokens and the end token), listed as splits[...]["masks"]
 
 Shards are plain arrays so that `numpy.memmap` reads them with no parsing and no copy, and any
 process (or rank) can open them at once. A shard is written under a temporary name and renamed
@@ -24,7 +26,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from leantrain.errors import DataError
-from leantrain.tokens.tokenizer import EOT, load_tokenizer
+from leantrain.tokens.tokenizer import eot_id, load_tokenizer
 
 FORMAT = 1
 SPLITS = ("train", "val")
@@ -177,7 +179,7 @@ class TokenDataset:
         if n != self.vocab_size:
             raise DataError(f"{self.path}: meta.json says vocab_size {self.vocab_size} but the tokenizer has {n}; "
                             f"{hint}")
-        if tok.token_to_id(EOT) != self.eot_id:
+        if eot_id(tok) != self.eot_id:
             raise DataError(f"{self.path}: meta.json eot_id {self.eot_id} does not match the tokenizer; {hint}")
 
     def _check_split(self, split: str, hint: str) -> None:
@@ -197,6 +199,16 @@ class TokenDataset:
         if total != info["tokens"]:
             raise DataError(f"{self.path}: the {split} shards hold {total} tokens but meta.json says "
                             f"{info['tokens']} (truncated or replaced?); {hint}")
+        masks = info.get("masks")
+        if masks is not None:  # chat data: one uint8 loss-mask byte per token, shard by shard
+            if not isinstance(masks, list) or len(masks) != len(info["shards"]):
+                raise DataError(f"{self.path}: the {split} split lists {len(info['shards'])} shards but not as many "
+                                f"masks; {hint}")
+            for rel, mask_rel in zip(info["shards"], masks, strict=True):
+                p = self.path / mask_rel
+                want = (self.path / rel).stat().st_size // self.dtype.itemsize
+                if not p.is_file() or p.stat().st_size != want:
+                    raise DataError(f"{self.path}: loss mask {mask_rel} is missing or not {want} bytes long; {hint}")
 
     def shards(self, split: str) -> list[np.memmap]:
         """Read-only memory maps of the split's shards, opened once and shared by every caller."""
@@ -206,6 +218,18 @@ class TokenDataset:
             self._memmaps[split] = [np.memmap(self.path / rel, dtype=self.dtype, mode="r")
                                     for rel in self.meta["splits"][split]["shards"]]
         return self._memmaps[split]
+
+    def masks(self, split: str) -> list[np.memmap] | None:
+        """Loss masks aligned with `shards(split)` (1 = train on this token), or None for plain text data."""
+        rels = self.meta["splits"][split].get("masks")
+        if rels is None:
+            return None
+        return [np.memmap(self.path / rel, dtype=np.uint8, mode="r") for rel in rels]
+
+    @property
+    def chat_template(self) -> str | None:
+        """The template chat examples were rendered with (`leantrain data prepare --format chat`), else None."""
+        return self.meta.get("chat_template")
 
     def num_tokens(self, split: str) -> int:
         return int(self.meta["splits"][split]["tokens"])

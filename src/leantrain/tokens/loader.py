@@ -8,6 +8,9 @@ proportion to its valid starts). Rank r's micro-batch m is windows [(m*world_siz
 So the windows of a step depend only on (seed, step, G, data): resuming needs only the step
 number, and a run may resume with another split of the same G (2 ranks x accum 1 instead of
 1 rank x accum 2) and still see exactly the same data.
+
+Chat data (`tokens/chat.py`) adds a uint8 loss mask per shard: given `masks`, a target whose mask
+byte is 0 (a prompt token) becomes -100, which the model's loss ignores. Without masks nothing changes.
 """
 
 from __future__ import annotations
@@ -33,10 +36,14 @@ def _too_short(name: str, lengths: Sequence[int], seq_len: int) -> DataError:
 class _Windows:
     """Maps a flat index over all valid window starts to (shard, offset) and gathers windows."""
 
-    def __init__(self, shards: Sequence[np.ndarray], seq_len: int, name: str) -> None:
+    def __init__(self, shards: Sequence[np.ndarray], seq_len: int, name: str,
+                 masks: Sequence[np.ndarray] | None = None) -> None:
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         self.shards = list(shards)
+        self.masks = list(masks) if masks is not None else None
+        if self.masks is not None and [len(m) for m in self.masks] != [len(s) for s in self.shards]:
+            raise ValueError("loss masks must match the token shards one for one, in length")
         self.width = seq_len + 1
         lengths = [len(s) for s in self.shards]
         starts = np.array([max(0, n - seq_len) for n in lengths], dtype=np.int64)
@@ -56,17 +63,33 @@ class _Windows:
             out[j] = self.shards[si][st:st + w]
         return out
 
+    def gather_masks(self, flat: np.ndarray) -> np.ndarray | None:
+        """The loss masks of the same windows as `gather(flat)`; None without masks."""
+        if self.masks is None:
+            return None
+        shard = np.searchsorted(self._ends, flat, side="right")
+        offset = flat - self._before[shard]
+        out = np.empty((len(flat), self.width), dtype=np.uint8)
+        for j, (si, st) in enumerate(zip(shard.tolist(), offset.tolist(), strict=True)):
+            out[j] = self.masks[si][st:st + self.width]
+        return out
 
-def _xy(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+
+def _xy(windows: np.ndarray, masks: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets); a target whose mask byte is 0 (a prompt token of chat data) becomes -100."""
     t = torch.from_numpy(windows)
-    return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+    x, y = t[:, :-1].contiguous(), t[:, 1:].contiguous()
+    if masks is not None:
+        y[torch.from_numpy(masks[:, 1:] == 0)] = -100
+    return x, y
 
 
 class BatchLoader:
     """Random training windows for one rank; see the module docstring for the exact contract."""
 
     def __init__(self, shards: list[np.ndarray], seq_len: int, micro_batch_size: int, grad_accum_steps: int,
-                 seed: int, rank: int = 0, world_size: int = 1, *, name: str = "the train split") -> None:
+                 seed: int, rank: int = 0, world_size: int = 1, *, name: str = "the train split",
+                 masks: list[np.ndarray] | None = None) -> None:
         for key, v in (("micro_batch_size", micro_batch_size), ("grad_accum_steps", grad_accum_steps),
                        ("world_size", world_size)):
             if v < 1:
@@ -75,7 +98,7 @@ class BatchLoader:
             raise ValueError(f"rank {rank} is outside [0, {world_size})")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
-        self._w = _Windows(shards, seq_len, name)
+        self._w = _Windows(shards, seq_len, name, masks)
         self.seq_len = seq_len
         self.micro_batch_size = micro_batch_size
         self.grad_accum_steps = grad_accum_steps
@@ -102,6 +125,9 @@ class BatchLoader:
                                for m in range(self.grad_accum_steps)])
         windows = self._w.gather(mine)
         self.step += 1
+        if self._w.masks is not None:
+            masks = self._w.gather_masks(mine)
+            return [_xy(windows[m * mb:(m + 1) * mb], masks[m * mb:(m + 1) * mb]) for m in range(self.grad_accum_steps)]
         return [_xy(windows[m * mb:(m + 1) * mb]) for m in range(self.grad_accum_steps)]
 
     def skip_step(self) -> None:
@@ -136,7 +162,8 @@ class BatchLoader:
 
 
 def val_batches(shards: list[np.ndarray], seq_len: int, batch_size: int, n_batches: int,
-                *, name: str = "the val split") -> list[tuple[torch.Tensor, torch.Tensor]]:
+                *, name: str = "the val split",
+                masks: list[np.ndarray] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A fixed set of evenly spaced windows over the split, identical on every call and every run,
     so that val losses are comparable across steps and runs.
 
@@ -145,8 +172,9 @@ def val_batches(shards: list[np.ndarray], seq_len: int, batch_size: int, n_batch
     """
     if batch_size < 1 or n_batches < 1:
         raise ValueError(f"batch_size and n_batches must be >= 1, got {batch_size}, {n_batches}")
-    w = _Windows(shards, seq_len, name)
+    w = _Windows(shards, seq_len, name, masks)
     k = min(batch_size * n_batches, w.total)
     flat = (np.arange(k, dtype=np.int64) * w.total + w.total // 2) // k  # centred in k equal parts
     windows = w.gather(flat)
-    return [_xy(windows[i:i + batch_size]) for i in range(0, k, batch_size)]
+    m = w.gather_masks(flat)
+    return [_xy(windows[i:i + batch_size], None if m is None else m[i:i + batch_size]) for i in range(0, k, batch_size)]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -29,6 +28,7 @@ import numpy as np
 
 from leantrain.corpus.readers import Document
 from leantrain.errors import DataError
+from leantrain.files import fresh_sibling, swap_in
 from leantrain.tokens.dataset import FORMAT, META, ShardWriter, dtype_for_vocab
 from leantrain.tokens.tokenizer import eot_id, load_tokenizer, train_tokenizer
 
@@ -37,7 +37,7 @@ Progress = Callable[[str, int, int | None], None]
 _BATCH_DOCS = 512
 _BATCH_BYTES = 4 << 20
 _PROGRESS_EVERY = 256
-_DATASET_NAMES = frozenset({META, "tokenizer.json", "train", "val"})
+_DATASET_NAMES = frozenset({META, "tokenizer.json", "train", "val", "data_card.md", "data_card.json", "data_card.png"})
 
 
 def split_hash(doc_id: str) -> float:
@@ -94,7 +94,8 @@ class _Held:
 
 
 def _encode_all(docs: Iterator[Document], tok: Any, eot: int, dtype: np.dtype, val_fraction: float,
-                train: _Split, val: _Split, progress: Progress | None, total: int | None) -> None:
+                train: _Split, val: _Split, progress: Progress | None, total: int | None,
+                doc_tokens: list[int] | None = None) -> None:
     held_train: _Held | None = None  # lowest-hash train document: the one val gets if it has none
     held_val: _Held | None = None    # highest-hash val document: the one train gets if it has none
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
@@ -107,6 +108,8 @@ def _encode_all(docs: Iterator[Document], tok: Any, eot: int, dtype: np.dtype, v
             arr = np.empty(len(enc.ids) + 1, dtype=dtype)
             arr[:-1] = enc.ids
             arr[-1] = eot
+            if doc_tokens is not None:
+                doc_tokens.append(len(enc.ids))
             doc: _Held | None = _Held(split_hash(d.id), arr, len(d.text.encode("utf-8", errors="replace")))
             if doc.h < val_fraction:
                 if held_val is None or doc.h > held_val.h:
@@ -166,12 +169,16 @@ def _encode_all(docs: Iterator[Document], tok: Any, eot: int, dtype: np.dtype, v
 def prepare_dataset(documents: Callable[[], Iterable[Document]], out_dir: str | Path, *, vocab_size: int = 8192,
                     tokenizer_path: str | Path | None = None, val_fraction: float = 0.02,
                     shard_tokens: int = 50_000_000, overwrite: bool = False, provenance: dict | None = None,
-                    progress: Progress | None = None) -> dict[str, Any]:
+                    progress: Progress | None = None, doc_tokens: list[int] | None = None,
+                    before_publish: Callable[[Path, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Build a token dataset in `out_dir` from `documents()` (called once or twice); returns meta.json.
 
     `tokenizer_path` (a tokenizer.json or a token dataset folder) reuses that tokenizer instead of
     training one, so several datasets share ids; `vocab_size` is then ignored.
     `progress(stage, done, total)` is called with stage "tokenizer" or "encode", counted in documents.
+    `doc_tokens`, if given, gets each written document's token count (without end-of-text), in input
+    order; `before_publish(tmp_dir, meta)` may add files (a data card) before the dataset is renamed
+    into place, so they appear together or not at all.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction = {val_fraction} is not allowed; expected a number in [0, 1)")
@@ -179,11 +186,7 @@ def prepare_dataset(documents: Callable[[], Iterable[Document]], out_dir: str | 
         raise DataError(f"shard_tokens = {shard_tokens} is not allowed; expected an integer >= 1")
     out = Path(out_dir)
     _check_out_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = fresh_sibling(out)
     try:
         total: int | None = None
         if tokenizer_path is not None:
@@ -220,7 +223,7 @@ def prepare_dataset(documents: Callable[[], Iterable[Document]], out_dir: str | 
         with ShardWriter(tmp / "train", dtype, shard_tokens) as tw, \
                 ShardWriter(tmp / "val", dtype, shard_tokens) as vw:
             train, val = _Split(tw), _Split(vw)
-            _encode_all(iter(documents()), tok, eot, dtype, val_fraction, train, val, progress, total)
+            _encode_all(iter(documents()), tok, eot, dtype, val_fraction, train, val, progress, total, doc_tokens)
         splits = {}
         for name, s in (("train", train), ("val", val)):
             splits[name] = {"shards": [p.relative_to(tmp).as_posix() for p in s.writer.close()],
@@ -239,21 +242,12 @@ def prepare_dataset(documents: Callable[[], Iterable[Document]], out_dir: str | 
             },
         }
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-        _swap_in(tmp, out)
+        if before_publish is not None:
+            before_publish(tmp, meta)
+        swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Replace `out` by `tmp` with renames, so the old dataset is only removed once the new one is in."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if old.exists():
-        shutil.rmtree(old)
-    os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)

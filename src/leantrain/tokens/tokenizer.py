@@ -54,10 +54,16 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return tok
 
 
+# End-of-sequence tokens of imported tokenizers without ours (Llama 2 / Mistral, Llama 3, Gemma): the
+# document separator when fine-tuning such a model on its own tokenizer.
+EOS_FALLBACKS = ("</s>", "<|end_of_text|>", "<eos>")
+
+
 def eot_id(tok: Tokenizer, where: str = "tokenizer") -> int:
-    """The id that separates documents; every leantrain tokenizer has one."""
-    i = tok.token_to_id(EOT)
-    if i is None:
-        raise DataError(f"{where} has no {EOT} token; train one with `leantrain data prepare` "
-                        "or add it as a special token")
-    return i
+    """The id that separates documents: every leantrain tokenizer has EOT; an imported one its EOS token."""
+    for token in (EOT, *EOS_FALLBACKS):
+        i = tok.token_to_id(token)
+        if i is not None:
+            return i
+    raise DataError(f"{where} has no {EOT} token (nor an end-of-sequence token {', '.join(EOS_FALLBACKS)}); "
+                    "train one with `leantrain data prepare` or add it as a special token")

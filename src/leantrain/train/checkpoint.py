@@ -4,13 +4,15 @@ Layout of one checkpoint, `checkpoints/step-0000100/`:
     model.safetensors   model weights (tied aliases stored once, listed in state.json)
     optim.safetensors   optimizer tensors, keyed "<param index>/<name>"
     state.json          step, tokens, loader, RNG, schedule and optimizer scalars, config hash
+    adapters.safetensors  LoRA runs only: the adapter tensors alone (model.safetensors holds them too)
     manifest.json       size and sha256 of every file above; written last
 
 Under torch.distributed (DDP, FSDP2) the same files are written: every rank joins in gathering the
 full model and optimizer state (`gather_snapshot`), rank 0 writes it, and on resume every rank reads
 the files and takes its own shard (`restore_full`). So a checkpoint resumes at any world size and
-layout without a converter. Fine for models whose full state fits one host's memory; sharded
-torch.distributed.checkpoint (DCP) files for large models are the next step.
+layout without a converter. Fine for models whose full state fits one host's memory; for larger ones
+`checkpoint.format = "sharded"` writes each rank's shards instead (train/dcp.py); `read_checkpoint`,
+`restore` and `restore_full` accept both kinds.
 
 A checkpoint is built in `.tmp-step-*`, every file fsynced, then renamed into place; the
 `latest` pointer is replaced after that. A crash at any moment leaves either the old or the
@@ -28,7 +30,7 @@ import shutil
 import struct
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,9 @@ class Snapshot:
     model: dict[str, torch.Tensor]
     optim: dict[str, torch.Tensor]
     state: dict[str, Any]
+    sharded_dir: Path | None = None  # a sharded checkpoint's shards: its tensors stay on disk until restored
+    # more safetensors files written beside model.safetensors, e.g. {"adapters.safetensors": LoRA tensors}
+    extra: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def rng_state() -> dict[str, Any]:
@@ -270,6 +275,7 @@ class Checkpointer:
                 "optim.safetensors": _safetensors_chunks(snap.optim),
                 "state.json": json.dumps(snap.state).encode(),
             }
+            blobs.update({name: _safetensors_chunks(tensors) for name, tensors in snap.extra.items()})
             manifest = {"format": FORMAT, "step": snap.step, "files": {}}
             for name, data in blobs.items():
                 size, sha = _write_durable(tmp / name, data)
@@ -346,6 +352,10 @@ def read_checkpoint(path: Path) -> Snapshot:
         files = manifest["files"]
     except (OSError, ValueError, KeyError):
         raise CheckpointError(f"checkpoint {path.name} is damaged: manifest.json missing or unreadable") from None
+    if manifest.get("kind") == "sharded":
+        from leantrain.train.dcp import read_sharded
+
+        return read_sharded(path, manifest)
     blobs = {}
     for name, info in files.items():
         try:
@@ -397,6 +407,10 @@ def _optim_state(snap: Snapshot) -> tuple[dict[int, dict[str, Any]], list[dict[s
 
 def restore(snap: Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Load a snapshot into a model (and optimizer) built from the same config."""
+    if snap.sharded_dir is not None:
+        from leantrain.train.dcp import restore_sharded
+
+        return restore_sharded(snap, model, optimizer)
     try:
         model.load_state_dict(_weights(snap), strict=True)
     except RuntimeError as e:
@@ -410,6 +424,10 @@ def restore(snap: Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optim
 def restore_full(snap: Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """`restore` for a distributed run (DDP or FSDP2): a collective every rank calls with the same snapshot
     (each read the same files); each rank keeps its own shard of the weights and optimizer state."""
+    if snap.sharded_dir is not None:
+        from leantrain.train.dcp import restore_sharded
+
+        return restore_sharded(snap, model, optimizer)
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,

@@ -25,13 +25,17 @@ from typing import Any
 import torch
 
 from leantrain.config import Config, to_toml
+from leantrain.energy.accounting import EnergyAccountant
+from leantrain.energy.schedule import CarbonScheduler
 from leantrain.errors import CheckpointError, DataError, LeantrainError
 from leantrain.model import Transformer, flops_per_token, generate, param_count
+from leantrain.model.lora import adapter_state_dict, apply_finetune
 from leantrain.parallel.distributed import setup as setup_distributed
-from leantrain.parallel.parallelize import parallelize, set_grad_sync
+from leantrain.parallel.parallelize import parallelize, remove_compile, set_grad_sync
 from leantrain.plan.hardware import peak_flops, physical_cores, pick_device, resolve_dtype
 from leantrain.tokens.dataset import TokenDataset
 from leantrain.tokens.loader import BatchLoader, val_batches
+from leantrain.tokens.prefetch import Prefetcher
 from leantrain.train.checkpoint import (
     Checkpointer,
     Snapshot,
@@ -41,15 +45,28 @@ from leantrain.train.checkpoint import (
     set_rng_state,
     snapshot,
 )
+from leantrain.train.dcp import save_sharded
 from leantrain.train.guard import GradHealth, Guard
 from leantrain.train.optim import build_optimizer, lr_at
+from leantrain.train.precision import apply_float8
 from leantrain.train.telemetry import Observer, RunLog
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak allocated device memory on CUDA; on CPU the process's peak resident set."""
+    """Peak allocated device memory on CUDA; on CPU the process's peak resident set.
+
+    On Linux it is VmHWM of this process's own memory map: getrusage's ru_maxrss survives exec, so a
+    run started from a big Python process (a notebook, pytest) would report its parent's peak.
+    """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -89,19 +106,34 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)
         self.model = Transformer(cfg.model).to(self.device)
+        # start from a Hugging Face model's weights, unless this run has a checkpoint of its own to resume
+        if cfg.train.init_from and not (resume and Checkpointer(self.run_dir / "checkpoints", 1).list()):
+            from leantrain.model.hf import load_hf_weights
+
+            load_hf_weights(self.model, cfg.train.init_from)
+        # float8 swaps Linear modules, so it goes before FSDP2/compile wrap them
+        self.fp8_layers, self.fp8_skipped = apply_float8(self.model, self.device) if cfg.precision.fp8 else (0, None)
+        # LoRA adapters / frozen layers: after any init_from weights are in, before parallelize and the optimizer
+        self.finetune = apply_finetune(self.model, cfg.finetune)
         self.step_model = parallelize(self.model, cfg, self.device, self.dtype, self.layout)
         self._compile_pending = cfg.train.compile  # the first step compiles; timed on its own
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device, self.dtype)
         self.loader = BatchLoader(self.data.shards("train"), cfg.model.seq_len, cfg.train.micro_batch_size,
                                   cfg.train.grad_accum_steps, cfg.train.seed, rank=self.layout.dp_rank,
-                                  world_size=self.layout.dp_size)
+                                  world_size=self.layout.dp_size, masks=self.data.masks("train"))
+        if self.device.type == "cuda":  # the host gathers and pins the next steps while the GPU computes
+            self.loader = Prefetcher(self.loader, pin=True)
         self.val = val_batches(self.data.shards("val"), cfg.model.seq_len,
-                               cfg.train.micro_batch_size * self.layout.dp_size, cfg.train.eval_steps)
+                               cfg.train.micro_batch_size * self.layout.dp_size, cfg.train.eval_steps,
+                               masks=self.data.masks("val"))
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep)
         self.guard = Guard(cfg.guard)
         self.health = GradHealth(self.model, cfg.log.grad_health_every)
         self.log: RunLog | _NoLog = RunLog(self.run_dir) if self.layout.is_rank0 else _NoLog()
         self.observers: list[Observer] = [self.log, *observers] if self.layout.is_rank0 else []
+        # energy, CO2 and cost of the job (rank 0's meter scaled to all ranks; see energy/accounting.py)
+        self.energy = EnergyAccountant(cfg.energy, self.device, self.layout.world_size, self.layout.local_world_size)
+        self.carbon = CarbonScheduler(cfg.energy, self.energy) if cfg.energy.carbon_aware else None
 
         self.flops_per_token = flops_per_token(cfg.model)
         # measured once, on rank 0 (ranks probing at once would slow each other's probe down)
@@ -124,6 +156,8 @@ class Trainer:
         if self.layout.is_rank0:
             (self.run_dir / "config.toml").write_text(to_toml(cfg))
             shutil.copyfile(Path(cfg.data.path) / "tokenizer.json", self.run_dir / "tokenizer.json")
+            if self.data.chat_template is not None:  # chat data: its template travels with the tokenizer
+                (self.run_dir / "chat_template.txt").write_text(self.data.chat_template)
         self._write_plan()
 
     # ---- setup helpers -------------------------------------------------------------------
@@ -140,6 +174,8 @@ class Trainer:
             return
         path, snap, warnings = found
         self._load(snap)
+        if "energy" in snap.state:  # here, not in _load: a rollback does not give back the energy drawn
+            self.energy.load_state_dict(snap.state["energy"])
         for w in warnings:
             self._emit("checkpoint_damaged", message=f"{w}; using {path.name} instead")
         if snap.state.get("config_hash") != self.cfg.hash():
@@ -167,12 +203,28 @@ class Trainer:
         if "grad_health" in st:
             self.health.load_state_dict(st["grad_health"])
         set_rng_state(st["rng"])
+        if hasattr(self.optimizer, "train"):  # schedule-free: checkpoints hold the averaged weights x
+            self.optimizer.train()
+
+    @contextlib.contextmanager
+    def _eval_weights(self):
+        """A schedule-free optimizer trains at weights y but its model is the average x: evaluate, sample and
+        save at x, then go back. Both a straight and a resumed run make the same round trips."""
+        if not hasattr(self.optimizer, "eval"):
+            yield
+            return
+        self.optimizer.eval()
+        try:
+            yield
+        finally:
+            self.optimizer.train()
 
     def _write_plan(self) -> None:
         c = self.cfg
         tokens_per_step = c.train.micro_batch_size * c.train.grad_accum_steps * self.layout.dp_size * c.model.seq_len
         plan = {
             "params": param_count(c.model),
+            **({"finetune": self.finetune} if self.finetune else {}),
             "flops_per_token": self.flops_per_token,
             "tokens_per_step": tokens_per_step,
             "total_tokens": tokens_per_step * c.train.steps,
@@ -186,8 +238,22 @@ class Trainer:
             "parallel": self.layout.describe(),
         }
         if self.layout.is_rank0:
+            plan["estimate"] = self._estimate()
             (self.run_dir / "plan.json").write_text(json.dumps(plan, indent=1))
         self.plan = plan
+
+    def _estimate(self) -> dict[str, Any]:
+        """The planner's prediction for this run (leantrain plan), kept next to what the run measures;
+        a planner failure costs only the estimate, never the run."""
+        try:
+            from leantrain.plan.planner import run_estimate
+
+            name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else ""
+            lay = self.layout
+            return run_estimate(self.cfg, self.device.type, name, str(self.dtype).removeprefix("torch.").replace(
+                "bfloat16", "bf16").replace("float32", "fp32"), self.peak_flops, lay.dp_replicate, lay.dp_shard, lay.tp)
+        except Exception as e:  # noqa: BLE001 - the estimate is advice; the run goes on without it
+            return {"error": f"{type(e).__name__}: {e}"}
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == torch.float32:
@@ -206,10 +272,11 @@ class Trainer:
         the step's global target count over dp, and the returned loss is the global mean.
         """
         n_targets = sum(int((y != -100).sum()) for _, y in batches)
-        dp = self.layout.dp_size
-        if dp > 1:
+        dp, world = self.layout.dp_size, self.layout.world_size
+        if dp > 1:  # summed over all ranks, the tp ranks of a dp group each count its same batch
             counted = self.layout.all_sum(torch.tensor(float(n_targets), device=self.device))
-            n_targets = counted.item() / dp
+            n_targets = counted.item() / world
+        n_targets = n_targets or 1  # a step of prompt tokens only (masked data): loss 0, not 0/0
         total = torch.zeros((), device=self.device)
         for i, (x, y) in enumerate(batches):
             if dp > 1:  # gradients are reduced across ranks once per step, after the last micro-batch
@@ -232,7 +299,7 @@ class Trainer:
             # one all-reduce: the global mean loss, and whether any rank was asked to stop
             flag = 1.0 if self._signal_seen else 0.0
             stats = self.layout.all_sum(torch.stack([total, torch.tensor(flag, device=self.device)]))
-            total = stats[0] / dp
+            total = stats[0] / world  # the tp ranks of a dp group hold the same loss
             if stats[1].item() > 0:
                 self._stop_signal = self._signal_seen or "SIGTERM"
         return total, grad_norm
@@ -247,7 +314,10 @@ class Trainer:
             return out
         except Exception as e:  # noqa: BLE001 - any compiler failure: train on, uncompiled
             self.optimizer.zero_grad(set_to_none=True)
-            self.step_model = self.model
+            if self.layout.distributed:  # blocks compiled in place, inside DDP/FSDP2: keep the wrapper
+                remove_compile(self.model)
+            else:
+                self.step_model = self.model
             self._emit("compile_failed", message=f"torch.compile failed ({type(e).__name__}: "
                        f"{str(e).splitlines()[0][:200]}); training continues without compile")
             return self.train_step(batches)
@@ -291,12 +361,18 @@ class Trainer:
         state = {"tokens": self.tokens, "loader": self.loader.state_dict(), "config_hash": self.cfg.hash(),
                  "val_loss": self.last_val_loss, "guard": self.guard.state_dict(),
                  "grad_health": self.health.state_dict(),
-                 "window_loss": self.window_loss.item(), "window_steps": self.window_steps}
-        if self.layout.distributed:  # every rank gathers; rank 0 gets the whole state and writes it
-            snap = gather_snapshot(self.step, self.model, self.optimizer, state)
-        else:
-            snap = snapshot(self.step, self.model, self.optimizer, state)
+                 "window_loss": self.window_loss.item(), "window_steps": self.window_steps,
+                 "energy": self.energy.state_dict()}
         failure = None
+        with self._eval_weights():
+            if self.cfg.checkpoint.format == "sharded":  # every rank writes its own shards (train/dcp.py)
+                snap, failure = None, self._save_sharded(state)
+            elif self.layout.distributed:  # every rank gathers; rank 0 gets the whole state and writes it
+                snap = gather_snapshot(self.step, self.model, self.optimizer, state)
+            else:
+                snap = snapshot(self.step, self.model, self.optimizer, state)
+        if snap is not None and self.cfg.finetune.lora_rank:  # the adapters alone, small enough to share
+            snap.extra["adapters.safetensors"] = adapter_state_dict(snap.model)
         try:
             if snap is not None and self.cfg.checkpoint.async_:
                 self.checkpointer.write_async(snap)
@@ -308,7 +384,16 @@ class Trainer:
         path = self.checkpointer.path_for(self.step)
         self._saved_step = self.step
         self._emit("checkpoint", path=str(path.relative_to(self.run_dir)), blocked_s=round(time.perf_counter() - t0, 3),
-                   background=self.cfg.checkpoint.async_)
+                   background=self.cfg.checkpoint.async_ and self.cfg.checkpoint.format == "full")
+
+    def _save_sharded(self, state: dict[str, Any]) -> CheckpointError | None:
+        """A sharded checkpoint, written now by every rank (a collective); its failure, if any."""
+        try:
+            self.checkpointer.wait()  # a background full write still in flight (the format changed on resume)
+            save_sharded(self.checkpointer, self.step, self.model, self.optimizer, state)
+        except CheckpointError as e:
+            return e
+        return None
 
     def _raise_checkpoint_failure(self, failure: CheckpointError | None) -> None:
         """Record and raise a failed checkpoint write. Distributed, rank 0 (the writer) tells every rank
@@ -359,6 +444,20 @@ class Trainer:
         self._emit("skip", message=f"{reason}; update and batch dropped",
                    loader_step=self.loader.state_dict()["step"])
 
+    def _carbon_pause(self) -> None:
+        """Carbon-aware: while the grid is dirtier than the deadline allows, checkpoint (so a kill during the
+        pause loses nothing), sleep in-process until the forecast's next clean enough slot, then go on."""
+        decision = self.layout.from_rank0(self.carbon.check(self.step, self.cfg.train.steps))
+        if decision is None or self._stop_signal is not None:
+            return
+        if self._saved_step != self.step:
+            self.save_checkpoint()
+        self._wait_for_checkpoint()
+        self._emit("pause", reason="carbon_aware", **decision)
+        resumed = self.carbon.wait(decision, stop=lambda: bool(self._stop_signal or self._signal_seen))
+        self._emit("unpause", reason="carbon_aware", message=f"carbon-aware pause over after {resumed['paused_s']} s",
+                   **resumed)
+
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.layout.distributed:  # ranks stop together, after the step in which any of them saw it
             self._signal_seen = signal.Signals(signum).name
@@ -377,6 +476,13 @@ class Trainer:
         layout = {"parallel": self.layout.describe()} if self.layout.distributed else {}
         self._emit("start", total_steps=total_steps, params=self.plan["params"], device=str(self.device),
                    dtype=self.plan["dtype"], threads=self.plan["threads"], run_dir=str(self.run_dir), **layout)
+        if self.energy.enabled:
+            self._emit("energy", **self.energy.describe())
+        if self.carbon is not None:
+            self.carbon.start(self.step)
+        if cfg.precision.fp8:
+            self._emit("fp8", layers=self.fp8_layers, message=self.fp8_skipped
+                       or f"{self.fp8_layers} linear layers compute in float8")
         self.model.train()
         window_tokens, window_time, window_data_s = 0, 0.0, 0.0
         run_t0 = time.perf_counter()
@@ -441,7 +547,9 @@ class Trainer:
                         if warning:
                             self._emit("grad_warning", message=warning)
                     if eval_due:
-                        self.last_val_loss = record["val_loss"] = self.evaluate()
+                        with self._eval_weights():
+                            self.last_val_loss = record["val_loss"] = self.evaluate()
+                    record.update(self.energy.read(self.step))
                     for o in self.observers:
                         o.on_step(record)
                     window_tokens, window_time, window_data_s, self.window_steps = 0, 0.0, 0.0, 0
@@ -450,22 +558,30 @@ class Trainer:
                     window_time += time.perf_counter() - t0
                 if last or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
                     self.save_checkpoint()
+                if self.carbon is not None and log_due and not last:
+                    self._carbon_pause()
             if self._stop_signal is not None:
                 self._wait_for_checkpoint()
                 if self._saved_step != self.step:
                     self.save_checkpoint()
                 self._emit("preempted", signal=self._stop_signal)
             self._wait_for_checkpoint()
-            sample = self.sample() if self.step == total_steps and cfg.train.sample_tokens else None
+            with self._eval_weights():
+                sample = self.sample() if self.step == total_steps and cfg.train.sample_tokens else None
         finally:
+            self.energy.close()
             for sig, h in handlers.items():
                 signal.signal(sig, h)
         summary = {
             "run_dir": str(self.run_dir), "step": self.step, "tokens": self.tokens,
             "loss": record.get("loss"), "val_loss": self.last_val_loss,
             "tokens_per_s": record.get("tokens_per_s"), "mfu": record.get("mfu"),
-            "stopped": self._stop_signal, "sample": sample,
+            "stopped": self._stop_signal, "sample": sample, **self.energy.summary(),
         }
+        if self.carbon is not None:
+            saved = self.energy.carbon_saved()
+            summary["co2_saved_g"] = saved["co2_saved_g"]
+            self._emit("carbon_saved", **saved)
         self._emit("end", **{k: v for k, v in summary.items() if k != "sample"})
         for o in self.observers:
             o.on_end(summary)

@@ -1,0 +1,230 @@
+"""The data card: what went in, what each step removed and why, what came out, in tokens too.
+
+`data_card.json` is for programs, `data_card.md` for people, `data_card.png` (length histograms,
+only when matplotlib is installed) for eyes. Everything except the `timing` section is a function
+of the input and the config, so two runs over the same data give the same card.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+FORMAT = "leantrain-data-card/1"
+MAX_CLUSTERS = 1000  # per dedup step in the json; the markdown shows fewer
+
+
+def log2_histogram(values: list[int]) -> dict[str, list[int]]:
+    """Counts in bins [0, 1), [1, 2), [2, 4), [4, 8), ...: lengths span orders of magnitude."""
+    if not values:
+        return {"edges": [0, 1], "counts": [0]}
+    top = max(values).bit_length()
+    edges = [0] + [1 << i for i in range(top + 1)]
+    counts = [0] * (len(edges) - 1)
+    for v in values:
+        counts[v.bit_length()] += 1
+    return {"edges": edges, "counts": counts}
+
+
+def _describe(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {"count": 0}
+    ordered = sorted(values)
+    return {"count": len(values), "total": sum(values), "mean": round(sum(values) / len(values), 1),
+            "median": statistics.median(ordered), "p90": ordered[int(0.9 * (len(ordered) - 1))],
+            "max": ordered[-1], "min": ordered[0]}
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, str | int | float | bool) or x is None:
+        return x
+    return str(x)
+
+
+def build_card(pipe: Any, plan: Any, meta: dict[str, Any], doc_tokens: list[int], *, read_stats: Any = None,
+               executor: str = "") -> dict[str, Any]:
+    """The card's content from a finished `Pipeline`, its `Plan` and the token dataset's meta."""
+    steps = []
+    timing = {}
+    for s in pipe.stats:
+        d = s.to_dict()
+        timing[d["name"]] = d.pop("seconds")
+        steps.append(d)
+    first, last = pipe.stats[0], pipe.stats[-1]
+    removals = []
+    for d in steps:
+        for reason, n in sorted(d["dropped"].items(), key=lambda kv: (-kv[1], kv[0])):
+            removals.append({"step": d["name"], "reason": reason, "documents": n,
+                             "examples": d["examples"].get(reason, [])})
+    duplicates = {}
+    for name, report in pipe.reports.items():
+        clusters = report.get("clusters")
+        if isinstance(clusters, list):
+            report = {**report, "n_clusters": len(clusters), "docs_removed": sum(len(c.get("removed", []))
+                                                                                 for c in clusters),
+                      "clusters": clusters[:MAX_CLUSTERS], "clusters_truncated": len(clusters) > MAX_CLUSTERS}
+        duplicates[name] = report
+    for step in plan.steps:
+        if step.name == "decontaminate":
+            duplicates["decontaminate"] = {k: getattr(step, k) for k in ("n", "eval_docs", "short_eval_docs",
+                                                                          "eval_ngrams") if hasattr(step, k)}
+    splits = meta["splits"]
+    tokens_total = splits["train"]["tokens"] + splits["val"]["tokens"]
+    bytes_total = splits["train"]["bytes"] + splits["val"]["bytes"]
+    docs_total = splits["train"]["documents"] + splits["val"]["documents"]
+    prov = meta.get("provenance", {})
+    card = {
+        "format": FORMAT,
+        "profile": plan.profile,
+        "summary": {"docs_in": first.docs_in, "docs_out": last.docs_out, "bytes_in": first.bytes_in,
+                    "bytes_out": last.bytes_out,
+                    "kept_docs_fraction": round(last.docs_out / first.docs_in, 4) if first.docs_in else 0.0,
+                    "kept_bytes_fraction": round(last.bytes_out / first.bytes_in, 4) if first.bytes_in else 0.0},
+        "sources": {"read_stats": read_stats.to_dict() if read_stats is not None else None},
+        "steps": steps,
+        "removals": removals,
+        "duplicates": duplicates,
+        "tokens": {
+            "vocab_size": meta["vocab_size"], "tokenizer": prov.get("tokenizer"),
+            "train_tokens": splits["train"]["tokens"], "val_tokens": splits["val"]["tokens"],
+            "documents": docs_total, "bytes_per_token": round(bytes_total / tokens_total, 3) if tokens_total else 0,
+            "tokens_per_document": _describe(doc_tokens),
+            # eot ids are not counted here: these are the document's own tokens
+        },
+        "lengths": {"chars_in": log2_histogram(pipe.lengths["in"]), "chars_out": log2_histogram(pipe.lengths["out"]),
+                    "tokens_out": log2_histogram(doc_tokens)},
+        "settings": plan.settings,
+        "notes": list(plan.notes),
+        "timing": {"seconds_by_step": timing, "pipeline_seconds": round(pipe.seconds, 3), "executor": executor,
+                   "note": "per-document steps: CPU seconds summed over workers; read and global steps: wall seconds"},
+    }
+    return _jsonable(card)
+
+
+def summary_lines(card: dict[str, Any]) -> list[str]:
+    """A few lines for the terminal: docs and bytes in -> out per step, then the kept fraction."""
+    lines = []
+    for s in card["steps"]:
+        dropped = sum(s["dropped"].values())
+        extra = f", dropped {dropped:,}" if dropped else ""
+        changed = sum(s["modified"].values())
+        extra += f", changed {changed:,}" if changed else ""
+        lines.append(f"  {s['name']:<18} {s['docs_in']:>9,} -> {s['docs_out']:>9,} docs  "
+                     f"{s['bytes_in'] / 1e6:>9.2f} -> {s['bytes_out'] / 1e6:>9.2f} MB{extra}")
+    sm = card["summary"]
+    lines.append(f"  kept {sm['kept_docs_fraction']:.1%} of documents and {sm['kept_bytes_fraction']:.1%} of bytes "
+                 f"(profile {card['profile']})")
+    return lines
+
+
+def _md_escape(text: str, limit: int = 160) -> str:
+    text = " ".join(text.split())[:limit]
+    return text.replace("|", "\\|").replace("`", "'")
+
+
+def to_markdown(card: dict[str, Any]) -> str:
+    sm = card["summary"]
+    out = ["# Data card", "",
+           f"Curation profile **{card['profile']}**: {sm['docs_in']:,} documents ({sm['bytes_in']:,} bytes) in, "
+           f"{sm['docs_out']:,} documents ({sm['bytes_out']:,} bytes) out: kept {sm['kept_docs_fraction']:.1%} of "
+           f"documents and {sm['kept_bytes_fraction']:.1%} of bytes.", ""]
+    rs = card["sources"].get("read_stats")
+    if rs:
+        skipped = {k: v for k, v in rs.items() if v and k not in ("files", "documents", "bytes")}
+        out += [f"Read {rs['files']:,} files -> {rs['documents']:,} documents"
+                + (f"; skipped or repaired: {', '.join(f'{k} {v:,}' for k, v in skipped.items())}" if skipped else "")
+                + ".", ""]
+    out += ["## Steps", "", "| step | docs in | docs out | bytes in | bytes out | dropped | changed |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for s in card["steps"]:
+        changed = ", ".join(f"{k} {v:,}" for k, v in s["modified"].items())
+        out.append(f"| {s['name']} | {s['docs_in']:,} | {s['docs_out']:,} | {s['bytes_in']:,} | {s['bytes_out']:,} "
+                   f"| {sum(s['dropped'].values()):,} | {changed} |")
+    out += ["", "## Why documents were removed", ""]
+    if not card["removals"]:
+        out.append("Nothing was removed.")
+    for r in card["removals"]:
+        out.append(f"- **{r['reason']}** ({r['step']}): {r['documents']:,} documents")
+        for ex in r["examples"]:
+            out.append(f"  - `{_md_escape(ex['id'], 80)}`: {_md_escape(ex['detail'])} — "
+                       f"\"{_md_escape(ex['text'], 100)}\"")
+    out += ["", "## Duplicates and contamination", ""]
+    if not card["duplicates"]:
+        out.append("No dedup or decontamination step ran.")
+    for name, rep in card["duplicates"].items():
+        if "n_clusters" in rep:
+            out.append(f"- **{name}**: {rep['n_clusters']:,} clusters, {rep['docs_removed']:,} documents removed")
+            for c in rep["clusters"][:5]:
+                removed = c.get("removed", [])
+                more = f" (+{len(removed) - 3} more)" if len(removed) > 3 else ""
+                out.append(f"  - kept `{c.get('kept')}`, removed {', '.join(f'`{x}`' for x in removed[:3])}{more}")
+        else:
+            plain = ", ".join(f"{k} {v}" for k, v in rep.items() if not isinstance(v, dict | list))
+            out.append(f"- **{name}**: {plain}")
+    t = card["tokens"]
+    tpd = t["tokens_per_document"]
+    out += ["", "## Tokens", "",
+            f"Tokenizer: {t['tokenizer']}, vocabulary {t['vocab_size']:,}; {t['bytes_per_token']} bytes per token.",
+            f"Train {t['train_tokens']:,} tokens, val {t['val_tokens']:,} tokens, {t['documents']:,} documents.",
+            (f"Tokens per document: mean {tpd.get('mean')}, median {tpd.get('median')}, p90 {tpd.get('p90')}, "
+             f"max {tpd.get('max')}." if tpd.get("count") else ""),
+            "", "## Lengths", "", "| length bin | chars in | chars out | tokens out |", "| --- | ---: | ---: | ---: |"]
+    hists = card["lengths"]
+    n = max(len(h["counts"]) for h in hists.values())
+    for i in range(n):
+        lo = 0 if i == 0 else 1 << (i - 1)
+        hi = 1 << i
+        cells = [h["counts"][i] if i < len(h["counts"]) else 0 for h in
+                 (hists["chars_in"], hists["chars_out"], hists["tokens_out"])]
+        if any(cells):
+            out.append(f"| [{lo:,}, {hi:,}) | " + " | ".join(f"{c:,}" for c in cells) + " |")
+    if card["notes"]:
+        out += ["", "## Notes", ""] + [f"- {n}" for n in card["notes"]]
+    out += ["", "## Settings", "", "```json", json.dumps(card["settings"], indent=1, sort_keys=True), "```", ""]
+    tm = card["timing"]
+    out += ["## Timing (varies between runs)", "", f"Executor: {tm['executor']}; pipeline {tm['pipeline_seconds']} s.",
+            ""] + [f"- {k}: {v} s" for k, v in tm["seconds_by_step"].items()] + [""]
+    return "\n".join(out)
+
+
+def plot_lengths(card: dict[str, Any], path: Path) -> bool:
+    """Length histograms as a PNG; False (and nothing written) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    hists = card["lengths"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, keys, title in ((axes[0], ("chars_in", "chars_out"), "characters per document"),
+                            (axes[1], ("tokens_out",), "tokens per document")):
+        for key in keys:
+            h = hists[key]
+            ax.bar(range(len(h["counts"])), h["counts"], alpha=0.6, label=key.replace("_", " "))
+        labels = [f"<{1 << i}" for i in range(max(len(hists[k]["counts"]) for k in keys))]
+        ax.set_xticks(range(len(labels)), labels, rotation=60, fontsize=7)
+        ax.set_title(title)
+        ax.set_ylabel("documents")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return True
+
+
+def write_card(card: dict[str, Any], folder: Path, plot: bool = True) -> None:
+    """data_card.json, data_card.md and (if matplotlib is there) data_card.png in `folder`."""
+    folder = Path(folder)
+    if plot and not plot_lengths(card, folder / "data_card.png"):
+        card["notes"].append("length histogram PNG skipped: matplotlib is not installed "
+                             "(pip install 'leantrain[data]')")
+    (folder / "data_card.json").write_text(json.dumps(card, indent=1, ensure_ascii=False) + "\n")
+    (folder / "data_card.md").write_text(to_markdown(card))

@@ -1,0 +1,439 @@
+"""What a run will cost before it starts: memory per device, time, energy, CO2e and money, for a config
+on a hardware kind, and the fastest layout that fits.
+
+Time is FLOPs / (devices x peak x MFU). The MFU is not a hope but a measurement: plan/calibration.json
+holds the MFU this project's own runs reached per device kind and dtype (written by
+`python bench/plan_accuracy.py --calibrate`); the entry nearest in FLOPs per token is used. GPUs
+without a measured entry get the table's documented default. Communication is a rough model on top:
+data-parallel collectives overlap with compute (a step takes the longer of the two), tensor-parallel
+all-reduces do not. Energy is the devices' TDP x time (device power only, before PUE); CO2e and cost
+come from leantrain.energy.cost.footprint with the config's [energy] section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from leantrain.config import Config, ModelConfig
+from leantrain.errors import ConfigError
+from leantrain.model.flops import flops_per_token, param_count
+from leantrain.plan.catalog import INTER_NODE_BYTES_S, Hardware
+from leantrain.plan.memory import MATMUL_ATTENTION_MAX_SEQ, Layout, estimate_memory, layout_dict, wrapped_blocks
+
+GPU_USABLE = 0.95  # CUDA context, allocator fragmentation and NCCL buffers take the rest
+CPU_USABLE = 0.90  # the OS and everything else on the host
+WORLD_INTENSITY_G_PER_KWH = 475.0  # used only until leantrain.energy is installed; IEA world average 2023
+
+
+@dataclass
+class Estimate:
+    """One layout on one hardware kind: does it fit, how long, how much energy, CO2e and money."""
+
+    hardware: Hardware
+    layout: Layout
+    memory: dict[str, float]
+    usable_bytes: float
+    params: int
+    flops_per_token: float
+    tokens_per_step: int
+    steps: int
+    step_time_s: float
+    compute_s: float
+    comm_s: float
+    time_s: float
+    mfu_assumed: float
+    mfu_source: str
+    energy_kwh: float
+    co2_g: float
+    cost_usd: float
+    footprint: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fits(self) -> bool:
+        return self.memory["total"] <= self.usable_bytes
+
+    @property
+    def peak_memory_bytes(self) -> float:
+        return self.memory["total"]
+
+    def block(self) -> dict[str, Any]:
+        """The "estimate" block of plan.json."""
+        return {
+            "hardware": self.hardware.name, "strategy": self.layout.strategy,
+            "peak_memory_bytes": int(self.memory["total"]), "step_time_s": self.step_time_s, "time_s": self.time_s,
+            "mfu_assumed": self.mfu_assumed, "energy_kwh": self.energy_kwh, "co2_g": self.co2_g,
+            "cost_usd": self.cost_usd,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.block(), "hardware_key": self.hardware.key, "devices": self.layout.devices,
+                "layout": layout_dict(self.layout), "fits": self.fits, "usable_bytes": self.usable_bytes,
+                "memory": self.memory, "params": self.params, "flops_per_token": self.flops_per_token,
+                "tokens_per_step": self.tokens_per_step, "steps": self.steps, "compute_s": self.compute_s,
+                "comm_s": self.comm_s, "mfu_source": self.mfu_source, "footprint": self.footprint}
+
+
+# ---- calibration --------------------------------------------------------------------------
+
+def load_calibration() -> dict[str, Any]:
+    return json.loads(resources.files("leantrain.plan").joinpath("calibration.json").read_text())
+
+
+def mfu_for(hw: Hardware, dtype: str, m: ModelConfig, table: dict[str, Any] | None = None) -> tuple[float, str]:
+    """(MFU, where it came from): the measured entry of this device kind and dtype nearest in FLOPs per
+    token, else the table's default for the kind."""
+    table = table or load_calibration()
+    fpt = flops_per_token(m)
+    rows = [r for r in table["measured"] if r["device"] == hw.key and r["dtype"] == dtype]
+    if rows:
+        best = min(rows, key=lambda r: abs(math.log(r["flops_per_token"] / fpt)))
+        return best["mfu"], f"measured: {best['name']} ({best['date']})"
+    default = table["defaults"][hw.kind][dtype]
+    return default["mfu"], f"assumed: {default['source']}"
+
+
+# ---- layouts -------------------------------------------------------------------------------
+
+def resolve_dtype(cfg: Config, hw: Hardware) -> str:
+    """As the trainer's precision.dtype = auto: bf16 on GPUs and on CPUs with fast bf16."""
+    if cfg.precision.dtype != "auto":
+        return cfg.precision.dtype
+    if hw.kind == "gpu":
+        return "bf16"
+    from leantrain.plan.hardware import cpu_flags
+
+    return "bf16" if {"amx_bf16", "avx512_bf16"} & cpu_flags() else "fp32"
+
+
+def attention_kernel(cfg: Config, hw: Hardware, dtype: str) -> str:
+    """As parallel.choose_attention_kernel: matmul attention for bf16 on CPU at short contexts."""
+    if cfg.train.attention != "auto":
+        return cfg.train.attention
+    short = cfg.model.seq_len <= MATMUL_ATTENTION_MAX_SEQ
+    return "matmul" if hw.kind == "cpu" and dtype == "bf16" and short else "sdpa"
+
+
+def config_layout(cfg: Config, hw: Hardware, devices: int) -> Layout:
+    """The layout the trainer would run `cfg` in on `devices` processes."""
+    p = cfg.parallel
+    rest = devices // (p.dp_replicate * p.tp) if p.dp_shard == -1 else p.dp_shard
+    if p.dp_replicate * max(rest, 1) * p.tp != devices:
+        raise ConfigError(f"config: parallel.dp_replicate x dp_shard x tp = {p.dp_replicate} x {p.dp_shard} x {p.tp} "
+                          f"does not multiply to {devices} devices; change [parallel] or --gpus")
+    dtype = resolve_dtype(cfg, hw)
+    return Layout(dp_replicate=p.dp_replicate, dp_shard=max(rest, 1), tp=p.tp, ac=cfg.train.activation_checkpointing,
+                  ac_every=cfg.train.ac_every, micro_batch_size=cfg.train.micro_batch_size,
+                  grad_accum_steps=cfg.train.grad_accum_steps, dtype=dtype,
+                  attention=attention_kernel(cfg, hw, dtype), reshard_after_forward=p.fsdp_reshard_after_forward)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidate_layouts(cfg: Config, hw: Hardware, devices: int, global_batch: int) -> list[Layout]:
+    """Every layout worth trying on `devices` that keeps the global batch (sequences per step)."""
+    dtype = resolve_dtype(cfg, hw)
+    out = []
+    tps = [t for t in (1, 2, 4, 8) if devices % t == 0 and t <= hw.node_size and cfg.model.n_kv_heads % t == 0]
+    for tp in tps:
+        dp = devices // tp
+        dp_layouts = [(dp, 1)] if dp == 1 else [(dp, 1), (1, dp)]
+        if 1 < hw.node_size < dp and dp % hw.node_size == 0:  # HSDP: shard inside a node, replicate across
+            dp_layouts.append((dp // hw.node_size, hw.node_size))
+        per_rank = max(1, math.ceil(global_batch / dp))
+        for rep, shard in dp_layouts:
+            for ac in ("none", "selective", "full"):
+                for mb in _divisors(per_rank):
+                    if mb > 64:
+                        break
+                    out.append(Layout(dp_replicate=rep, dp_shard=shard, tp=tp, ac=ac, ac_every=cfg.train.ac_every,
+                                      micro_batch_size=mb, grad_accum_steps=per_rank // mb, dtype=dtype,
+                                      attention=attention_kernel(cfg, hw, dtype)))
+    return out
+
+
+# ---- one estimate --------------------------------------------------------------------------
+
+def _footprint(cfg: Config, energy_kwh: float, device_hours: float) -> dict[str, Any]:
+    """CO2e and cost through leantrain.energy (the [energy] section); a plain world-average fallback
+    while that package is not installed."""
+    e = getattr(cfg, "energy", None)
+    try:
+        from leantrain.energy.cost import footprint
+    except ImportError:
+        footprint = None
+    if footprint is not None and e is not None:
+        return footprint(energy_kwh, region=e.region, pue=e.pue, price_per_kwh=e.price_per_kwh,
+                         device_hours=device_hours, price_per_device_hour=e.price_per_device_hour)
+    pue = getattr(e, "pue", 1.0) if e is not None else 1.0
+    price = getattr(e, "price_per_kwh", 0.0) if e is not None else 0.0
+    rent = getattr(e, "price_per_device_hour", 0.0) if e is not None else 0.0
+    facility = energy_kwh * pue
+    return {"facility_kwh": facility, "co2_g": facility * WORLD_INTENSITY_G_PER_KWH,
+            "cost_usd": facility * price + device_hours * rent, "intensity_g_per_kwh": WORLD_INTENSITY_G_PER_KWH}
+
+
+def estimate(cfg: Config, hw: Hardware, layout: Layout, calibration: dict[str, Any] | None = None) -> Estimate:
+    """Memory, time, energy, CO2e and cost of training `cfg` for cfg.train.steps in `layout` on `hw`."""
+    m, t = cfg.model, cfg.train
+    # on CPU the checkpoint snapshot (a copy of weights and AdamW state) is taken in the same memory;
+    # the logged peak sees it once a checkpoint was written before the last step
+    snapshot = hw.kind == "cpu" and 0 < cfg.checkpoint.every < t.steps
+    mem = estimate_memory(m, layout, cpu=hw.kind == "cpu", checkpoint_snapshot=snapshot, optimizer=cfg.optim.name)
+    fpt = flops_per_token(m)
+    dp = layout.dp_replicate * layout.dp_shard
+    tokens_per_step = layout.micro_batch_size * layout.grad_accum_steps * dp * m.seq_len
+    mfu, mfu_source = mfu_for(hw, layout.dtype, m, calibration)
+    recompute = 1 + wrapped_blocks(m.n_layers, layout.ac, layout.ac_every) / m.n_layers / 3  # forward again
+    peak_all = hw.peak(layout.dtype) * layout.devices
+    compute_s = tokens_per_step * fpt * recompute / (peak_all * mfu)
+    comm_s, tp_s = _comm_seconds(m, hw, layout)
+    step_s = max(compute_s, comm_s) + tp_s
+    evals = len(range(t.eval_every, t.steps, t.eval_every)) + 1 if t.eval_every else 1
+    eval_tokens = evals * t.eval_steps * layout.micro_batch_size * dp * m.seq_len
+    time_s = step_s * t.steps + eval_tokens * fpt / 3 / (peak_all * mfu)
+    energy_kwh = hw.tdp_w * layout.devices * time_s / 3.6e6
+    fp = _footprint(cfg, energy_kwh, layout.devices * time_s / 3600)
+    usable = hw.memory_bytes * (CPU_USABLE if hw.kind == "cpu" else GPU_USABLE)
+    return Estimate(hw, layout, mem, usable, param_count(m), fpt, tokens_per_step, t.steps, step_s, compute_s,
+                    comm_s + tp_s, time_s, mfu, mfu_source, energy_kwh, fp["co2_g"], fp["cost_usd"], fp)
+
+
+def _comm_seconds(m: ModelConfig, hw: Hardware, layout: Layout) -> tuple[float, float]:
+    """(data-parallel seconds per step, overlapped with compute; tensor-parallel seconds, not overlapped)."""
+    n = param_count(m) / layout.tp
+    dp = layout.dp_replicate * layout.dp_shard
+
+    def bw(group: int) -> float:
+        return hw.link_bytes_s if group * (layout.tp if group == dp else 1) <= hw.node_size else INTER_NODE_BYTES_S
+
+    dp_s = 0.0
+    if layout.dp_shard > 1:  # all-gather in forward and backward, reduce-scatter of fp32 gradients
+        s = layout.dp_shard
+        dp_s += 3 * 4 * n * (s - 1) / s / bw(s) * layout.grad_accum_steps
+    if layout.dp_replicate > 1:  # ring all-reduce of the (sharded) gradients
+        r = layout.dp_replicate
+        dp_s += 2 * 4 * n / layout.dp_shard * (r - 1) / r / (INTER_NODE_BYTES_S if layout.dp_shard > 1 else bw(r))
+    tp_s = 0.0
+    if layout.tp > 1:  # two all-reduces of the activations per block in forward, two in backward
+        a = 2 if layout.dtype == "bf16" else 4
+        tokens = layout.micro_batch_size * m.seq_len * layout.grad_accum_steps
+        tp_s = 4 * m.n_layers * 2 * a * tokens * m.dim * (layout.tp - 1) / layout.tp / hw.link_bytes_s
+    return dp_s, tp_s
+
+
+# ---- the plan ------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    """The config as written, every layout tried, the recommendation, and advice when nothing fits."""
+
+    configured: Estimate | None
+    recommended: Estimate | None
+    candidates: list[Estimate]
+    advice: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"configured": self.configured.to_dict() if self.configured else None,
+                "recommended": self.recommended.to_dict() if self.recommended else None,
+                "fits": self.recommended is not None, "advice": self.advice, "notes": self.notes,
+                "candidates": [{**layout_dict(e.layout), "peak_memory_bytes": int(e.memory["total"]), "fits": e.fits,
+                                "step_time_s": e.step_time_s, "time_s": e.time_s} for e in self.candidates]}
+
+
+def _rank_key(e: Estimate) -> tuple:
+    # fastest first; among equals the larger micro-batch (real MFU rises with it), then fewer steps of accumulation
+    return (round(e.step_time_s, 9), -e.layout.micro_batch_size, e.memory["total"])
+
+
+def plan(cfg: Config, hw: Hardware, devices: int = 1) -> Plan:
+    """Estimate the config as written and search the layouts on `devices` for the fastest that fits."""
+    if devices < 1:
+        raise ConfigError(f"--gpus {devices}: the device count must be at least 1")
+    calibration = load_calibration()
+    notes = []
+    try:
+        configured = estimate(cfg, hw, config_layout(cfg, hw, devices), calibration)
+        global_batch = configured.tokens_per_step // cfg.model.seq_len
+    except ConfigError as e:
+        configured = None
+        notes.append(str(e))
+        global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * devices
+    if global_batch % max(1, devices) and devices > 1:
+        notes.append(f"the global batch of {global_batch} sequences does not divide over {devices} devices; "
+                     "layouts round it up per device")
+    cands = [estimate(cfg, hw, lay, calibration) for lay in candidate_layouts(cfg, hw, devices, global_batch)]
+    fitting = sorted((e for e in cands if e.fits), key=_rank_key)
+    recommended = fitting[0] if fitting else None
+    advice = "" if recommended else nothing_fits_advice(cfg, hw, devices, cands)
+    ft = getattr(cfg, "finetune", None)
+    if ft is not None and (ft.lora_rank or ft.freeze):
+        notes.append("LoRA and frozen parameters are not modelled: memory is that of full training, an upper bound")
+    if getattr(cfg.precision, "fp8", False):
+        notes.append("precision.fp8 is not modelled: time and memory are those of bf16")
+    return Plan(configured, recommended, cands, advice, notes)
+
+
+def _gib(x: float) -> str:
+    return f"{x / 1024**3:.1f} GiB"
+
+
+def nothing_fits_advice(cfg: Config, hw: Hardware, devices: int, cands: list[Estimate]) -> str:
+    """One paragraph: what the smallest layout needs, what dominates it, and what to change."""
+    smallest = min(cands, key=lambda e: e.memory["total"])
+    mem = smallest.memory
+    msg = (f"nothing fits: the smallest layout ({smallest.layout.strategy}, micro-batch "
+           f"{smallest.layout.micro_batch_size}) needs {_gib(mem['total'])} per device; "
+           f"{hw.name} offers {_gib(smallest.usable_bytes)}.")
+    need = None
+    for n in (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024):
+        if n <= devices:
+            continue
+        lay = dataclasses.replace(smallest.layout, dp_replicate=1, dp_shard=n // smallest.layout.tp, ac="full",
+                                  micro_batch_size=1, grad_accum_steps=1)
+        if estimate(cfg, hw, lay).fits:
+            need = n
+            break
+    state = mem["weights"] + mem["optimizer"] + mem["gradients"]
+    if need:
+        msg += f" Use at least {need} devices with FSDP2 (parallel.dp_shard = -1) to shard weights and AdamW state"
+    else:
+        msg += " Even 1024 devices with FSDP2 would not fit it"
+    msg += f" (they take {_gib(state)} here); or shrink the model"
+    acts = mem["activations"] + mem["temporaries"]
+    if acts > 0.3 * mem["total"]:
+        msg += f" or model.seq_len (activations and buffers take {_gib(acts)} even at micro-batch 1 with full " \
+               "activation checkpointing)"
+    return msg + "."
+
+
+def detect_hardware(tdp_w: float = 0.0) -> Hardware:
+    """The hardware this process would train on: the first CUDA device from the catalog, else this CPU."""
+    import torch
+
+    from leantrain.plan.catalog import get_hardware, match_gpu
+
+    if torch.cuda.is_available():
+        hw = match_gpu(torch.cuda.get_device_name(0))
+        if hw is not None:
+            return dataclasses.replace(hw, tdp_w=tdp_w) if tdp_w else hw
+    return get_hardware("cpu", tdp_w)
+
+
+def by_strategy(p: Plan) -> list[Estimate]:
+    """Per strategy name (DDP, FSDP2 + AC full, ...): its fastest layout that fits, else its smallest."""
+    best: dict[str, Estimate] = {}
+    for e in p.candidates:
+        name = e.layout.strategy
+        cur = best.get(name)
+        faster = e.fits and (cur is None or not cur.fits or _rank_key(e) < _rank_key(cur))
+        smaller = not e.fits and (cur is None or (not cur.fits and e.memory["total"] < cur.memory["total"]))
+        if faster or smaller:
+            best[name] = e
+    return sorted(best.values(), key=lambda e: (not e.fits, _rank_key(e)))
+
+
+def _dur(s: float) -> str:
+    if s < 1:
+        return f"{s * 1000:.0f} ms"
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h" if s < 72 * 3600 else f"{s / 86400:.1f} days"
+
+
+def _mem(b: float) -> str:
+    return f"{b / 1024**3:.1f} GiB" if b >= 1024**3 else f"{b / 1024**2:.0f} MiB"
+
+
+def _layout_text(e: Estimate) -> str:
+    lay = e.layout
+    return (f"{lay.strategy} on {lay.devices}, micro-batch {lay.micro_batch_size}"
+            + (f" x accumulation {lay.grad_accum_steps}" if lay.grad_accum_steps > 1 else "") + f", {lay.dtype}")
+
+
+def _estimate_lines(e: Estimate) -> list[str]:
+    mem = e.memory
+    parts = ", ".join(f"{k.replace('_', ' ')} {_mem(v)}" for k, v in mem.items()
+                      if k not in ("total", "activations_per_token", "peak_phase") and isinstance(v, float | int) and v)
+    fp = e.footprint
+    where = f"{fp.get('intensity_g_per_kwh', 0):.0f} g/kWh"
+    return [f"  peak memory per device {_mem(mem['total'])} of {_mem(e.usable_bytes)} usable: "
+            + ("fits" if e.fits else "DOES NOT FIT"),
+            f"    {parts} (peak at the {mem['peak_phase']} phase)",
+            f"  step {_dur(e.step_time_s)} (compute {_dur(e.compute_s)}, exposed communication "
+            f"{_dur(max(0.0, e.step_time_s - e.compute_s))}) x {e.steps:,} steps = {_dur(e.time_s)} "
+            f"at MFU {e.mfu_assumed:.0%} ({e.mfu_source})",
+            f"  energy {e.energy_kwh:.3g} kWh (devices; {fp.get('facility_kwh', 0):.3g} kWh facility), "
+            f"{_co2(e.co2_g)} CO2e at {where}, cost ${e.cost_usd:,.2f}" if e.cost_usd >= 1 else
+            f"  energy {e.energy_kwh:.3g} kWh (devices; {fp.get('facility_kwh', 0):.3g} kWh facility), "
+            f"{_co2(e.co2_g)} CO2e at {where}, cost ${e.cost_usd:.2g}"]
+
+
+def _co2(g: float) -> str:
+    return f"{g / 1000:,.3g} kg" if g >= 1000 else f"{g:.3g} g"
+
+
+MAX_ROWS = 10
+
+
+def describe(p: Plan) -> list[str]:
+    """The plan as lines of text for a terminal (the CLI prints them)."""
+    any_e = p.configured or p.recommended or (p.candidates[0] if p.candidates else None)
+    if any_e is None:
+        return [p.advice]
+    hw = any_e.hardware
+    lines = [f"model: {any_e.params / 1e6:,.1f}M parameters, {any_e.flops_per_token / 1e6:,.1f} MFLOP per token, "
+             f"{any_e.steps:,} steps x {any_e.tokens_per_step:,} tokens = "
+             f"{any_e.steps * any_e.tokens_per_step:,} tokens",
+             f"hardware: {hw.name} x {any_e.layout.devices}: peak {hw.peak(any_e.layout.dtype) / 1e12:.3g} TFLOP/s "
+             f"{any_e.layout.dtype}, {_mem(hw.memory_bytes)} memory, {hw.tdp_w:.0f} W each", ""]
+    if p.configured is not None:
+        lines += [f"as configured ({_layout_text(p.configured)}):", *_estimate_lines(p.configured), ""]
+    lines.append("per strategy (fastest layout that fits, else the smallest):")
+    lines.append(f"  {'strategy':34} {'micro-batch':>11} {'memory':>10} {'fits':>5} {'step':>9} {'total':>10}")
+    rows = by_strategy(p)
+    for e in rows[:MAX_ROWS]:
+        mb = f"{e.layout.micro_batch_size}x{e.layout.grad_accum_steps}"
+        lines.append(f"  {e.layout.strategy:34} {mb:>11} {_mem(e.memory['total']):>10} {'yes' if e.fits else 'no':>5} "
+                     f"{_dur(e.step_time_s):>9} {_dur(e.time_s):>10}")
+    if len(rows) > MAX_ROWS:
+        lines.append(f"  ... {len(rows) - MAX_ROWS} more strategies (--json lists every layout tried)")
+    lines.append("")
+    if p.recommended is not None and p.configured is not None and p.recommended.layout == p.configured.layout:
+        lines.append(f"recommended: as configured ({_layout_text(p.recommended)})")
+    elif p.recommended is not None:
+        lines += [f"recommended: {_layout_text(p.recommended)}", *_estimate_lines(p.recommended)]
+    else:
+        lines.append(p.advice)
+    lines += [f"note: {n}" for n in p.notes]
+    return lines
+
+
+def run_estimate(cfg: Config, device_type: str, device_name: str, dtype: str, peak_flops: float,
+                 dp_replicate: int = 1, dp_shard: int = 1, tp: int = 1) -> dict[str, Any]:
+    """The "estimate" block of a run's plan.json, for the layout the trainer actually set up.
+
+    On CPU the hardware is this machine with the peak the trainer measured (no second probe); on CUDA
+    the catalog entry of the device's name (an unknown GPU is planned as an A100 80GB, and says so).
+    """
+    from leantrain.plan.catalog import CATALOG, match_gpu, this_cpu
+
+    tdp = cfg.energy.tdp_w if hasattr(cfg, "energy") else 0.0
+    if device_type == "cpu":
+        hw = this_cpu(tdp, peaks={"bf16": peak_flops, "fp32": peak_flops})
+    else:
+        hw = match_gpu(device_name) or dataclasses.replace(CATALOG["a100-80gb"], name=f"{device_name} (as A100 80GB)")
+        hw = dataclasses.replace(hw, tdp_w=tdp) if tdp else hw
+    layout = dataclasses.replace(config_layout(cfg, hw, dp_replicate * dp_shard * tp), dtype=dtype)
+    layout = dataclasses.replace(layout, dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp,
+                                 attention=attention_kernel(cfg, hw, dtype))
+    return estimate(cfg, hw, layout).block()

@@ -1,0 +1,249 @@
+"""Instruction data: prompt/response pairs -> a token dataset plus a loss mask over the response.
+
+Each example is rendered with a chat template (default `DEFAULT_TEMPLATE`)
+
+    <|user|>\\n{prompt}\\n<|assistant|>\\n{response}<|endoftext|>
+
+and written like any token dataset (`tokens/dataset.py`), with one more uint8 array per shard,
+`train/mask/000000.bin`, 1 where the loss counts: the response tokens and everything the template
+puts after them (the end-of-text token, always last: a template's closing `<|endoftext|>` stands
+for the tokenizer's end token, and one is added when a template has none). The loader turns
+mask-0 targets into -100, which the model's loss ignores, so a model learns to answer, not to
+predict prompts.
+
+The template's own text (`<|user|>`, newlines) is encoded with special tokens recognised, so its
+`<|endoftext|>` is the end-of-text id; the prompt and response are encoded as plain text, so a
+literal `<|endoftext|>` in the data is never a boundary. Template pieces, prompt and response are
+encoded separately: the prompt's tokens never merge with the response's, and `encode_prompt` gives
+exactly the ids a fine-tuned model saw before its answer. The template is kept in meta.json
+(`chat_template`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from leantrain.errors import DataError
+from leantrain.files import fresh_sibling, swap_in
+from leantrain.tokens.dataset import FORMAT, META, ShardWriter, dtype_for_vocab
+from leantrain.tokens.prepare import Progress, _check_out_dir, _version, split_hash
+from leantrain.tokens.tokenizer import EOT, eot_id, load_tokenizer, train_tokenizer
+
+DEFAULT_TEMPLATE = "<|user|>\n{prompt}\n<|assistant|>\n{response}<|endoftext|>"
+_BATCH = 512
+
+
+@dataclass
+class ChatExample:
+    id: str
+    prompt: str
+    response: str
+
+
+def _jsonl_files(paths: Sequence[str | Path]) -> list[Path]:
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(q for q in p.rglob("*") if q.suffix in (".jsonl", ".ndjson") and q.is_file())
+        elif p.is_file():
+            if p.suffix not in (".jsonl", ".ndjson"):
+                raise DataError(f"{p}: chat data must be .jsonl (one JSON object per line); convert it or pass "
+                                "--format text")
+            files.append(p)
+        else:
+            raise DataError(f"{p} does not exist; check the path")
+    if not files:
+        raise DataError("no .jsonl files among the inputs; pass the files of prompt/response records")
+    return files
+
+
+def read_chat(paths: Sequence[str | Path], prompt_field: str = "prompt",
+              response_field: str = "response") -> Iterator[ChatExample]:
+    """Prompt/response pairs from .jsonl files (or folders of them), in file and line order.
+
+    A record without either field is an error naming the file and line: silently dropping examples
+    would change what the model learns."""
+    for path in _jsonl_files(paths):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    raise DataError(f"{path}:{n} is not valid JSON; fix or remove that line") from None
+                if not isinstance(rec, dict):
+                    raise DataError(f"{path}:{n} is not a JSON object; each line must hold one record")
+                for field, flag in ((prompt_field, "--prompt-field"), (response_field, "--response-field")):
+                    if not isinstance(rec.get(field), str):
+                        fields = ", ".join(sorted(rec)[:6]) or "none"
+                        raise DataError(f"{path}:{n} has no string field {field!r} (fields: {fields}); "
+                                        f"name the right one with {flag}")
+                yield ChatExample(f"{path.name}#L{n}", rec[prompt_field], rec[response_field])
+
+
+def split_template(template: str) -> tuple[str, str, str]:
+    """(head, middle, tail) of `head{prompt}middle{response}tail`."""
+    if template.count("{prompt}") != 1 or template.count("{response}") != 1 or \
+            template.index("{prompt}") > template.index("{response}"):
+        raise DataError(f"chat template {template!r} must hold {{prompt}} once, then {{response}} once")
+    head, rest = template.split("{prompt}")
+    middle, tail = rest.split("{response}")
+    return head, middle, tail
+
+
+class ChatEncoder:
+    """Encodes examples to (ids, mask) with one tokenizer and template; see the module docstring."""
+
+    def __init__(self, tok: Tokenizer, template: str = DEFAULT_TEMPLATE) -> None:
+        self.tok, self.template = tok, template
+        self.eot = eot_id(tok)
+        head, middle, tail = split_template(template)
+        # a closing <|endoftext|> means the tokenizer's end token, whatever it is called (</s> in an
+        # imported Llama tokenizer); every example ends with it, so it always ends a document
+        tail = tail.removesuffix(EOT)
+        tok.encode_special_tokens = False  # the template's markers are meant as special tokens
+        self.head, self.middle, self.tail = (np.array(tok.encode(t, add_special_tokens=False).ids, dtype=np.int64)
+                                             for t in (head, middle, tail))
+        self.tail = np.append(self.tail, self.eot)
+
+    def _texts(self, texts: list[str]) -> list[np.ndarray]:
+        self.tok.encode_special_tokens = True  # user text: "<|endoftext|>" in it is text
+        encode = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
+        return [np.array(e.ids, dtype=np.int64) for e in encode(texts, add_special_tokens=False)]
+
+    def encode(self, examples: list[ChatExample]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(ids, mask) per example; mask is 1 on the response and the tail (end token included)."""
+        prompts = self._texts([e.prompt for e in examples])
+        responses = self._texts([e.response for e in examples])
+        out = []
+        for p, r in zip(prompts, responses, strict=True):
+            ids = np.concatenate([self.head, p, self.middle, r, self.tail])
+            n_prompt = len(self.head) + len(p) + len(self.middle)
+            mask = np.zeros(len(ids), dtype=np.uint8)
+            mask[n_prompt:] = 1
+            out.append((ids, mask))
+        return out
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """The ids a fine-tuned model gets before it answers: head, prompt, middle."""
+        return np.concatenate([self.head, self._texts([prompt])[0], self.middle]).tolist()
+
+
+class _SplitWriter:
+    def __init__(self, folder: Path, dtype: np.dtype, shard_tokens: int) -> None:
+        self.tokens = ShardWriter(folder, dtype, shard_tokens)
+        self.masks = ShardWriter(folder / "mask", np.uint8, shard_tokens)  # same sizes: shards stay aligned
+        self.documents = self.bytes = self.targets = 0
+
+    def add(self, ids: np.ndarray, mask: np.ndarray, nbytes: int) -> None:
+        self.tokens.write(ids)
+        self.masks.write(mask)
+        self.documents += 1
+        self.bytes += nbytes
+        self.targets += int(mask.sum())
+
+    def close(self, root: Path) -> dict[str, Any]:
+        shards, masks = self.tokens.close(), self.masks.close()
+        return {"shards": [p.relative_to(root).as_posix() for p in shards],
+                "masks": [p.relative_to(root).as_posix() for p in masks],
+                "tokens": self.tokens.tokens, "target_tokens": self.targets, "documents": self.documents,
+                "bytes": self.bytes}
+
+
+def prepare_chat_dataset(paths: Sequence[str | Path], out_dir: str | Path, *, prompt_field: str = "prompt",
+                         response_field: str = "response", template: str = DEFAULT_TEMPLATE,
+                         tokenizer_path: str | Path | None = None, vocab_size: int = 8192,
+                         val_fraction: float = 0.02, shard_tokens: int = 50_000_000, overwrite: bool = False,
+                         provenance: dict | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Write a chat token dataset (tokens + loss masks) to `out_dir`; returns its meta.json.
+
+    The split follows `prepare_dataset`: an example goes to val when sha1(its id) < val_fraction; if
+    that leaves a split empty, one example moves over. `tokenizer_path` reuses a tokenizer (usually
+    the base model's: fine-tuning needs its ids); without it one is trained on the rendered examples.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction = {val_fraction} is not allowed; expected a number in [0, 1)")
+    split_template(template)
+    out = Path(out_dir)
+    _check_out_dir(out, overwrite)
+    for _ in read_chat(paths, prompt_field, response_field):  # a bad record fails before any work
+        pass
+    tmp = fresh_sibling(out)
+    try:
+        if tokenizer_path is not None:
+            tok = load_tokenizer(tokenizer_path)
+            tok_info = {"tokenizer": "reused", "tokenizer_source": str(tokenizer_path)}
+        else:
+            head, middle, tail = split_template(template)
+            tok = train_tokenizer((head + e.prompt + middle + e.response
+                                   for e in read_chat(paths, prompt_field, response_field)), vocab_size)
+            tok_info = {"tokenizer": "trained", "requested_vocab_size": vocab_size}
+        tok.save(str(tmp / "tokenizer.json"))
+        encoder = ChatEncoder(tok, template)
+        dtype = dtype_for_vocab(tok.get_vocab_size())
+        train, val = _SplitWriter(tmp / "train", dtype, shard_tokens), _SplitWriter(tmp / "val", dtype, shard_tokens)
+        held_train: tuple | None = None  # (hash, ids, mask, bytes) of the lowest-hash train example
+        held_val: tuple | None = None    # ... and of the highest-hash val example
+        done = 0
+        batch: list[ChatExample] = []
+
+        def run(batch: list[ChatExample]) -> None:
+            nonlocal held_train, held_val, done
+            for ex, (ids, mask) in zip(batch, encoder.encode(batch), strict=True):
+                item: tuple | None = (split_hash(ex.id), ids, mask, len((ex.prompt + ex.response).encode()))
+                if item[0] < val_fraction:
+                    if held_val is None or item[0] > held_val[0]:
+                        held_val, item = item, held_val
+                    if item is not None:
+                        val.add(*item[1:])
+                else:
+                    if held_train is None or item[0] < held_train[0]:
+                        held_train, item = item, held_train
+                    if item is not None:
+                        train.add(*item[1:])
+            done += len(batch)
+            if progress:
+                progress("encode", done, None)
+
+        for ex in read_chat(paths, prompt_field, response_field):
+            batch.append(ex)
+            if len(batch) >= _BATCH:
+                run(batch)
+                batch = []
+        if batch:
+            run(batch)
+        if train.documents + val.documents + (held_train is not None) + (held_val is not None) < 2:
+            raise DataError("chat data needs at least 2 examples (one for train, one for val); add examples")
+        if held_train is not None:
+            (val if val.documents == 0 and held_val is None else train).add(*held_train[1:])
+        if held_val is not None:
+            (train if train.documents == 0 and held_train is None else val).add(*held_val[1:])
+        splits = {"train": train.close(tmp), "val": val.close(tmp)}
+        meta = {
+            "format": FORMAT, "vocab_size": tok.get_vocab_size(), "eot_id": encoder.eot, "dtype": dtype.name,
+            "tokenizer": "tokenizer.json", "splits": splits, "chat_template": template,
+            "provenance": {
+                **(provenance or {}),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "leantrain_version": _version(), **tok_info, "format": "chat",
+                "prompt_field": prompt_field, "response_field": response_field,
+                "val_fraction": val_fraction, "split_rule": "sha1(example id) < val_fraction",
+                "shard_tokens": shard_tokens,
+            },
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
