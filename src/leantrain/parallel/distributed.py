@@ -13,6 +13,7 @@ group (on GPUs, neighbours on one host) and all of them read data-parallel rank 
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -175,6 +176,10 @@ def cleanup(together: bool = False) -> None:
     run every rank finished) first waits for all ranks: a rank closing its connections while a peer
     still uses them can make that peer abort."""
     _MESHES.clear()
+    # Free the run's DTensors, meshes and subgroups now, while the process group and the C++ runtime are
+    # whole: left to interpreter teardown they were destroyed in random order, and a rank sometimes
+    # aborted at exit ("terminate called without an active exception").
+    gc.collect()
     if dist.is_available() and dist.is_initialized():
         if together:
             dist.barrier()
