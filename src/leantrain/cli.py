@@ -227,7 +227,8 @@ def _train_and_report(cfg, run_dir: Path, rank0: bool) -> int:
         saved = f", {summary['co2_saved_g']:.3g} g saved by carbon-aware pauses" if "co2_saved_g" in summary else ""
         console.print(f"energy{est}: {summary['energy_kwh'] * 1000:.3g} Wh, {summary['co2_g']:.3g} g CO2e{saved}, "
                       f"${summary['cost_usd']:.3g} (source: {summary['energy_source']})")
-    console.print(f"run directory: [bold]{run_dir}[/bold]")
+    report = run_dir / "report.html"
+    console.print(f"run directory: [bold]{run_dir}[/bold]" + (f" · report: {report}" if report.is_file() else ""))
     if summary["sample"]:
         console.rule("sample")
         console.print(summary["sample"], markup=False, highlight=False)
