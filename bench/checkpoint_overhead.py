@@ -22,7 +22,6 @@ for "none", at the same steps, is the control: how much a neighbour's noise alon
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
 import subprocess
@@ -31,24 +30,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from _data import dataset  # bench/ is on sys.path when a bench runs as a script
+
 ROOT = Path(__file__).resolve().parents[1]
+
 MODES = ["none", "sync", "async"]
-
-
-def dataset(path: str | None, scratch: Path) -> str:
-    """data/stdlib when prepared (`make demo` does it), else a small stdlib dataset in a temp dir."""
-    candidate = Path(path) if path else ROOT / "data" / "stdlib"
-    if (candidate / "meta.json").is_file():
-        return str(candidate)
-    if path:
-        sys.exit(f"{candidate} is not a token dataset (no meta.json)")
-    from leantrain.corpus.readers import read_builtin
-    from leantrain.tokens.prepare import prepare_dataset
-
-    out = scratch / "stdlib-bench"
-    print(f"data/stdlib is not prepared; tokenizing part of the stdlib into {out} ...", flush=True)
-    prepare_dataset(lambda: itertools.islice(read_builtin("stdlib"), 400), out, vocab_size=8192)
-    return str(out)
 
 
 class Clock:

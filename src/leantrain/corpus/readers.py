@@ -371,6 +371,16 @@ def _lines(path: Path, limit: int, stats: ReadStats) -> Iterator[bytes]:
         yield buf
 
 
+def _record(text: str, doc_id: str, path: Path, stats: ReadStats) -> Document | None:
+    """One record's text (a jsonl line's or a parquet row's) as a counted document; None when empty."""
+    if not text.strip():
+        stats.empty += 1
+        return None
+    stats.documents += 1
+    stats.bytes += len(text.encode("utf-8", errors="replace"))
+    return Document(id=doc_id, text=text, source=str(path))
+
+
 def _read_jsonl(doc_id: str, path: Path, text_field: str, stats: ReadStats,
                 max_line_bytes: int) -> Iterator[Document]:
     lines = _lines(path, max_line_bytes, stats)
@@ -395,12 +405,9 @@ def _read_jsonl(doc_id: str, path: Path, text_field: str, stats: ReadStats,
         if not isinstance(text, str):
             stats.bad_json_lines += 1
             continue
-        if not text.strip():
-            stats.empty += 1
-            continue
-        stats.documents += 1
-        stats.bytes += len(text.encode("utf-8", errors="replace"))
-        yield Document(id=f"{doc_id}#L{lineno}", text=text, source=str(path))
+        doc = _record(text, f"{doc_id}#L{lineno}", path, stats)
+        if doc is not None:
+            yield doc
     if blank and damaged == stats.unreadable + stats.truncated:
         stats.empty += 1
 
@@ -423,12 +430,9 @@ def _read_parquet(doc_id: str, path: Path, text_field: str, stats: ReadStats) ->
                 if not isinstance(text, str):
                     stats.bad_records += 1
                     continue
-                if not text.strip():
-                    stats.empty += 1
-                    continue
-                stats.documents += 1
-                stats.bytes += len(text.encode("utf-8", errors="replace"))
-                yield Document(id=f"{doc_id}#R{row}", text=text, source=str(path))
+                doc = _record(text, f"{doc_id}#R{row}", path, stats)
+                if doc is not None:
+                    yield doc
         if not any_rows:
             stats.empty += 1
     except (pa.ArrowException, OSError):
