@@ -23,32 +23,13 @@ import re
 import string
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
 from leantrain.corpus.dedup import NearDedup, _union_find_roots, optimal_bands_rows, shingle_hashes
+from leantrain.corpus.executors import LocalExecutor, SerialExecutor
 from leantrain.corpus.readers import Document
 from leantrain.corpus.steps import StepStats
-
-
-class SerialExecutor:
-    workers = 1
-
-    def map(self, fn, items):
-        return map(fn, items)
-
-
-class PoolExecutor:
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self.pool = ProcessPoolExecutor(workers)
-
-    def map(self, fn, items):
-        return self.pool.map(fn, items)
-
-    def close(self) -> None:
-        self.pool.shutdown()
 
 
 def make_corpus(mb: float, threshold: float, seed: int = 0) -> tuple[list[Document], set[int], dict[str, int]]:
@@ -180,12 +161,7 @@ def main() -> None:
     if not args.skip_datasketch:
         timed(f"datasketch {b0}x{r0}", lambda: datasketch_dedup(docs, args.threshold, p.num_perm, ds_params))
     timed(f"leantrain {p.bands}x{p.rows} serial", lambda: leantrain_dedup(docs, step, SerialExecutor()))
-    try:  # the pipeline's process pool when it exists, else a plain one
-        from leantrain.corpus.executors import LocalExecutor
-
-        pool = LocalExecutor(args.workers)
-    except ImportError:
-        pool = PoolExecutor(args.workers)
+    pool = LocalExecutor(args.workers)
     list(pool.map(abs, range(args.workers * 4)))  # start the workers outside the timing
     timed(f"leantrain {p.bands}x{p.rows} pool x{args.workers}", lambda: leantrain_dedup(docs, step, pool), False)
     pool.close()

@@ -1,11 +1,9 @@
 """Exact dedup, near dedup (MinHash + LSH) and decontamination on planted duplicates."""
 
 import json
-import multiprocessing
 import pickle
 import random
 import string
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
@@ -20,35 +18,16 @@ from leantrain.corpus.dedup import (
     optimal_bands_rows,
     shingle_hashes,
 )
+from leantrain.corpus.executors import LocalExecutor, SerialExecutor
 from leantrain.corpus.readers import Document
 from leantrain.corpus.steps import StepStats
 from leantrain.errors import ConfigError
 
 
-class Serial:
-    workers = 1
-
-    def map(self, fn, items):
-        return map(fn, items)
-
-
-class Pool:
-    """A real process pool wrapped to the Executor protocol (ordered map)."""
-
-    def __init__(self, workers: int = 2) -> None:
-        self.workers = workers
-        ctx = multiprocessing.get_context("forkserver")
-        self.pool = ProcessPoolExecutor(workers, mp_context=ctx)
-
-    def map(self, fn, items):
-        return self.pool.map(fn, items)
-
-
 @pytest.fixture(scope="module")
 def pool():
-    p = Pool(2)
-    yield p
-    p.pool.shutdown()
+    with LocalExecutor(2) as p:
+        yield p
 
 
 def _jaccard(a: str, b: str, shingle: str = "word", n: int = 5) -> float:
@@ -110,7 +89,7 @@ def corpus():
 
 def _run(step, docs, executor=None):
     stats = StepStats(step.name)
-    kept = list(step.run(iter(docs), stats, executor or Serial()))
+    kept = list(step.run(iter(docs), stats, executor or SerialExecutor()))
     return kept, stats
 
 
@@ -200,8 +179,8 @@ def test_deterministic_and_executor_independent(corpus, pool):
         out = "".join(json.dumps({"id": d.id, "text": d.text}) + "\n" for d in kept).encode()
         return out, json.dumps(step.report(), sort_keys=True), stats.to_dict()["dropped"]
 
-    first = run(Serial())
-    assert run(Serial()) == first
+    first = run(SerialExecutor())
+    assert run(SerialExecutor()) == first
     assert run(pool) == first  # several worker processes, several batches: byte-identical
     other_seed = NearDedup(seed=4)
     _run(other_seed, docs)

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from leantrain.corpus.readers import Document
-from leantrain.corpus.steps import Drop, Executor, GlobalStep, StepStats
+from leantrain.corpus.steps import Drop, Executor, GlobalStep, StepStats, utf8_len
 from leantrain.errors import ConfigError
 
 _U64 = np.uint64
@@ -449,13 +449,9 @@ def _batches(sizes: list[int], workers: int) -> list[tuple[int, int]]:
     return out
 
 
-def _utf8_len(text: str) -> int:
-    return len(text) if text.isascii() else len(text.encode("utf-8", errors="surrogatepass"))  # isascii is O(1)
-
-
 def _count_in(stats: StepStats, docs: list[Document]) -> None:
     stats.docs_in += len(docs)
-    stats.bytes_in += sum(_utf8_len(d.text) for d in docs)
+    stats.bytes_in += sum(utf8_len(d.text) for d in docs)
 
 
 class ExactDedup(GlobalStep):
@@ -480,7 +476,7 @@ class ExactDedup(GlobalStep):
         seen: dict[bytes, str] = {}
         self._clusters = {}
         for doc in docs:
-            size = _utf8_len(doc.text)
+            size = utf8_len(doc.text)
             stats.docs_in += 1
             stats.bytes_in += size
             key = self._key(doc.text)
@@ -608,7 +604,7 @@ class NearDedup(GlobalStep):
                 stats.drop(doc, Drop("dedup:near", f"near-duplicate of {docs[root].id} (cluster {cluster_of[root]})"))
             else:
                 stats.docs_out += 1
-                stats.bytes_out += _utf8_len(doc.text)
+                stats.bytes_out += utf8_len(doc.text)
                 yield doc
 
     def report(self) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from leantrain.corpus.readers import Document, ReadStats
-from leantrain.corpus.steps import DocStep, Drop, Executor, GlobalStep, StepStats
+from leantrain.corpus.steps import DocStep, Drop, Executor, GlobalStep, StepStats, utf8_len
 from leantrain.errors import ConfigError, DataError
 from leantrain.files import fresh_sibling
 
@@ -64,10 +64,6 @@ _PROFILE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 
 BATCH_DOCS = 512
 BATCH_BYTES = 1 << 20
-
-
-def _utf8_len(text: str) -> int:
-    return len(text.encode("utf-8", errors="surrogatepass"))
 
 
 def _step_classes() -> dict[str, Callable[..., Step]]:
@@ -233,7 +229,7 @@ def _apply_chain(steps: tuple[DocStep, ...], batch: list[Document]) -> tuple[lis
             nxt: list[Document] = []
             t0 = clock()
             for d in pending:
-                size = _utf8_len(d.text)
+                size = utf8_len(d.text)
                 st.docs_in += 1
                 st.bytes_in += size
                 result = step.process(d, st)
@@ -242,7 +238,7 @@ def _apply_chain(steps: tuple[DocStep, ...], batch: list[Document]) -> tuple[lis
                     continue
                 for r in (result if isinstance(result, list | tuple) else (result,)):
                     st.docs_out += 1
-                    st.bytes_out += size if r is d else _utf8_len(r.text)
+                    st.bytes_out += size if r is d else utf8_len(r.text)
                     nxt.append(r)
             st.seconds += clock() - t0
             pending = nxt
@@ -308,7 +304,7 @@ class Pipeline:
                 if not isinstance(doc, Document):
                     raise DataError(f"a source yielded {type(doc).__name__}, not a Document; a synthetic source "
                                     "must yield leantrain.corpus.readers.Document objects")
-                size = _utf8_len(doc.text)
+                size = utf8_len(doc.text)
                 read.docs_in += 1
                 read.docs_out += 1
                 read.bytes_in += size
@@ -349,7 +345,7 @@ class Pipeline:
             for d in docs:
                 upstream[2] += time.perf_counter() - t
                 upstream[0] += 1
-                upstream[1] += _utf8_len(d.text)
+                upstream[1] += utf8_len(d.text)
                 yield d
                 t = time.perf_counter()
             upstream[2] += time.perf_counter() - t
@@ -358,7 +354,7 @@ class Pipeline:
         t0 = time.perf_counter()
         for d in step.run(counted(), stats, self.executor):
             n_out += 1
-            b_out += _utf8_len(d.text)
+            b_out += utf8_len(d.text)
             yield d
         # The pipeline's own counts win over whatever the step counted, so every step reads alike.
         stats.docs_in, stats.bytes_in, stats.docs_out, stats.bytes_out = upstream[0], upstream[1], n_out, b_out

@@ -30,6 +30,11 @@ EXAMPLES_PER_REASON = 3
 EXAMPLE_CHARS = 300
 
 
+def utf8_len(text: str) -> int:
+    """Bytes of `text` in UTF-8, as the steps count them; `isascii` is O(1), so ASCII text is not encoded."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", errors="surrogatepass"))
+
+
 @dataclass(frozen=True)
 class Drop:
     """A step's verdict that a document goes: `reason` is a short stable key (`gopher:mean_word_length`),

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from leantrain.config import ModelConfig
 from leantrain.errors import CheckpointError, ConfigError
+from leantrain.model.flops import ffn_hidden_dim
 
 SUPPORTED = "Llama (LlamaForCausalLM) and GPT-2 (GPT2LMHeadModel)"
 # [model] fields that decide the weights' shapes or the function they compute: an explicit value must agree
@@ -133,7 +134,7 @@ def hf_config(cfg: ModelConfig, eot_id: int) -> dict[str, Any]:
     """config.json for transformers: LlamaForCausalLM, or GPT2LMHeadModel for arch gpt2."""
     if cfg.arch == "gpt2":
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": cfg.n_layers,
-                "n_embd": cfg.dim, "n_head": cfg.n_heads, "n_inner": _ffn(cfg), "n_positions": cfg.seq_len,
+                "n_embd": cfg.dim, "n_head": cfg.n_heads, "n_inner": ffn_hidden_dim(cfg), "n_positions": cfg.seq_len,
                 "vocab_size": cfg.vocab_size, "activation_function": "gelu_new",
                 "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "scale_attn_weights": True,
@@ -141,17 +142,11 @@ def hf_config(cfg: ModelConfig, eot_id: int) -> dict[str, Any]:
                 "torch_dtype": "float32"}
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": cfg.n_layers,
             "hidden_size": cfg.dim, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-            "head_dim": cfg.dim // cfg.n_heads, "intermediate_size": _ffn(cfg), "vocab_size": cfg.vocab_size,
+            "head_dim": cfg.dim // cfg.n_heads, "intermediate_size": ffn_hidden_dim(cfg), "vocab_size": cfg.vocab_size,
             "max_position_embeddings": cfg.seq_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
             "rope_scaling": None, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
             "attention_dropout": 0.0, "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std,
             "bos_token_id": eot_id, "eos_token_id": eot_id, "torch_dtype": "float32"}
-
-
-def _ffn(cfg: ModelConfig) -> int:
-    from leantrain.model.flops import ffn_hidden_dim
-
-    return ffn_hidden_dim(cfg)
 
 
 # ---- state dicts ---------------------------------------------------------------------------------
@@ -276,7 +271,9 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path) -> None:
     root = "transformer." if gpt2 else "model."
     if hf and not any(k.startswith(root) for k in hf):  # saved from the bare GPT2Model / LlamaModel
         hf = {k if k.startswith("lm_head.") else root + k: v for k, v in hf.items()}
-    want = {k: _shape(v) for k, v in to_hf(model.state_dict(), cfg).items()}
+    # names and shapes only: mapped on meta tensors, so no weight is copied for the check
+    meta = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict().items()}
+    want = {k: _shape(v) for k, v in to_hf(meta, cfg).items()}
     wpe = f"{root}wpe.weight"
     if gpt2 and wpe in hf and hf[wpe].dim() == 2 and hf[wpe].size(0) > cfg.seq_len:
         hf[wpe] = hf[wpe][: cfg.seq_len]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,7 @@ CATALOG: dict[str, Hardware] = {h.key: h for h in (
     Hardware("l4", "NVIDIA L4 24GB", "gpu", 121e12, 30.3e12, 24e9, 300e9, 72, 25e9, match=("L4",)),
     Hardware("rtx4090", "NVIDIA GeForce RTX 4090 24GB", "gpu", 165e12, 82.6e12, 24 * GiB, 1.008e12, 450, 25e9,
              node_size=4, match=("RTX 4090",)),
+    Hardware("a10", "NVIDIA A10 24GB", "gpu", 125e12, 31.2e12, 24e9, 600e9, 150, 25e9, match=("A10",)),
 )}
 
 ALIASES = {"h100-sxm": "h100", "a100": "a100-80gb", "4090": "rtx4090", "rtx-4090": "rtx4090",
@@ -107,8 +109,9 @@ def get_hardware(name: str, tdp_w: float = 0.0) -> Hardware:
 
 
 def match_gpu(device_name: str) -> Hardware | None:
-    """The catalog entry of a CUDA device name such as 'NVIDIA H100 80GB HBM3', or None."""
+    """The catalog entry of a CUDA device name such as 'NVIDIA H100 80GB HBM3', or None. Names match as
+    whole words, so an L40S is not an L4 and an A100 is not an A10."""
     for hw in CATALOG.values():
-        if any(m in device_name for m in hw.match):
+        if any(re.search(rf"(?<!\w){re.escape(m)}(?!\w)", device_name) for m in hw.match):
             return hw
     return None

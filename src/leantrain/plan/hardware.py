@@ -18,16 +18,7 @@ from pathlib import Path
 import torch
 
 from leantrain.errors import ConfigError
-
-# Dense bf16 tensor-core peak FLOP/s (fp32 peak is the non-tensor-core figure).
-GPU_PEAKS: dict[str, dict[str, float]] = {
-    "H200": {"bf16": 989e12, "fp32": 67e12},
-    "H100": {"bf16": 989e12, "fp32": 67e12},
-    "A100": {"bf16": 312e12, "fp32": 19.5e12},
-    "L4": {"bf16": 121e12, "fp32": 30.3e12},
-    "RTX 4090": {"bf16": 165e12, "fp32": 82.6e12},
-    "A10": {"bf16": 125e12, "fp32": 31.2e12},
-}
+from leantrain.plan.catalog import CATALOG, match_gpu
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -129,10 +120,10 @@ def peak_flops(device: torch.device, dtype: torch.dtype, refresh: bool = False) 
     kind = "bf16" if dtype == torch.bfloat16 else "fp32"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, peaks in GPU_PEAKS.items():
-            if key in name:
-                return peaks[kind], f"table:{key}"
-        return GPU_PEAKS["A100"][kind], f"table:unknown GPU {name!r}, assumed A100"
+        hw = match_gpu(name)  # the planner's catalog: datasheet dense bf16 / fp32 peaks
+        if hw is not None:
+            return hw.peak(kind), f"table:{hw.key}"
+        return CATALOG["a100-80gb"].peak(kind), f"table:unknown GPU {name!r}, assumed A100"
     key = f"{cpu_model()}|threads={torch.get_num_threads()}|{kind}|torch={torch.__version__}"
     path = _cache_file()
     try:

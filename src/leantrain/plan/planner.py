@@ -27,7 +27,6 @@ from leantrain.plan.memory import MATMUL_ATTENTION_MAX_SEQ, Layout, estimate_mem
 
 GPU_USABLE = 0.95  # CUDA context, allocator fragmentation and NCCL buffers take the rest
 CPU_USABLE = 0.90  # the OS and everything else on the host
-WORLD_INTENSITY_G_PER_KWH = 475.0  # used only until leantrain.energy is installed; IEA world average 2023
 
 
 @dataclass
@@ -161,22 +160,12 @@ def candidate_layouts(cfg: Config, hw: Hardware, devices: int, global_batch: int
 # ---- one estimate --------------------------------------------------------------------------
 
 def _footprint(cfg: Config, energy_kwh: float, device_hours: float) -> dict[str, Any]:
-    """CO2e and cost through leantrain.energy (the [energy] section); a plain world-average fallback
-    while that package is not installed."""
-    e = getattr(cfg, "energy", None)
-    try:
-        from leantrain.energy.cost import footprint
-    except ImportError:
-        footprint = None
-    if footprint is not None and e is not None:
-        return footprint(energy_kwh, region=e.region, pue=e.pue, price_per_kwh=e.price_per_kwh,
-                         device_hours=device_hours, price_per_device_hour=e.price_per_device_hour)
-    pue = getattr(e, "pue", 1.0) if e is not None else 1.0
-    price = getattr(e, "price_per_kwh", 0.0) if e is not None else 0.0
-    rent = getattr(e, "price_per_device_hour", 0.0) if e is not None else 0.0
-    facility = energy_kwh * pue
-    return {"facility_kwh": facility, "co2_g": facility * WORLD_INTENSITY_G_PER_KWH,
-            "cost_usd": facility * price + device_hours * rent, "intensity_g_per_kwh": WORLD_INTENSITY_G_PER_KWH}
+    """CO2e and cost exactly as the trainer accounts them (leantrain.energy, the [energy] section)."""
+    from leantrain.energy.cost import footprint
+
+    e = cfg.energy
+    return footprint(energy_kwh, region=e.region, pue=e.pue, price_per_kwh=e.price_per_kwh,
+                     device_hours=device_hours, price_per_device_hour=e.price_per_device_hour)
 
 
 def estimate(cfg: Config, hw: Hardware, layout: Layout, calibration: dict[str, Any] | None = None) -> Estimate:
@@ -427,7 +416,7 @@ def run_estimate(cfg: Config, device_type: str, device_name: str, dtype: str, pe
     """
     from leantrain.plan.catalog import CATALOG, match_gpu, this_cpu
 
-    tdp = cfg.energy.tdp_w if hasattr(cfg, "energy") else 0.0
+    tdp = cfg.energy.tdp_w
     if device_type == "cpu":
         hw = this_cpu(tdp, peaks={"bf16": peak_flops, "fp32": peak_flops})
     else:

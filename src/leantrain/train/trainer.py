@@ -147,6 +147,7 @@ class Trainer:
         self.window_loss = torch.zeros((), device=self.device)
         self.window_steps = 0
         self._stop_signal: str | None = None
+        self._reprobed = False  # the CPU peak is measured again at most once per run
         self._signal_seen: str | None = None  # distributed: a signal this rank got, not yet agreed on
         self._saved_step: int | None = None  # step of the checkpoint this run last wrote or resumed from
 
@@ -249,9 +250,9 @@ class Trainer:
             from leantrain.plan.planner import run_estimate
 
             name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else ""
-            lay = self.layout
-            return run_estimate(self.cfg, self.device.type, name, str(self.dtype).removeprefix("torch.").replace(
-                "bfloat16", "bf16").replace("float32", "fp32"), self.peak_flops, lay.dp_replicate, lay.dp_shard, lay.tp)
+            lay, dtype = self.layout, "fp32" if self.dtype == torch.float32 else "bf16"
+            return run_estimate(self.cfg, self.device.type, name, dtype, self.peak_flops, lay.dp_replicate,
+                                lay.dp_shard, lay.tp)
         except Exception as e:  # noqa: BLE001 - the estimate is advice; the run goes on without it
             return {"error": f"{type(e).__name__}: {e}"}
 
@@ -527,9 +528,11 @@ class Trainer:
                     window_time += time.perf_counter() - t0
                     tps = window_tokens / window_time
                     peak_all = self.peak_flops * self.layout.world_size
-                    if tps * self.flops_per_token > peak_all and self.device.type == "cpu" and self.layout.is_rank0:
-                        # more than the peak: the cached probe ran on busy cores; measure again (rank 0
+                    if (tps * self.flops_per_token > peak_all and self.device.type == "cpu" and self.layout.is_rank0
+                            and not self._reprobed):
+                        # more than the peak: the cached probe ran on busy cores; measure again, once (rank 0
                         # alone: only its records are logged)
+                        self._reprobed = True
                         self.peak_flops, _ = peak_flops(self.device, self.dtype, refresh=True)
                         self._emit("peak_reprobed", peak_flops=self.peak_flops)
                     record = {
