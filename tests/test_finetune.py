@@ -344,3 +344,13 @@ def test_lora_under_fsdp2_two_ranks_matches_one_process(chat_data, tmp_path):
     for k, v in base.items():
         assert torch.equal(snap.model[k], v), k
     assert (tmp_path / "fsdp" / "checkpoints" / "step-0000004" / "adapters.safetensors").is_file()
+
+
+def test_chat_folders_give_distinct_ids_and_skip_hidden(tmp_path):
+    from leantrain.tokens.chat import read_chat
+
+    for sub in ("a", "b", ".git"):
+        (tmp_path / "d" / sub).mkdir(parents=True)
+        (tmp_path / "d" / sub / "data.jsonl").write_text('{"prompt": "p", "response": "r"}\n')
+    ids = [ex.id for ex in read_chat([tmp_path / "d"])]
+    assert ids == ["d/a/data.jsonl#L1", "d/b/data.jsonl#L1"]

@@ -71,8 +71,7 @@ class CarbonScheduler:
                               "energy.deadline (ISO 8601 UTC); set both")
         self.deadline = parse_utc(cfg.deadline)
         self.accountant = accountant
-        self.forecast = accountant.series if accountant.series is not None else IntensitySeries.from_csv(
-            cfg.intensity_csv)
+        self.forecast = accountant.series  # the accountant loaded energy.intensity_csv (set, checked above)
         self.clock = clock or SystemClock()
         self._mark: tuple[datetime, int] | None = None
         self.run_s, self.run_steps = 0.0, 0

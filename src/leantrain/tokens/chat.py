@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from leantrain.corpus.readers import ReadStats, _inner_suffix, _walk
 from leantrain.errors import DataError
 from leantrain.files import fresh_sibling, swap_in
 from leantrain.tokens.dataset import FORMAT, META, ShardWriter, dtype_for_vocab
@@ -49,16 +50,21 @@ class ChatExample:
     response: str
 
 
-def _jsonl_files(paths: Sequence[str | Path]) -> list[Path]:
-    files: list[Path] = []
+_PLAIN_JSONL = ((".jsonl", ""), (".ndjson", ""))
+
+
+def _jsonl_files(paths: Sequence[str | Path]) -> list[tuple[str, Path]]:
+    """(id, path) of the .jsonl files, walked as the corpus readers walk folders: sorted, hidden names
+    skipped, ids `folder/rel/path.jsonl` so files of the same name in two subfolders stay apart."""
+    files: list[tuple[str, Path]] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(q for q in p.rglob("*") if q.suffix in (".jsonl", ".ndjson") and q.is_file())
+            files += [(i, q) for i, q in _walk(p, ReadStats()) if _inner_suffix(q) in _PLAIN_JSONL]
         elif p.is_file():
             if p.suffix not in (".jsonl", ".ndjson"):
                 raise DataError(f"{p}: chat data must be .jsonl (one JSON object per line); convert it or pass "
                                 "--format text")
-            files.append(p)
+            files.append((p.name, p))
         else:
             raise DataError(f"{p} does not exist; check the path")
     if not files:
@@ -72,7 +78,7 @@ def read_chat(paths: Sequence[str | Path], prompt_field: str = "prompt",
 
     A record without either field is an error naming the file and line: silently dropping examples
     would change what the model learns."""
-    for path in _jsonl_files(paths):
+    for file_id, path in _jsonl_files(paths):
         with open(path, encoding="utf-8", errors="replace") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
@@ -88,7 +94,7 @@ def read_chat(paths: Sequence[str | Path], prompt_field: str = "prompt",
                         fields = ", ".join(sorted(rec)[:6]) or "none"
                         raise DataError(f"{path}:{n} has no string field {field!r} (fields: {fields}); "
                                         f"name the right one with {flag}")
-                yield ChatExample(f"{path.name}#L{n}", rec[prompt_field], rec[response_field])
+                yield ChatExample(f"{file_id}#L{n}", rec[prompt_field], rec[response_field])
 
 
 def split_template(template: str) -> tuple[str, str, str]:
