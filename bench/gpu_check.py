@@ -1,7 +1,7 @@
 """One prepared GPU check: a ~1B-parameter Llama-shaped model in bf16 and fp8, in under 5 minutes.
 
 Checks that a training step runs and its loss is finite, then times steps and prints tokens/s,
-MFU (against the table peak in leantrain.plan.hardware) and peak memory per precision, and the
+MFU (against the table peak in leantrain.device) and peak memory per precision, and the
 fp8/bf16 speed ratio. fp8 uses torchao's float8 training (`pip install torchao`) on GPUs with
 compute capability >= 8.9 and is skipped cleanly elsewhere.
 
@@ -18,8 +18,8 @@ import time
 import torch
 
 from leantrain.config import ModelConfig, OptimConfig
+from leantrain.device import peak_flops
 from leantrain.model import Transformer, flops_per_token, param_count
-from leantrain.plan.hardware import peak_flops
 from leantrain.train.optim import build_optimizer
 
 ONE_B = ModelConfig(n_layers=16, dim=2048, n_heads=16, n_kv_heads=8, seq_len=2048, vocab_size=32768,

@@ -244,8 +244,8 @@ def measure(name: str, args) -> dict:
 
 
 def main() -> None:
+    from leantrain.device import physical_cores, probe_cpu_peak
     from leantrain.model import flops_per_token, param_count
-    from leantrain.plan.hardware import physical_cores, probe_cpu_peak
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="small", help="model shape: a leantrain recipe (small = reference)")

@@ -28,7 +28,7 @@ class StopAt:
 
     def on_step(self, r):
         if r["step"] == self.step:
-            self.trainer._stop_signal = "SIGTERM"
+            self.trainer.request_stop("SIGTERM")
 
     def on_event(self, e):
         self.on_step(e)

@@ -105,12 +105,12 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     m, opt = _trained()
     ck = Checkpointer(tmp_path, keep=1)
     good = _save(ck, 1, m, opt)
-    import leantrain.train.checkpoint as mod
+    import leantrain.train.checkpoint.full as mod
 
-    def disk_full(path, data):
+    def disk_full(path, data, **kw):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(mod, "_write_durable", disk_full)
+    monkeypatch.setattr(mod, "write_durable", disk_full)
     with pytest.raises(CheckpointError, match="No space left on device.*earlier checkpoints are intact"):
         _save(ck, 2, m, opt)
     monkeypatch.undo()
@@ -125,3 +125,23 @@ def test_state_is_json_and_tensors_are_safetensors(tmp_path):
     state = json.loads((p / "state.json").read_text())
     assert state["loader"] == {"step": 4} and state["aliases"] == {"out.weight": "emb.weight"}
     assert (p / "model.safetensors").read_bytes()[8:9] == b"{"  # safetensors header, not a pickle
+
+
+@pytest.mark.parametrize("how", ["sync", "background", "sharded"])
+def test_save_writes_what_write_of_a_snapshot_writes(tmp_path, how):
+    """`Checkpointer.save(step, state)`, given model and optimizer once, is the one call a loop needs;
+    in every mode it restores to the same model and optimizer as `write(snapshot(...))`."""
+    m, opt = _trained()
+    ck = Checkpointer(tmp_path / how, keep=2, model=m, optimizer=opt, format="sharded" if how == "sharded" else "full",
+                      background=how == "background")
+    path = ck.save(3, {"tokens": 30, "loader": {"step": 3}})
+    ck.wait()
+    assert path == ck.path_for(3) and (tmp_path / how / "latest").read_text().strip() == path.name
+    m2, opt2 = _trained(seed=1)
+    _, snap, warnings = ck.load_latest()
+    restore(snap, m2, opt2)
+    assert warnings == [] and snap.step == 3 and snap.state["tokens"] == 30
+    for a, b in zip(m.state_dict().values(), m2.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    for k, s in opt.state_dict()["state"].items():
+        assert torch.equal(s["exp_avg"], opt2.state_dict()["state"][k]["exp_avg"])

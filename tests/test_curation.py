@@ -15,9 +15,10 @@ from leantrain.corpus.executors import LocalExecutor, SerialExecutor
 from leantrain.corpus.filters import C4Filter, CodeQuality, FineWebQuality, GopherQuality, GopherRepetition
 from leantrain.corpus.normalize import Normalize
 from leantrain.corpus.pii import PIIScrub
-from leantrain.corpus.pipeline import Pipeline, build_steps, curate_dataset, load_config
+from leantrain.corpus.pipeline import Pipeline, build_steps, load_curation, plan_for
 from leantrain.corpus.readers import Document, ReadStats, read_paths
 from leantrain.corpus.steps import DocStep, Drop
+from leantrain.dataprep import curate_dataset
 from leantrain.errors import ConfigError
 
 WORDS = ["apple", "river", "stone", "the", "cloud", "and"]  # mean length 4.33, a third stop words
@@ -69,7 +70,7 @@ def test_gopher_quality_alpha_and_stop_words() -> None:
     assert reason(g, prose(39) + " 12345" * 11) == "gopher_quality:alpha_words"
     no_stops = ["apple", "river", "stone", "cloud", "grass"]
     assert reason(g, prose(50, no_stops) + " the") == "gopher_quality:stop_words"
-    assert reason(g, prose(50, no_stops) + " the The") is None
+    assert reason(g, prose(50, no_stops) + " the And") is None  # two distinct stop words, any case
 
 
 # ---- Gopher repetition ------------------------------------------------------------------
@@ -385,15 +386,15 @@ def test_config_file_overrides_and_errors(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("LEANTRAIN_LID_MODEL", raising=False)
     cfg = tmp_path / "curation.toml"
     cfg.write_text('profile = "web"\n[gopher_quality]\nmin_words = 20\n[c4]\nenabled = false\n')
-    config = load_config(cfg, ["fineweb.short_line_length=40", "pii.emails=false"])
-    plan = build_steps(config.pop("profile"), config)
+    plan = plan_for(load_curation(cfg, ["fineweb.short_line_length=40", "pii.emails=false"]))
     names = [s.name for s in plan.steps]
     assert "c4" not in names and names[:3] == ["normalize", "gopher_quality", "gopher_repetition"]
     assert "language" not in names and "language filter skipped" in plan.notes[0]  # no model file in tests
     steps = {s.name: s for s in plan.steps}
     assert steps["gopher_quality"].min_words == 20 and steps["fineweb"].short_line_length == 40
     assert steps["pii"].emails is False and plan.settings["gopher_quality"]["max_words"] == 100_000
-    assert [s.name for s in build_steps("none").steps] == []
+    assert [s.name for s in build_steps("none").steps] == ["exact_dedup", "near_dedup"]  # dedup in every profile
+    assert [s.name for s in build_steps("none", dedup=False).steps] == []
     with pytest.raises(ConfigError, match="allowed: .*min_words"):
         build_steps("web", {"gopher_quality": {"min_wrds": 3}})
     with pytest.raises(ConfigError, match="unknown curation step"):
@@ -402,6 +403,44 @@ def test_config_file_overrides_and_errors(tmp_path: Path, monkeypatch) -> None:
         build_steps("web", {"gopher_quality": {"min_words": "many"}})
     with pytest.raises(ConfigError, match="profile"):
         build_steps("prose")
+
+
+def test_curation_is_a_section_of_the_main_config(tmp_path: Path) -> None:
+    from leantrain.config import load_config as load_main
+    from leantrain.config import to_toml
+
+    main = tmp_path / "run.toml"
+    main.write_text('[data]\npath = "x"\n[curation]\nprofile = "code"\ndedup = false\n'
+                    '[curation.code]\nmin_alnum_fraction = 0.2\n')
+    cur = load_curation(main, ["code.max_line_length=500", "pii=false"])
+    assert (cur.profile, cur.dedup, cur.pii) == ("code", False, False)
+    steps = {s.name: s for s in plan_for(cur).steps}
+    assert list(steps) == ["normalize", "code"]
+    assert steps["code"].min_alnum_fraction == 0.2 and steps["code"].max_line_length == 500
+    # the same section through the main loader and its --section.field overrides, and back through TOML
+    cfg = load_main(main, None, ["--curation.code.max_line_length=500", "--curation.pii=false"])
+    assert cfg.curation == cur
+    again = tmp_path / "again.toml"
+    again.write_text(to_toml(cfg))
+    assert load_main(again).curation == cur
+    with pytest.raises(ConfigError, match="profile"):
+        load_curation(None, ["profile=prose"])
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_curation(tmp_path)
+
+
+def test_steps_of_the_same_name_keep_their_own_counts() -> None:
+    pipe = Pipeline(lambda: iter([doc("a\n", "1"), doc("a\n", "2"), doc("b\n", "3")]),
+                    [Normalize(), *build_steps("none").steps, Normalize(), *build_steps("none").steps])
+    assert [d.id for d in pipe.run()] == ["1", "3"]
+    names = [s.name for s in pipe.stats]
+    assert names == ["read", "normalize", "exact_dedup", "near_dedup", "normalize#2", "exact_dedup#2",
+                     "near_dedup#2"]
+    by = {s.name: s for s in pipe.stats}
+    assert (by["exact_dedup"].docs_in, by["exact_dedup"].docs_out) == (3, 2)
+    assert (by["exact_dedup#2"].docs_in, by["exact_dedup#2"].docs_out) == (2, 2)
+    assert by["exact_dedup"].dropped == {"dedup:exact": 1} and not by["exact_dedup#2"].dropped
+    assert set(pipe.reports) == {"exact_dedup", "near_dedup", "exact_dedup#2", "near_dedup#2"}
 
 
 def test_language_filter_skips_cleanly_without_an_identifier(monkeypatch) -> None:

@@ -89,7 +89,7 @@ def corpus():
 
 def _run(step, docs, executor=None):
     stats = StepStats(step.name)
-    kept = list(step.run(iter(docs), stats, executor or SerialExecutor()))
+    kept = list(step.counted(iter(docs), stats, executor or SerialExecutor()))
     return kept, stats
 
 

@@ -23,7 +23,7 @@ from leantrain.cli import main
 from leantrain.config import ParallelConfig, load_config, to_toml
 from leantrain.errors import CheckpointError, ConfigError
 from leantrain.parallel.distributed import resolve_degrees
-from leantrain.train.dcp import consolidate
+from leantrain.train.checkpoint import consolidate
 from leantrain.train.telemetry import read_jsonl
 from leantrain.train.trainer import Trainer
 

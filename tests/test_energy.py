@@ -337,7 +337,7 @@ def test_carbon_aware_pauses_resumes_and_matches_uninterrupted(dataset, tmp_path
 def test_kill_during_carbon_pause_loses_nothing_and_energy_continues(dataset, tmp_path, reference):
     clock = FakeClock(step_s=600)
     t = _carbon_trainer(dataset, tmp_path, clock)
-    clock.on_sleep = lambda: setattr(t, "_stop_signal", "SIGTERM")  # SIGTERM arrives while paused
+    clock.on_sleep = lambda: t.request_stop("SIGTERM")  # SIGTERM arrives while paused
     assert t.fit()["stopped"] == "SIGTERM"
     assert [e["step"] for e in read_jsonl(tmp_path / "run" / "events.jsonl") if e["event"] == "preempted"] == [1]
     at_stop = read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]["energy_j"]

@@ -25,7 +25,7 @@ import pytest
 import torch
 from rich.console import Console
 
-import leantrain.train.checkpoint as checkpoint_mod
+import leantrain.train.checkpoint.full as checkpoint_mod
 from helpers import StopAt, tiny_config
 from leantrain.config import to_toml
 from leantrain.display import TrainDisplay
@@ -65,9 +65,10 @@ def text_display() -> tuple[TrainDisplay, io.StringIO]:
 
 
 def tree(root: Path) -> dict[str, tuple[bytes, int]]:
-    """Every file under root: contents and mtime, to prove nothing was touched."""
+    """Every file under root: contents and mtime, to prove nothing was touched (but the run's `.lock`, where
+    each process that claims the run writes its pid)."""
     return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 @pytest.fixture
@@ -325,14 +326,14 @@ def test_failed_save_stops_the_run_and_keeps_the_previous_checkpoint(dataset, tm
     failure only shows when the trainer waits for the background writer)."""
     cfg = make_cfg(dataset, train__steps=8, checkpoint__async=async_)
     run = tmp_path / "run"
-    real_write = checkpoint_mod._write_durable
+    real_write = checkpoint_mod.write_durable
 
-    def write_durable(path, data):
+    def write_durable(path, data, **kw):
         if path.parent.name.startswith(".tmp-step-") and not path.parent.name.startswith(".tmp-step-0000004"):
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(path, data)
+        return real_write(path, data, **kw)
 
-    monkeypatch.setattr(checkpoint_mod, "_write_durable", write_durable)
+    monkeypatch.setattr(checkpoint_mod, "write_durable", write_durable)
     display, shown = text_display()
     trainer = Trainer(cfg, run, observers=[display])
     with pytest.raises(CheckpointError, match="step-0000008.*No space left on device.*earlier checkpoints are "
@@ -505,14 +506,14 @@ def test_grad_health_warning_state_survives_a_resume(dataset, tmp_path):
 def test_async_checkpoints_hold_the_same_tensors_as_sync(dataset, tmp_path, monkeypatch):
     """The background writer is slowed down (as a big model or a slow disk would) so that training
     runs several steps while it serialises: only a true snapshot keeps the step's weights."""
-    real_write = checkpoint_mod._write_durable
+    real_write = checkpoint_mod.write_durable
 
-    def slow_write(path, data):
+    def slow_write(path, data, **kw):
         if threading.current_thread() is not threading.main_thread():
             time.sleep(0.02)
-        return real_write(path, data)
+        return real_write(path, data, **kw)
 
-    monkeypatch.setattr(checkpoint_mod, "_write_durable", slow_write)
+    monkeypatch.setattr(checkpoint_mod, "write_durable", slow_write)
     for mode in ("sync", "async"):
         cfg = make_cfg(dataset, train__steps=12, checkpoint__keep=3, checkpoint__async=mode == "async")
         Trainer(cfg, tmp_path / mode).fit()

@@ -279,7 +279,7 @@ def test_trainer_step_normalises_by_response_targets(chat_data, tmp_path):
     assert n < sum(y.numel() for _, y in batches)
     with torch.no_grad():
         want = sum(tr.model(x, y, reduction="sum") for x, y in batches) / n
-    loss, _ = tr.train_step(batches)
+    loss, _ = tr.forward_backward(batches)
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
 
 

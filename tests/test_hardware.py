@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from leantrain.plan.hardware import cpu_model, peak_flops, resolve_dtype
+from leantrain.device import cpu_model, peak_flops, resolve_dtype
 
 
 def _key(kind):

@@ -98,9 +98,15 @@ def test_export_refuses_to_overwrite_and_replaces_with_overwrite(run, tmp_path):
     with pytest.raises(LeantrainError, match="not empty; pass --overwrite"):
         export_hf(run, out)
     assert main(["export", str(run), "--out", str(out)]) == 2
+    # a folder leantrain did not write is never replaced, --overwrite or not; its own export is
+    assert main(["export", str(run), "--out", str(out), "--overwrite"]) == 2
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    (out / "stale.txt").write_text("from an earlier export")
     assert main(["export", str(run), "--format", "hf", "--out", str(out), "--overwrite",
                  "--max-shard-size", "1GB"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
     assert not (out / "model.safetensors.index.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 

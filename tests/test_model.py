@@ -277,3 +277,66 @@ def test_generate_leaves_global_rng_alone():
     generate(model, [1, 2], 10, seed=4)
     generate(model, [1, 2], 10)  # seed None must not draw from the global RNG either
     assert torch.equal(torch.get_rng_state(), state)
+
+
+# ---- KV cache ----------------------------------------------------------------------------------
+
+def set_kernel(model: Transformer, kernel: str) -> Transformer:
+    for layer in model.layers:
+        layer.attention.kernel = kernel
+    return model
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
+@pytest.mark.parametrize("kw", [{"n_kv_heads": 2}, {"arch": "gpt2"}])
+def test_kv_cache_greedy_200_tokens_identical(kernel, kw):
+    """200 greedy tokens with the cache are the uncached path's tokens (GQA and GPT-2, both kernels)."""
+    # init_std 0.5: logits that depend on the context, so greedy decoding does not settle on one token
+    model = set_kernel(build(seed=1, seq_len=256, init_std=0.5, **kw), kernel)
+    prompt = [7, 3, 9, 1]
+    uncached = generate(model, prompt, 200, temperature=0, use_cache=False)
+    assert generate(model, prompt, 200, temperature=0) == uncached
+    assert len(uncached) == 200 and len(set(uncached[100:])) > 5  # a real sequence, not one repeated token
+
+
+def test_kv_cache_sampling_with_seed_identical():
+    model = build(seed=2, seq_len=128, n_kv_heads=1)
+    a = generate(model, [1, 2], 100, temperature=1.3, top_k=20, seed=5, use_cache=False)
+    assert generate(model, [1, 2], 100, temperature=1.3, top_k=20, seed=5) == a
+
+
+def test_kv_cache_past_seq_len_slides_the_window_as_uncached():
+    """Past seq_len (16) every token is computed from the last 16 tokens, exactly as without the cache;
+    a prompt longer than seq_len is cropped the same way."""
+    model = build(seed=3, n_kv_heads=2)
+    for prompt in ([4, 5, 6], list(range(15)), list(range(40))):
+        for temperature in (0, 1.0):
+            a = generate(model, prompt, 40, temperature=temperature, seed=1, use_cache=False)
+            assert generate(model, prompt, 40, temperature=temperature, seed=1) == a
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
+def test_kv_cache_logits_match_full_forward_in_chunks(kernel):
+    """Prefill 5 tokens, then a chunk of 4 (a block of queries after cached keys), then single tokens:
+    every position's logits are the full forward's."""
+    model = set_kernel(build(seed=4, n_kv_heads=2), kernel).eval()
+    idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(idx)
+        cache = model.new_cache()
+        parts = [model(idx[:, a:b], cache=cache) for a, b in ((0, 5), (5, 9), (9, 10), (10, 11), (11, 12))]
+    assert cache.length == 12
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_overflow_is_an_error_and_training_forward_unchanged():
+    model = build(seed=5).eval()
+    cache = model.new_cache(max_len=8)
+    with torch.no_grad():
+        model(torch.zeros(1, 6, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match="do not fit"):
+            model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+    assert model.new_cache(max_len=1000).max_len == 16  # never beyond the rope table / seq_len
+    x = torch.randint(0, 64, (2, 16))
+    loss = model(x, x)  # the training path takes no cache and still scores
+    assert loss.ndim == 0 and torch.isfinite(loss)

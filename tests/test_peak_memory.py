@@ -11,7 +11,7 @@ def test_peak_rss_of_a_child_does_not_include_a_big_parent():
     big = bytearray(600 * 2**20)
     for i in range(0, len(big), 4096):  # touch every page so the parent's resident set really is big
         big[i] = 1
-    code = ("import torch; from leantrain.train.trainer import peak_memory_bytes; "
+    code = ("import torch; from leantrain.train.observers import peak_memory_bytes; "
             "print(peak_memory_bytes(torch.device('cpu')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert int(out.stdout) < 550 * 2**20  # torch's runtime is ~200-350 MB; the parent holds 600 MB more

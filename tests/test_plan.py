@@ -9,11 +9,11 @@ import torch
 
 from helpers import tiny_config
 from leantrain import cli
+from leantrain import device as hardware
 from leantrain.config import load_config
 from leantrain.errors import ConfigError
 from leantrain.model import Transformer, param_count
 from leantrain.parallel.parallelize import set_attention_kernel
-from leantrain.plan import hardware
 from leantrain.plan.catalog import get_hardware, match_gpu, this_cpu
 from leantrain.plan.memory import block_activation_bytes, block_matmul_params
 from leantrain.plan.planner import config_layout, describe, estimate, mfu_for, plan
@@ -60,8 +60,8 @@ def test_memory_estimate_within_15_percent_of_measured_peak(dataset, tmp_path, o
         torch.set_num_threads(old)
     plan_json, metrics = _train_subprocess(dataset, tmp_path / "run", *overrides)
     est = plan_json["estimate"]
-    assert set(est) == {"hardware", "strategy", "peak_memory_bytes", "step_time_s", "time_s", "mfu_assumed",
-                        "energy_kwh", "co2_g", "cost_usd"}
+    assert set(est) == {"hardware", "strategy", "dtype", "attention", "peak_flops", "peak_memory_bytes",
+                        "step_time_s", "time_s", "mfu_assumed", "energy_kwh", "co2_g", "cost_usd"}
     assert "params" in plan_json and "flops_per_token" in plan_json  # the trainer's own keys stay
     measured = max(r["peak_mem_bytes"] for r in metrics)
     assert abs(est["peak_memory_bytes"] / measured - 1) < 0.15, (est["peak_memory_bytes"], measured)

@@ -58,7 +58,8 @@ def test_compiled_run_tracks_eager(dataset, tmp_path):
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2])
 def test_matmul_attention_matches_sdpa(n_kv_heads):
-    from leantrain.parallel.parallelize import choose_attention_kernel, set_attention_kernel
+    from leantrain.device import choose_attention
+    from leantrain.parallel.parallelize import set_attention_kernel
 
     cfg = ModelConfig(n_layers=2, dim=64, n_heads=4, n_kv_heads=n_kv_heads, seq_len=32, vocab_size=128)
     torch.manual_seed(0)
@@ -74,10 +75,10 @@ def test_matmul_attention_matches_sdpa(n_kv_heads):
     for g, p in zip(grads, model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
     cpu = torch.device("cpu")
-    assert choose_attention_kernel("auto", cpu, torch.bfloat16, 256) == "matmul"
-    assert choose_attention_kernel("auto", cpu, torch.float32, 256) == "sdpa"
-    assert choose_attention_kernel("auto", cpu, torch.bfloat16, 4096) == "sdpa"
-    assert choose_attention_kernel("sdpa", cpu, torch.bfloat16, 256) == "sdpa"
+    assert choose_attention("auto", cpu.type, "bf16", 256) == "matmul"
+    assert choose_attention("auto", cpu.type, "fp32", 256) == "sdpa"
+    assert choose_attention("auto", cpu.type, "bf16", 4096) == "sdpa"
+    assert choose_attention("sdpa", cpu.type, "bf16", 256) == "sdpa"
 
 
 def test_fp8_tracks_bf16(dataset, tmp_path):

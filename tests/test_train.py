@@ -59,10 +59,10 @@ def test_accumulation_normalises_by_all_targets_of_the_step(dataset, tmp_path):
     y1 = y1.clone()
     y1[:, :48] = -100  # first micro-batch keeps few targets
     tr.model.zero_grad()
-    loss_acc, _ = tr.train_step([(x1, y1), (x2, y2)])
+    loss_acc, _ = tr.forward_backward([(x1, y1), (x2, y2)])
     grads_acc = [p.grad.clone() for p in tr.model.parameters()]
     tr.model.zero_grad()
-    loss_big, _ = tr.train_step([(torch.cat([x1, x2]), torch.cat([y1, y2]))])
+    loss_big, _ = tr.forward_backward([(torch.cat([x1, x2]), torch.cat([y1, y2]))])
     torch.testing.assert_close(loss_acc, loss_big, rtol=1e-5, atol=1e-6)
     for g, p in zip(grads_acc, tr.model.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
@@ -103,3 +103,26 @@ def test_vocab_larger_than_model_is_a_clear_error(dataset, tmp_path):
 
     with pytest.raises(DataError, match="model.vocab_size"):
         Trainer(tiny_cfg(dataset, model__vocab_size=100), tmp_path / "run")
+
+
+def test_train_step_is_a_whole_optimizer_step(dataset, tmp_path):
+    """forward/backward, clip, guard, optimizer and schedule in one call; an lr override replaces the schedule."""
+    with Trainer(tiny_cfg(dataset, train__steps=4), tmp_path / "run", resume=False) as tr:
+        before = [p.detach().clone() for p in tr.model.parameters()]
+        first = tr.train_step(tr.loader.next_step())
+        assert not first.skipped and tr.step == 1 and tr.tokens == first.tokens == 4 * 64
+        assert first.lr == tr.optimizer.param_groups[0]["lr"] > 0  # warmup's first lr
+        assert all(p.grad is None for p in tr.model.parameters())  # the update is taken, gradients cleared
+        assert any(not torch.equal(a, p) for a, p in zip(before, tr.model.parameters(), strict=True))
+        second = tr.train_step(tr.loader.next_step(), lr=0.0123)
+        assert second.lr == 0.0123 and all(g["lr"] == 0.0123 for g in tr.optimizer.param_groups)
+        assert torch.isfinite(second.loss) and second.grad_norm > 0 and tr.step == 2
+
+
+def test_peak_is_measured_again_once_when_a_step_beats_it(dataset, tmp_path):
+    tr = Trainer(tiny_cfg(dataset, train__steps=3, train__eval_every=0), tmp_path / "run")
+    tr.meter.peak_flops = 1.0  # as if the cached probe had run on busy cores
+    tr.fit()
+    events = [e for e in read_jsonl(tmp_path / "run" / "events.jsonl") if e["event"] == "peak_reprobed"]
+    assert len(events) == 1 and events[0]["peak_flops"] > 1.0
+    assert all(0 < r["mfu"] < 1 for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")[1:])

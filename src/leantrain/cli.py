@@ -10,9 +10,12 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -27,85 +30,70 @@ err_console = Console(stderr=True)
 
 # ---- data ------------------------------------------------------------------------------
 
-def _prepare_chat(args: argparse.Namespace) -> int:
-    """`data prepare --format chat`: prompt/response .jsonl -> tokens + loss masks (tokens/chat.py)."""
-    from leantrain.tokens.chat import DEFAULT_TEMPLATE, prepare_chat_dataset
-
-    # a \n typed in a shell arrives as backslash + n
-    template = args.chat_template.replace("\\n", "\n") if args.chat_template else DEFAULT_TEMPLATE
-    if args.builtin or not args.paths:
-        raise LeantrainError("--format chat reads .jsonl files of prompt/response records; pass them as inputs")
-    t0 = time.perf_counter()
-    meta = prepare_chat_dataset(args.paths, args.out, prompt_field=args.prompt_field,
-                                response_field=args.response_field, template=template,
-                                tokenizer_path=args.tokenizer, vocab_size=args.vocab_size,
-                                val_fraction=args.val_fraction, overwrite=args.overwrite,
-                                provenance={"paths": [str(Path(p).resolve()) for p in args.paths]})
-    tr, va = meta["splits"]["train"], meta["splits"]["val"]
-    console.print(f"chat dataset written to [bold]{args.out}[/bold] in {time.perf_counter() - t0:.1f} s: "
-                  f"vocab {meta['vocab_size']}, train {tr['documents']:,} examples ({tr['tokens']:,} tokens, "
-                  f"{tr['target_tokens']:,} trained on), val {va['documents']:,} examples")
-    return 0
+def _curation_overrides(args: argparse.Namespace) -> list[str]:
+    """The `data prepare` flags as `[curation]` overrides (after --set, so a flag wins)."""
+    flags = {"profile": args.profile, "executor": args.executor, "workers": args.workers,
+             "text_field": args.text_field, "language": args.language, "max_file_bytes": args.max_file_bytes,
+             "dedup": False if args.no_dedup else None, "pii": False if args.no_pii else None,
+             "follow_symlinks": True if args.follow_symlinks else None}
+    return [*(args.set or ()), *(f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None)]
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-    from leantrain.corpus.readers import ReadStats, read_builtin, read_paths
-
-    if args.format == "chat":
-        return _prepare_chat(args)
-    if bool(args.builtin) == bool(args.paths):
-        raise LeantrainError("give input files/folders or --builtin stdlib (one of the two)")
+    """`data prepare`: a thin shell over `leantrain.dataprep.prepare` (curation, then tokens, then the card)."""
     from leantrain.corpus.card import summary_lines
-    from leantrain.corpus.executors import make_executor
-    from leantrain.corpus.pipeline import build_steps, curate_dataset, load_config
+    from leantrain.corpus.pipeline import load_curation
+    from leantrain.dataprep import prepare
 
-    stats = ReadStats()
-    if args.builtin:
-        if args.include or args.exclude:
-            raise LeantrainError("--include/--exclude pick files inside input folders; they do not apply to --builtin")
-
-        def documents():
-            return read_builtin(args.builtin, stats=stats)
-        sources = {"builtin": args.builtin}
-    else:
-        read_paths(args.paths, text_field=args.text_field, include=args.include or (),
-                   exclude=args.exclude or ())  # checks paths and optional reader packages before any work
-
-        def documents():
-            return read_paths(args.paths, text_field=args.text_field, stats=stats, include=args.include or (),
-                              exclude=args.exclude or ())
-        sources = {"paths": [str(Path(p).resolve()) for p in args.paths]}
     if args.workers is not None and args.workers < 1:
         raise LeantrainError(f"--workers {args.workers} is not allowed; expected an integer >= 1")
-    config = load_config(args.curation_config, args.set or ())
-    profile = args.profile or config.pop("profile", None) or "none"
-    config.pop("profile", None)
-    plan = build_steps(profile, config, dedup=not args.no_dedup, pii=not args.no_pii,
-                       eval_paths=args.decontaminate or (), language=args.language)
+    curation = load_curation(args.curation_config, _curation_overrides(args))
+    # a \n typed in a shell arrives as backslash + n
+    template = args.chat_template.replace("\\n", "\n") if args.chat_template else None
 
+    def first_interrupt(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, first_interrupt) \
+        if threading.current_thread() is threading.main_thread() else None
     t0 = time.perf_counter()
-    with Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, disable=not console.is_terminal) as bar, \
-            make_executor(args.executor, args.workers) as executor:
-        tasks: dict[str, int] = {}
+    try:
+        with Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console, disable=not console.is_terminal) as bar:
+            tasks: dict[str, int] = {}
 
-        def progress(stage: str, done: int, total: int | None) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
+            def progress(stage: str, done: int, total: int | None) -> None:
+                if stage not in tasks:
+                    tasks[stage] = bar.add_task(stage, total=total)
+                bar.update(tasks[stage], completed=done, total=total)
 
-        meta, card = curate_dataset(documents, args.out, plan=plan, executor=executor, read_stats=stats,
-                                    provenance=sources, progress=progress, vocab_size=args.vocab_size,
-                                    tokenizer_path=args.tokenizer, val_fraction=args.val_fraction,
-                                    overwrite=args.overwrite)
-    split = meta["splits"]
-    console.print(f"token dataset written to [bold]{args.out}[/bold] in {time.perf_counter() - t0:.1f} s: "
+            result = prepare(args.paths, args.out, builtin=args.builtin, format=args.format, curation=curation,
+                             eval_paths=args.decontaminate or (), include=args.include or (),
+                             exclude=args.exclude or (), vocab_size=args.vocab_size, tokenizer=args.tokenizer,
+                             val_fraction=args.val_fraction, overwrite=args.overwrite,
+                             prompt_field=args.prompt_field, response_field=args.response_field,
+                             chat_template=template, progress=progress)
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted: the partial output was removed and {args.out} was not changed; run the "
+                          "same command again to prepare the dataset", highlight=False, markup=False, soft_wrap=True)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    for w in result.warnings:
+        err_console.print(f"[yellow]warning[/yellow]: {escape(w)}")
+    meta, card, split = result.meta, result.card, result.meta["splits"]
+    what = "chat dataset" if args.format == "chat" else "token dataset"
+    unit = "examples" if args.format == "chat" else "docs"
+    trained = f", {split['train']['target_tokens']:,} trained on" if "target_tokens" in split["train"] else ""
+    console.print(f"{what} written to [bold]{escape(str(args.out))}[/bold] in {time.perf_counter() - t0:.1f} s: "
                   f"vocab {meta['vocab_size']}, train {split['train']['tokens']:,} tokens "
-                  f"({split['train']['documents']:,} docs), val {split['val']['tokens']:,} tokens "
-                  f"({split['val']['documents']:,} docs)")
-    console.print(stats.summary())
-    console.print(f"curation ({executor.describe()}), data card in {Path(args.out) / 'data_card.md'}:",
-                  highlight=False)
+                  f"({split['train']['documents']:,} {unit}{trained}), val {split['val']['tokens']:,} tokens "
+                  f"({split['val']['documents']:,} {unit})")
+    console.print(result.read_stats.summary(), highlight=False, markup=False)
+    console.print(f"curation ({result.executor}), data card in {Path(args.out) / 'data_card.md'}:",
+                  highlight=False, markup=False)
     for line in summary_lines(card):
         console.print(line, highlight=False, markup=False)
     for note in card["notes"]:
@@ -115,9 +103,13 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 # ---- train -----------------------------------------------------------------------------
 
+def _is_override(arg: str) -> bool:
+    return arg.startswith("--") and "=" in arg and "." in arg.split("=", 1)[0]
+
+
 def _overrides(extra: list[str]) -> list[str]:
     for a in extra:
-        if not (a.startswith("--") and "." in a.split("=", 1)[0] and "=" in a):
+        if not _is_override(a):
             raise LeantrainError(f"unknown argument {a!r}; config overrides look like --train.steps=100")
     return extra
 
@@ -132,29 +124,17 @@ def _backup_name(run_dir: Path) -> Path:
 
 
 def _load_train_config(path: str | None, recipe: str | None, overrides: list[str]):
-    """load_config; with train.init_from, the [model] section comes from the HF folder's config.json,
-    except the [model] values the user set in the config file or overrides (which must agree with it)."""
-    import tomllib
+    """`leantrain.load_config` (with train.init_from, the [model] section comes from the HF folder)."""
+    from leantrain import api
 
-    from leantrain.config import load_config, parse_overrides
-
-    cfg = load_config(path, recipe, overrides)
-    if not cfg.train.init_from:
-        return cfg
-    from leantrain.model.hf import init_model_fields
-
-    ov = parse_overrides(overrides)
-    keys = set(tomllib.loads(Path(path).read_text()).get("model", {})) if path else set()
-    keys |= set(ov.get("model", {}))
-    explicit = {k: getattr(cfg.model, k) for k in keys}
-    ov.setdefault("model", {}).update(init_model_fields(cfg.train.init_from, explicit))
-    return load_config(path, recipe, ov)
+    return api.load_config(path, recipe=recipe, overrides=overrides)
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from leantrain.config import load_config
+    from leantrain.device import pick_device
     from leantrain.parallel import distributed
-    from leantrain.plan.hardware import pick_device
+    from leantrain.train.rundir import check_restartable, is_run_dir
 
     overrides = _overrides(extra)
     if args.carbon_aware:
@@ -173,7 +153,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         layout = distributed.setup(cfg, pick_device(cfg.train.device))
     else:
         existing = Path(args.run_dir) / "config.toml" if args.run_dir else None
-        if args.config is None and args.recipe is None and existing is not None and existing.is_file():
+        if (args.config is None and args.recipe is None and existing is not None and existing.is_file()
+                and is_run_dir(args.run_dir)):  # a project's own config.toml is not a run's
             cfg = load_config(existing, None, overrides)  # an existing run goes on with its own config
         else:
             if args.config is None and args.recipe is None:
@@ -183,13 +164,14 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         layout = distributed.setup(cfg, pick_device(cfg.train.device))
         # one run directory for all ranks: rank 0's clock names it
         run_dir = Path(layout.from_rank0(args.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"))
-        if layout.is_rank0 and run_dir.exists() and any(run_dir.iterdir()) and args.restart:
+        if layout.is_rank0 and run_dir.is_dir() and any(run_dir.iterdir()) and args.restart:
+            check_restartable(run_dir)  # only a leantrain run, and none that a live process trains into
             backup = _backup_name(run_dir)
             shutil.move(run_dir, backup)
             console.print(f"--restart: moved the previous contents of {run_dir} to {backup}")
         layout.barrier()  # the others wait for the move before they look at the run directory
     try:
-        code = _train_and_report(cfg, run_dir, layout.is_rank0)
+        code = _train_and_report(cfg, run_dir, layout, force=args.force)
     except BaseException as e:
         message = distributed.collective_timeout_message(e, layout.rank, cfg.parallel.timeout_s)
         if message is not None:  # one line, not a C++ traceback; no teardown, which would wait on the stuck peer
@@ -201,20 +183,20 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     return code
 
 
-def _train_and_report(cfg, run_dir: Path, rank0: bool) -> int:
-    """Train and, on rank 0 (the only process without torchrun), tell the user how it went."""
+def _train_and_report(cfg, run_dir: Path, layout, force: bool = False) -> int:
+    """Train (`leantrain.train`, which also writes report.html) and, on rank 0 (the only process without
+    torchrun), tell the user how it went."""
+    from leantrain import api
     from leantrain.display import TrainDisplay
-    from leantrain.train.trainer import Trainer
 
+    rank0 = layout.is_rank0
     observers = [TrainDisplay(cfg.log.progress, console)] if rank0 else []
-    try:
-        summary = Trainer(cfg, run_dir, observers=observers, resume=True).fit()
-    except OSError as e:  # disk full, permissions: on the run's other files (checkpoint saves say so already)
-        raise LeantrainError(f"{e.strerror or e}: {e.filename or run_dir}; check free space and permissions of "
-                             f"the run directory {run_dir}, then run the same command again to resume") from None
+    result = api.train(cfg, run_dir, observers=observers, resume=True, layout=layout, force=force)
     if not rank0:
         return 0
-    _write_report_safely(run_dir)
+    for w in result.warnings:
+        err_console.print(f"[yellow]warning[/yellow]: {escape(w)}", highlight=False, soft_wrap=True)
+    summary = {**result.metrics, "sample": result.sample}
     if summary["stopped"]:
         console.print(f"stopped by {summary['stopped']} at step {summary['step']}; checkpoint saved. "
                       f"Continue with: leantrain train --resume {run_dir}")
@@ -263,9 +245,10 @@ def cmd_lr_find(args: argparse.Namespace, extra: list[str]) -> int:
 # ---- export ----------------------------------------------------------------------------
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from leantrain.export.hf import export_hf, parse_size
+    from leantrain import api
 
-    info = export_hf(args.run_dir, args.out, args.checkpoint, parse_size(args.max_shard_size), args.overwrite)
+    info = api.export(args.run_dir, args.out, format=args.format, checkpoint=args.checkpoint,
+                      max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     for w in info["warnings"]:
         err_console.print(f"[yellow]warning[/yellow]: {w}; used an older checkpoint")
     console.print(f"exported step {info['step']} of {args.run_dir} ({info['arch']}, {info['params']:,} parameters) "
@@ -279,14 +262,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
     from leantrain.config import load_config
-    from leantrain.plan.catalog import get_hardware
-    from leantrain.plan.planner import describe, detect_hardware, plan
+    from leantrain.plan.catalog import get_hardware, is_this_cpu, local_hardware
+    from leantrain.plan.planner import describe, plan
 
     if args.config is None and args.recipe is None:
         args.recipe = "tiny"
     cfg = load_config(args.config, args.recipe, _overrides(extra))
     tdp = cfg.energy.tdp_w if hasattr(cfg, "energy") else 0.0
-    hw = get_hardware(args.hardware, tdp) if args.hardware else detect_hardware(tdp)
+    if args.hardware and not is_this_cpu(args.hardware):
+        hw = get_hardware(args.hardware, tdp)
+    else:  # this machine, decided as the trainer decides it (leantrain.device)
+        hw, _ = local_hardware(cfg, args.gpus, device="cpu" if args.hardware else None)
     result = plan(cfg, hw, args.gpus)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1, default=str))
@@ -298,55 +284,35 @@ def cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from leantrain.report import write_report
+    from leantrain.report.html import skipped_lines
 
     path = write_report(args.run_dir, args.out)
+    for w in skipped_lines(args.run_dir):
+        err_console.print(f"[yellow]warning[/yellow]: {escape(w)}", highlight=False, soft_wrap=True)
     console.print(f"report written to [bold]{path}[/bold]")
     return 0
-
-
-def _write_report_safely(run_dir: Path) -> None:
-    """The end-of-training report: a failure here warns in one line and never costs the run."""
-    try:
-        from leantrain.report import write_report
-
-        write_report(run_dir)
-    except Exception as e:  # noqa: BLE001 - the run is saved; the report can be rebuilt with `leantrain report`
-        err_console.print(f"[yellow]warning[/yellow]: report.html not written ({type(e).__name__}: {e}); "
-                          f"retry with: leantrain report {run_dir}", highlight=False, soft_wrap=True)
 
 
 # ---- generate --------------------------------------------------------------------------
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from leantrain.model import generate
-    from leantrain.train.runs import load_trained
+    from leantrain import api
+    from leantrain.model.generate import check_sampling
 
-    model, tok, cfg, step, warnings = load_trained(args.run_dir, args.checkpoint)
-    for w in warnings:
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k)  # before a model is loaded
+    loaded = api.load_model(args.run_dir, checkpoint=args.checkpoint)
+    for w in loaded.warnings:
         err_console.print(f"[yellow]warning[/yellow]: {w}; used an older checkpoint")
-    if args.chat:  # wrap the prompt as the chat data did, print only the answer
-        from leantrain.tokens.chat import ChatEncoder
-
-        template = Path(args.run_dir) / "chat_template.txt"
-        if not template.is_file():
-            raise LeantrainError(f"--chat: {template} is missing, so this run was not trained on chat data "
-                                 "(`leantrain data prepare --format chat`); drop --chat")
-        encoder = ChatEncoder(tok, template.read_text())
-        ids, eos = encoder.encode_prompt(args.prompt), encoder.eot  # an answer ends at the end-of-text token
-    else:
-        ids, eos = tok.encode(args.prompt).ids, None
-    if not ids:
-        raise LeantrainError("the prompt is empty; pass some text with --prompt")
-    new = generate(model, ids, args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k or None, seed=args.seed, eos_id=eos)
-    print(tok.decode(new) if args.chat else args.prompt + tok.decode(new))
+    text = api.generate(loaded, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, seed=args.seed, chat=args.chat)
+    print(text if args.chat else args.prompt + text)  # --chat prints only the answer
     return 0
 
 
 # ---- checkpoint ------------------------------------------------------------------------
 
 def cmd_checkpoint_consolidate(args: argparse.Namespace) -> int:
-    from leantrain.train.dcp import consolidate
+    from leantrain.train.checkpoint import consolidate
 
     out = consolidate(args.checkpoint_dir, args.out)
     console.print(f"consolidated {args.checkpoint_dir} into [bold]{out}[/bold] (model.safetensors, "
@@ -375,8 +341,18 @@ def cmd_config(args: argparse.Namespace, extra: list[str]) -> int:
 
 # ---- entry -----------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (as every other user error), not usage plus a line."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="leantrain", description="Train transformer language models efficiently.")
+    from leantrain import __version__
+
+    p = _Parser(prog="leantrain", description="Train transformer language models efficiently.")
+    p.add_argument("--version", action="version", version=f"leantrain {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     data = sub.add_parser("data", help="prepare token datasets")
@@ -390,12 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default 8192)")
     prep.add_argument("--tokenizer", help="reuse this tokenizer.json instead of training one")
     prep.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out (0.02)")
-    prep.add_argument("--text-field", default="text", help="field of .jsonl records holding the text")
+    prep.add_argument("--text-field", default=None, help="field of .jsonl records holding the text (default text)")
     prep.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     prep.add_argument("--profile", choices=("none", "code", "web"), default=None,
-                      help="curation: none (default: no filtering), code (source-code filters, PII scrub, dedup) "
-                      "or web (Gopher/C4/FineWeb filters, PII scrub, dedup); a data card is written either way")
-    prep.add_argument("--executor", choices=("local", "ray", "serial"), default="local",
+                      help="curation: none (default: exact and near dedup only), code (source-code filters, PII "
+                      "scrub, dedup) or web (Gopher/C4/FineWeb filters, PII scrub, dedup); a data card either way")
+    prep.add_argument("--executor", choices=("local", "ray", "serial"), default=None,
                       help="where curation steps run: local process pool (default), ray, or serial")
     prep.add_argument("--workers", type=int, default=None, help="curation workers (default: all cores)")
     prep.add_argument("--include", action="append", metavar="GLOB",
@@ -407,7 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="drop documents sharing a 13-gram with these eval files/folders (repeatable)")
     prep.add_argument("--language", help="keep only this language (needs fasttext and a lid.176.bin model; "
                       "skipped with a note otherwise)")
-    prep.add_argument("--curation-config", metavar="TOML", help="curation settings: [step] tables of thresholds")
+    prep.add_argument("--curation-config", metavar="TOML",
+                      help="curation settings: a config file's [curation] section (with [curation.STEP] tables), "
+                      "or a file of top-level settings and [STEP] tables")
+    prep.add_argument("--follow-symlinks", action="store_true",
+                      help="follow symlinks that lead out of an input folder (default: skip and count them)")
+    prep.add_argument("--max-file-bytes", type=int, default=None,
+                      help="skip (and count) text files larger than this many bytes (default 1 GiB)")
     prep.add_argument("--set", action="append", metavar="STEP.FIELD=VALUE",
                       help="override one curation setting, e.g. gopher_quality.min_words=20 (repeatable)")
     prep.add_argument("--format", choices=("text", "chat"), default="text",
@@ -434,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--init-from", metavar="HF_DIR",
                        help="start from a local Hugging Face Llama or GPT-2 folder (sets train.init_from and "
                        "the [model] section from its config.json)")
+    train.add_argument("--force", action="store_true",
+                       help="start even when the planner estimates that the model does not fit in the memory "
+                       "available")
 
     exp = sub.add_parser("export", help="write a trained run as a Hugging Face model folder",
                          description="Write the newest good checkpoint of a run as a folder that "
@@ -443,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="folder to write")
     exp.add_argument("--checkpoint", help="a specific checkpoint folder instead of the newest")
     exp.add_argument("--max-shard-size", default="5GB", help="split weights into files of at most this size (5GB)")
-    exp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    exp.add_argument("--overwrite", action="store_true",
+                     help="replace an earlier export in --out (only a folder `leantrain export` wrote)")
 
     lrf = sub.add_parser("lr-find", help="sweep the learning rate over a short run and suggest one",
                          description="Raise the lr exponentially each step (Smith 2017), stop on divergence, "
@@ -500,9 +486,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(BaseException):
+    """SIGTERM outside a training step (start-up, export, data prepare): raised like KeyboardInterrupt, so
+    every `finally` and temporary-folder cleanup on the way out runs before the process exits."""
+
+
+def _sigterm_raises() -> Any:
+    """Make SIGTERM raise Terminated in this process (the trainer installs its own handler for its steps);
+    returns the previous handler. A forked worker that inherited it dies of SIGTERM as it would have."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    pid = os.getpid()
+
+    def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != pid:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # overrides bypass argparse: it takes `--train.sample_prompt=a b` (a space inside) for a positional
+    args, extra = parser.parse_known_args([a for a in argv if not _is_override(a)])
+    extra = [a for a in argv if _is_override(a)] + extra
+    previous = _sigterm_raises()
     try:
         if args.command == "train":
             return cmd_train(args, extra)
@@ -537,6 +549,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
+    except Terminated:
+        what = ("the run directory holds only whole files and checkpoints" if args.command == "train"
+                else "nothing was left half-written")
+        err_console.print(f"stopped by SIGTERM before {args.command} finished; {what}: run the same command again "
+                          "to continue", highlight=False, soft_wrap=True)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -38,18 +40,20 @@ def _key(f: dataclasses.Field) -> str:
 
 @dataclass
 class ModelConfig:
-    n_layers: int = _f(4, "transformer blocks", min=1)
-    dim: int = _f(256, "residual stream width", min=8)
-    n_heads: int = _f(4, "query heads; dim must divide by it", min=1)
-    n_kv_heads: int = _f(4, "key/value heads (grouped-query attention); n_heads must divide by it", min=1)
-    seq_len: int = _f(256, "context length in tokens", min=2)
-    vocab_size: int = _f(8192, "embedding rows; at least the tokenizer's vocabulary", min=2)
-    ffn_dim: int = _f(0, "SwiGLU hidden width; 0 means 8/3*dim rounded up to a multiple of 64", min=0)
+    n_layers: int = _f(4, "transformer blocks", min=1, max=4096)
+    dim: int = _f(256, "residual stream width", min=8, max=131072)
+    n_heads: int = _f(4, "query heads; dim must divide by it", min=1, max=4096)
+    n_kv_heads: int = _f(4, "key/value heads (grouped-query attention); n_heads must divide by it", min=1,
+                         max=4096)
+    seq_len: int = _f(256, "context length in tokens", min=2, max=2**24)
+    vocab_size: int = _f(8192, "embedding rows; at least the tokenizer's vocabulary", min=2, max=2**24)
+    ffn_dim: int = _f(0, "SwiGLU hidden width; 0 means 8/3*dim rounded up to a multiple of 64", min=0,
+                     max=2**20)
     rope_theta: float = _f(10000.0, "rotary embedding base", min=1.0)
-    norm_eps: float = _f(1e-5, "RMSNorm epsilon", min=0.0, min_exclusive=True)
+    norm_eps: float = _f(1e-5, "RMSNorm epsilon", min=0.0, max=1.0, min_exclusive=True)
     tie_embeddings: bool = _f(True, "share the input embedding with the output projection")
     init_std: float = _f(0.02, "std of the normal init; residual projections get std/sqrt(2*n_layers)",
-                         min=0.0, min_exclusive=True)
+                         min=0.0, max=10.0, min_exclusive=True)
     arch: str = _f("llama", "block layout: llama (RMSNorm, RoPE, SwiGLU, no biases) or gpt2 (LayerNorm, learned "
                    "positions, GELU MLP, biases; ffn_dim 0 means 4*dim)", choices=("llama", "gpt2"))
 
@@ -57,27 +61,32 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str = _f("data/stdlib", "token dataset folder written by `leantrain data prepare`")
+    prefetch: str = _f("auto", "prepare the next steps' batches in a background thread: auto (on CUDA only; on "
+                       "CPU the thread would compete with training for the cores), on or off",
+                       choices=("auto", "on", "off"))
 
 
 @dataclass
 class TrainConfig:
-    steps: int = _f(300, "optimizer steps", min=1)
-    micro_batch_size: int = _f(16, "sequences per forward/backward on one process", min=1)
-    grad_accum_steps: int = _f(1, "micro-batches accumulated per optimizer step", min=1)
-    seed: int = _f(1337, "seed for init, data order and sampling", min=0)
-    eval_every: int = _f(100, "steps between validation runs; 0 evaluates only at the end", min=0)
-    eval_steps: int = _f(10, "validation batches per evaluation", min=1)
+    steps: int = _f(300, "optimizer steps", min=1, max=10**12)
+    micro_batch_size: int = _f(16, "sequences per forward/backward on one process", min=1, max=2**20)
+    grad_accum_steps: int = _f(1, "micro-batches accumulated per optimizer step", min=1, max=2**20)
+    seed: int = _f(1337, "seed for init, data order and sampling", min=0, max=2**63 - 1)
+    eval_every: int = _f(100, "steps between validation runs; 0 evaluates only at the end", min=0,
+                        max=10**12)
+    eval_steps: int = _f(10, "validation batches per evaluation", min=1, max=10**9)
     grad_clip: float = _f(1.0, "max global gradient norm; 0 disables clipping", min=0.0)
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
-    threads: int = _f(0, "intra-op CPU threads; 0 means one per physical core", min=0)
+    threads: int = _f(0, "intra-op CPU threads; 0 means one per physical core", min=0, max=65536)
     compile: bool = _f(False, "compile the model with torch.compile (compile time is reported separately)")
     activation_checkpointing: str = _f("none", "recompute block activations in backward to save memory: "
                                        "none, full (every block) or selective (every ac_every-th block)",
                                        choices=("none", "full", "selective"))
     attention: str = _f("auto", "attention kernel: sdpa, matmul (faster for short contexts in bf16 on CPU) or "
                          "auto (picks per device)", choices=("auto", "sdpa", "matmul"))
-    ac_every: int = _f(2, "selective activation checkpointing wraps every ac_every-th block", min=1)
-    sample_tokens: int = _f(200, "tokens generated as a sample at the end; 0 skips it", min=0)
+    ac_every: int = _f(2, "selective activation checkpointing wraps every ac_every-th block", min=1, max=4096)
+    sample_tokens: int = _f(200, "tokens generated as a sample at the end; 0 skips it", min=0,
+                            max=10**6)
     sample_prompt: str = _f("def ", "prompt of the end-of-run sample")
     init_from: str = _f("", "start from the weights of a local Hugging Face model folder (Llama or GPT-2); "
                         "empty starts from random init")
@@ -92,7 +101,7 @@ class OptimConfig:
     beta1: float = _f(0.9, "Adam beta1", min=0.0, max=1.0)
     beta2: float = _f(0.95, "Adam beta2", min=0.0, max=1.0)
     eps: float = _f(1e-8, "Adam epsilon", min=0.0, min_exclusive=True)
-    warmup_steps: int = _f(30, "linear warmup steps", min=0)
+    warmup_steps: int = _f(30, "linear warmup steps", min=0, max=10**12)
     schedule: str = _f("cosine", "learning-rate schedule after warmup",
                        choices=("cosine", "wsd", "constant", "inverse_sqrt"))
     min_lr_ratio: float = _f(0.1, "final lr as a fraction of lr (cosine, wsd)", min=0.0, max=1.0)
@@ -101,23 +110,26 @@ class OptimConfig:
     muon_lr: float = _f(0.02, "muon: peak lr of the 2-D hidden weights (the rest use lr with AdamW)",
                         min=0.0, min_exclusive=True)
     muon_momentum: float = _f(0.95, "muon: Nesterov momentum of the hidden weights", min=0.0, max=1.0)
-    ns_steps: int = _f(5, "muon: Newton-Schulz iterations that orthogonalise the update", min=1)
+    ns_steps: int = _f(5, "muon: Newton-Schulz iterations that orthogonalise the update", min=1,
+                       max=100)
     lion_beta1: float = _f(0.9, "lion: interpolation of momentum and gradient for the sign update", min=0.0, max=1.0)
     lion_beta2: float = _f(0.99, "lion: momentum decay", min=0.0, max=1.0)
 
 
 @dataclass
 class ParallelConfig:
-    dp_replicate: int = _f(1, "data-parallel replicas (DDP; with dp_shard > 1: HSDP replica groups)", min=1)
+    dp_replicate: int = _f(1, "data-parallel replicas (DDP; with dp_shard > 1: HSDP replica groups)", min=1,
+                           max=2**20)
     dp_shard: int = _f(-1, "data-parallel shards (FSDP2, ZeRO-3 style); -1 takes the rest of the world size",
-                       min=-1, allowed="-1 (the rest) or an integer >= 1")
+                       min=-1, max=2**20, allowed="-1 (the rest) or an integer in [1, 2^20]")
     tp: int = _f(1, "tensor-parallel degree: each block's heads and hidden units split over tp ranks (needs "
-                 "n_heads and n_kv_heads divisible by tp, untied embeddings)", min=1)
+                 "n_heads and n_kv_heads divisible by tp, untied embeddings)", min=1, max=4096)
     fsdp_reshard_after_forward: bool = _f(True, "FSDP2: free gathered weights after forward (less memory, "
                                           "one more all-gather in backward)")
     backend: str = _f("auto", "torch.distributed backend; auto picks nccl on CUDA, gloo on CPU",
                       choices=("auto", "nccl", "gloo"))
-    timeout_s: int = _f(600, "seconds a collective may wait before the run stops with an error", min=1)
+    timeout_s: int = _f(600, "seconds a collective may wait before the run stops with an error", min=1,
+                        max=10**7)
 
 
 @dataclass
@@ -130,8 +142,8 @@ class PrecisionConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = _f(100, "steps between checkpoints; 0 saves only at the end", min=0)
-    keep: int = _f(2, "newest checkpoints kept on disk", min=1)
+    every: int = _f(100, "steps between checkpoints; 0 saves only at the end", min=0, max=10**12)
+    keep: int = _f(2, "newest checkpoints kept on disk", min=1, max=10**6)
     async_: bool = _f(False, "write checkpoints in a background thread so training goes on", key="async")
     format: str = _f("full", "full: rank 0 writes the whole state in one file per kind; sharded: every rank "
                      "writes its own shards (torch.distributed.checkpoint; for models too big for one host)",
@@ -142,18 +154,24 @@ class CheckpointConfig:
 class GuardConfig:
     policy: str = _f("skip", "on a non-finite or spiking step: skip it, rollback to the last checkpoint, or off",
                      choices=("skip", "rollback", "off"))
-    sigma: float = _f(6.0, "a spike is loss or grad norm this many std devs above the recent window",
+    sigma: float = _f(4.0, "a spike is loss or grad norm this many std devs above the recent window",
                       min=0.0, min_exclusive=True)
-    window: int = _f(50, "recent good steps the spike test compares against", min=2)
-    min_history: int = _f(20, "good steps seen before spikes are tested (non-finite is always tested)", min=2)
-    max_retries: int = _f(5, "interventions allowed between two checkpoints before the run stops", min=0)
+    window: int = _f(20, "recent good steps the spike test compares against", min=2, max=10**6)
+    min_history: int = _f(20, "good steps after the lr warm-up seen before spikes are tested (non-finite is "
+                          "always tested); at most window", min=2, max=10**6)
+    min_loss_rise: float = _f(0.2, "a loss spike is also more than this fraction above the recent mean (0.2: 20%), "
+                              "so ordinary batch noise over a quiet window is not one", min=0.0, max=10**6)
+    min_grad_rise: float = _f(1.0, "a grad norm spike is also more than this fraction above the recent mean "
+                              "(1.0: twice it)", min=0.0, max=10**6)
+    max_retries: int = _f(5, "interventions allowed between two checkpoints before the run stops", min=0,
+                          max=10**6)
 
 
 @dataclass
 class LogConfig:
-    every: int = _f(10, "steps between metrics lines", min=1)
+    every: int = _f(10, "steps between metrics lines", min=1, max=10**12)
     grad_health_every: int = _f(100, "steps between per-block grad norm and update/weight logs; 0 disables",
-                                min=0)
+                                min=0, max=10**12)
     progress: str = _f("auto", "terminal output: auto (bar on a TTY, lines otherwise), bar, lines, none",
                        choices=("auto", "bar", "lines", "none"))
 
@@ -165,11 +183,11 @@ class EnergyConfig:
     region: str = _f("world", "grid region for carbon intensity: world, a country code (FR), a US state (US-VA) or "
                      "a cloud region (aws:us-east-1, gcp:europe-west4, azure:westeurope)")
     pue: float = _f(1.2, "power usage effectiveness, facility / device energy (1.2: a modern data centre; "
-                    "1.0 for a desktop)", min=1.0)
+                    "1.0 for a desktop)", min=1.0, max=10.0)
     price_per_kwh: float = _f(0.15, "electricity price, USD per kWh of facility energy", min=0.0)
     price_per_device_hour: float = _f(0.0, "rental price, USD per device-hour (one device per process)", min=0.0)
     tdp_w: float = _f(0.0, "estimate meter: device power at full load in W; 0 takes the GPU's power limit or "
-                      "3.5 W per CPU thread", min=0.0)
+                      "3.5 W per CPU thread", min=0.0, max=10**6)
     rapl_root: str = _f("/sys/class/powercap", "where the RAPL powercap sysfs tree is")
     intensity_csv: str = _f("", "hourly carbon intensity CSV (timestamp_utc,g_per_kwh); empty uses the region's "
                             "yearly average")
@@ -180,7 +198,8 @@ class EnergyConfig:
 
 @dataclass
 class FinetuneConfig:
-    lora_rank: int = _f(0, "LoRA adapter rank; 0 trains the full model (minus finetune.freeze)", min=0)
+    lora_rank: int = _f(0, "LoRA adapter rank; 0 trains the full model (minus finetune.freeze)", min=0,
+                        max=65536)
     lora_alpha: float = _f(16.0, "LoRA scale numerator: the update is (lora_alpha/lora_rank) * B A",
                            min=0.0, min_exclusive=True)
     lora_dropout: float = _f(0.0, "dropout on the LoRA branch's input", min=0.0, max=1.0)
@@ -188,6 +207,33 @@ class FinetuneConfig:
                            "output, or globs), or all-linear (every linear of the blocks)")
     freeze: str = _f("", "comma list of parameter-name prefixes or globs kept frozen (e.g. tok_embeddings,layers.0); "
                      "with LoRA every base weight is frozen anyway")
+
+
+@dataclass
+class CurationConfig:
+    """`leantrain data prepare`'s curation; `[curation.<step>]` tables (e.g. `[curation.gopher_quality]`) set
+    any step's fields or `enabled`, checked against the step classes by `corpus.pipeline.build_steps`."""
+
+    profile: str = _f("none", "curation steps: none (dedup only), code (source-code filters, PII scrub, dedup) or "
+                      "web (Gopher/C4/FineWeb filters, PII scrub, dedup)", choices=("none", "code", "web"))
+    dedup: bool = _f(True, "exact and near dedup, in every profile (--no-dedup turns them off)")
+    pii: bool = _f(True, "PII scrubbing, in the profiles that have it (--no-pii turns it off)")
+    language: str = _f("", "keep only this language (needs fasttext and a lid.176.bin model); empty keeps all")
+    executor: str = _f("local", "where curation steps run: local process pool, ray or serial",
+                       choices=("local", "ray", "serial"))
+    workers: int = _f(0, "curation worker processes; 0 means one per available core", min=0, max=65536)
+    text_field: str = _f("text", "field of .jsonl records holding the text")
+    follow_symlinks: bool = _f(False, "follow symlinks that lead out of an input folder")
+    max_file_bytes: int = _f(1 << 30, "files read whole (text) larger than this are skipped and counted", min=1)
+    steps: dict = field(default_factory=dict, metadata={"help": "[curation.<step>] tables", "tables": True})
+
+
+def _toml_or_text(text: str) -> Any:
+    """A step setting typed on the command line: a TOML value (20, true, [1, 2]), else the text itself."""
+    try:
+        return tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
 
 
 @dataclass
@@ -203,6 +249,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     energy: EnergyConfig = field(default_factory=EnergyConfig)
+    curation: CurationConfig = field(default_factory=CurationConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Sections as {TOML key: value}."""
@@ -223,7 +270,8 @@ class Config:
         """
         defaults = Config().to_dict()
         sections = {name: {k: v for k, v in values.items() if v != defaults[name][k]}
-                    for name, values in self.to_dict().items() if name not in ("parallel", "energy")}
+                    for name, values in self.to_dict().items()
+                    if name not in ("parallel", "energy", "curation")}
         blob = json.dumps(sections, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -232,7 +280,7 @@ _SECTION_TYPES = {
     "model": ModelConfig, "data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
     "parallel": ParallelConfig, "precision": PrecisionConfig, "checkpoint": CheckpointConfig,
     "guard": GuardConfig, "log": LogConfig, "finetune": FinetuneConfig,
-    "energy": EnergyConfig,
+    "energy": EnergyConfig, "curation": CurationConfig,
 }
 
 
@@ -260,13 +308,25 @@ def _allowed(f: dataclasses.Field) -> str:
         return m["allowed"]
     if m.get("choices"):
         return "one of " + ", ".join(map(str, m["choices"]))
-    kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[_ftype(f)]
-    lo, hi = m.get("min"), m.get("max")
+    kind = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}[_ftype(f)]
+    lo, hi = _bound(m.get("min")), _bound(m.get("max"))
     if lo is not None and hi is not None:
-        return f"{kind} in [{lo}, {hi}]"
+        return f"{kind} in {'(' if m.get('min_exclusive') else '['}{lo}, {hi}]"
     if lo is not None:
         return f"{kind} {'>' if m.get('min_exclusive') else '>='} {lo}"
     return kind
+
+
+def _bound(v: float | None) -> str | None:
+    """A range end as people read it: 10^12 and 2^24 rather than their thirteen and eight digits."""
+    if v is None:
+        return None
+    if isinstance(v, int) and v >= 10**5:
+        for base in (10, 2):
+            k = round(math.log(v, base))
+            if base**k in (v, v + 1):
+                return f"{base}^{k}" + ("-1" if base**k == v + 1 else "")
+    return str(v)
 
 
 def _ftype(f: dataclasses.Field) -> type:
@@ -288,8 +348,11 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise bad
         value = float(value)
-    elif not isinstance(value, str):
-        raise bad
+        if not math.isfinite(value):  # NaN slips through every < and > test below
+            raise bad
+    elif not isinstance(value, str):  # e.g. an unquoted TOML date: path = 2024-06-01
+        raise ConfigError(f"config: {key} = {value} is not allowed; expected a string (in TOML, quote it: "
+                          f"{_key(f)} = \"{value}\")")
     m = f.metadata
     if m.get("choices") and value not in m["choices"]:
         raise bad
@@ -300,12 +363,41 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
     return value
 
 
-def _parse_cli_value(text: str) -> Any:
-    """`--train.steps=5` gives a string; read it as TOML so types match the file form."""
+_TRUE, _FALSE = ("true", "1"), ("false", "0")
+
+
+def _parse_cli_value(f: dataclasses.Field | None, text: str) -> Any:
+    """`--train.steps=5` gives a string; read it as the field's type, not by guessing from TOML.
+
+    So `--data.path=2024-06-01` stays a path (TOML would read a date) and `--optim.lr=1` is a float.
+    A str field takes the text as typed, unless it is one quoted TOML string ("a = b" or 'a = b'),
+    which is unquoted. Text that does not read as the type stays a string, so `_coerce` names it.
+    """
+    if f is None:  # an unknown key: `_merge` names it
+        return text
+    want = _ftype(f)
+    if want is str:
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+            try:
+                value = tomllib.loads(f"v = {text}")["v"]
+            except tomllib.TOMLDecodeError:
+                return text
+            return value if isinstance(value, str) else text
+        return text
+    word = text.strip()
+    if want is bool:
+        low = word.lower()
+        return True if low in _TRUE else False if low in _FALSE else text
+    if want is int:
+        try:
+            value = tomllib.loads(f"v = {word}")["v"]  # 1_000, 0x10 as in the file form
+        except tomllib.TOMLDecodeError:
+            return text
+        return value if isinstance(value, int) and not isinstance(value, bool) else text
     try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text  # a bare word such as `bf16` is a string
+        return float(word)  # nan and inf parse here and are refused by `_coerce` with the key's name
+    except ValueError:
+        return text
 
 
 def _merge(cfg: Config, data: dict[str, Any], where: str) -> None:
@@ -317,7 +409,14 @@ def _merge(cfg: Config, data: dict[str, Any], where: str) -> None:
         obj = getattr(cfg, section)
         fields = {_key(f): f for f in dataclasses.fields(obj)}
         for key, value in values.items():
-            if key not in fields:
+            if "steps" in fields and fields["steps"].metadata.get("tables") and (isinstance(value, dict) or "." in key):
+                # [curation.<step>] tables and --curation.<step>.<field>=value: the step classes check them
+                step, _, name = key.partition(".")
+                if isinstance(value, str) and "." in key:  # --curation.STEP.FIELD=text: read as a TOML value
+                    value = _toml_or_text(value)
+                obj.steps.setdefault(step, {}).update(value if isinstance(value, dict) else {name: value})
+                continue
+            if key not in fields or fields[key].metadata.get("tables"):
                 raise ConfigError(f"{where}: unknown key {section}.{key}; "
                                   f"allowed in [{section}]: {', '.join(fields)}")
             setattr(obj, fields[key].name, _coerce(section, fields[key], value))
@@ -332,7 +431,11 @@ def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"override {arg!r} is not of the form --section.field=value")
         dotted, text = body.split("=", 1)
         section, key = dotted.split(".", 1)
-        out.setdefault(section, {})[key] = _parse_cli_value(text)
+        cls = _SECTION_TYPES.get(section)
+        fields = {_key(f): f for f in dataclasses.fields(cls)} if cls else {}
+        f = fields.get(key)
+        typed = f if f is not None and not f.metadata.get("tables") else None  # tables: `_merge` reads them
+        out.setdefault(section, {})[key] = _parse_cli_value(typed, text)
     return out
 
 
@@ -374,6 +477,66 @@ def _check_relations(cfg: Config) -> None:
     if cfg.finetune.lora_rank and (cfg.parallel.tp > 1 or cfg.precision.fp8):
         raise ConfigError("config: finetune.lora_rank > 0 does not combine with parallel.tp > 1 or precision.fp8 "
                           "yet; set parallel.tp = 1 and precision.fp8 = false for LoRA")
+    _check_sizes_and_more(cfg)
+
+
+# no machine leantrain plans for holds more parameters than this (40 TB of fp32 weights alone)
+MAX_PARAMS = 10**13
+MAX_TOKENS_PER_MICRO_BATCH = 2**31
+
+
+def _check_sizes_and_more(cfg: Config) -> None:
+    """Relations between sections that each field's range cannot see: sizes that no machine could
+    allocate, a guard that could never test for spikes, a deadline that does not parse."""
+    m = cfg.model
+    ffn = m.ffn_dim or (4 * m.dim if m.arch == "gpt2" else 8 * m.dim // 3)
+    kv = m.n_kv_heads * (m.dim // m.n_heads)
+    params = m.vocab_size * m.dim * (1 if m.tie_embeddings else 2) + m.n_layers * (
+        2 * m.dim * m.dim + 2 * m.dim * kv + 3 * m.dim * ffn)
+    if params > MAX_PARAMS:
+        raise ConfigError(f"config: model of about {params:.3g} parameters (n_layers = {m.n_layers}, dim = {m.dim}, "
+                          f"vocab_size = {m.vocab_size}, ffn_dim = {ffn}) cannot be allocated; allowed is at most "
+                          f"{MAX_PARAMS:.0e}: lower the sizes (`leantrain plan` shows what fits)")
+    tokens = cfg.train.micro_batch_size * m.seq_len
+    if tokens > MAX_TOKENS_PER_MICRO_BATCH:
+        raise ConfigError(f"config: train.micro_batch_size x model.seq_len = {cfg.train.micro_batch_size} x {m.seq_len}"
+                          f" = {tokens} tokens per micro-batch is more than the {MAX_TOKENS_PER_MICRO_BATCH} allowed; "
+                          "lower micro_batch_size and raise train.grad_accum_steps")
+    if cfg.train.sample_tokens and not cfg.train.sample_prompt:
+        raise ConfigError("config: train.sample_prompt = '' is not allowed with train.sample_tokens > 0 (the "
+                          "end-of-run sample needs a prompt); give a prompt or set train.sample_tokens = 0")
+    g = cfg.guard
+    if g.min_history > g.window:
+        raise ConfigError(f"config: guard.min_history = {g.min_history} is more than guard.window = {g.window}, so "
+                          "the spike test would never run; set min_history <= window")
+    if cfg.energy.deadline:
+        text = cfg.energy.deadline.strip().replace("Z", "+00:00").replace("z", "+00:00")
+        try:
+            datetime.fromisoformat(text)
+        except ValueError:
+            raise ConfigError(f"config: energy.deadline = {cfg.energy.deadline!r} is not allowed; expected an ISO "
+                              "8601 UTC time such as 2025-06-01T08:00:00Z") from None
+
+
+def read_toml_file(path: str | Path) -> dict[str, Any]:
+    """A config file's tables; every way it can fail (missing, a folder, unreadable, not UTF-8, not TOML)
+    is one ConfigError that says which."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a folder, not a TOML file; pass the .toml file itself")
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist; check the path")
+    if not p.is_file():
+        raise ConfigError(f"config file {p} is not a regular file (a pipe or device?); pass a .toml file")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"config file {p} cannot be read ({e.strerror or e}); check its permissions") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    return _parse_toml(text, str(p))
 
 
 def load_config(path: str | Path | None = None, recipe: str | None = None,
@@ -383,10 +546,7 @@ def load_config(path: str | Path | None = None, recipe: str | None = None,
     if recipe:
         _merge(cfg, _parse_toml(recipe_text(recipe), f"recipe {recipe}"), f"recipe {recipe}")
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist; check the path")
-        _merge(cfg, _parse_toml(p.read_text(), str(p)), str(p))
+        _merge(cfg, read_toml_file(path), str(path))
     if overrides:
         ov = parse_overrides(overrides) if isinstance(overrides, list) else overrides
         _merge(cfg, ov, "override")
@@ -407,8 +567,11 @@ def to_toml(cfg: Config) -> str:
     lines = []
     for section, values in cfg.to_dict().items():
         lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, dict)]
         lines.append("")
+        tables = values.get("steps") if isinstance(values.get("steps"), dict) else {}
+        for table, inner in tables.items():  # [curation.<step>]
+            lines += [f"[{section}.{table}]"] + [f"{k} = {json.dumps(v)}" for k, v in inner.items()] + [""]
     return "\n".join(lines)
 
 
@@ -424,5 +587,6 @@ def describe() -> list[tuple[str, Any, str, str]]:
     rows = []
     for section, cls in _SECTION_TYPES.items():
         for f in dataclasses.fields(cls):
-            rows.append((f"{section}.{_key(f)}", f.default, _allowed(f), f.metadata["help"]))
+            if not f.metadata.get("tables"):
+                rows.append((f"{section}.{_key(f)}", f.default, _allowed(f), f.metadata["help"]))
     return rows

@@ -12,6 +12,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from leantrain.files import write_durable
+
 FORMAT = "leantrain-data-card/1"
 MAX_CLUSTERS = 1000  # per dedup step in the json; the markdown shows fewer
 
@@ -226,5 +228,5 @@ def write_card(card: dict[str, Any], folder: Path, plot: bool = True) -> None:
     if plot and not plot_lengths(card, folder / "data_card.png"):
         card["notes"].append("length histogram PNG skipped: matplotlib is not installed "
                              "(pip install 'leantrain[data]')")
-    (folder / "data_card.json").write_text(json.dumps(card, indent=1, ensure_ascii=False) + "\n")
-    (folder / "data_card.md").write_text(to_markdown(card))
+    write_durable(folder / "data_card.json", json.dumps(card, indent=1, ensure_ascii=False) + "\n")
+    write_durable(folder / "data_card.md", to_markdown(card))

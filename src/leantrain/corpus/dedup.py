@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from leantrain.corpus.readers import Document
-from leantrain.corpus.steps import Drop, Executor, GlobalStep, StepStats, utf8_len
+from leantrain.corpus.steps import Drop, Executor, GlobalStep, StepStats
 from leantrain.errors import ConfigError
 
 _U64 = np.uint64
@@ -449,11 +449,6 @@ def _batches(sizes: list[int], workers: int) -> list[tuple[int, int]]:
     return out
 
 
-def _count_in(stats: StepStats, docs: list[Document]) -> None:
-    stats.docs_in += len(docs)
-    stats.bytes_in += sum(utf8_len(d.text) for d in docs)
-
-
 class ExactDedup(GlobalStep):
     """Drop documents whose normalized text (lowercased, whitespace collapsed) was seen before.
 
@@ -476,15 +471,10 @@ class ExactDedup(GlobalStep):
         seen: dict[bytes, str] = {}
         self._clusters = {}
         for doc in docs:
-            size = utf8_len(doc.text)
-            stats.docs_in += 1
-            stats.bytes_in += size
             key = self._key(doc.text)
             kept = seen.get(key)
             if kept is None:
                 seen[key] = doc.id
-                stats.docs_out += 1
-                stats.bytes_out += size
                 yield doc
                 continue
             cluster = self._clusters.setdefault(key, {"kept": kept, "removed": []})
@@ -578,7 +568,6 @@ class NearDedup(GlobalStep):
 
     def run(self, docs: Iterable[Document], stats: StepStats, executor: Executor) -> Iterator[Document]:
         docs = list(docs)
-        _count_in(stats, docs)
         sig, band_hashes, valid = self.signatures(docs, executor)
         pairs = self._candidates(band_hashes, valid, executor)
         pairs, info = self._verify(docs, sig, pairs, executor)
@@ -603,8 +592,6 @@ class NearDedup(GlobalStep):
                 root = int(roots[i])
                 stats.drop(doc, Drop("dedup:near", f"near-duplicate of {docs[root].id} (cluster {cluster_of[root]})"))
             else:
-                stats.docs_out += 1
-                stats.bytes_out += utf8_len(doc.text)
                 yield doc
 
     def report(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -58,6 +59,11 @@ class SerialExecutor:
         return "serial (1 process)"
 
 
+def _worker_init() -> None:
+    """Workers leave Ctrl-C to the parent: it stops the run and cleans up, and no worker prints a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class LocalExecutor:
     """A process pool; `inflight` batches per worker are queued ahead of the one being consumed."""
 
@@ -72,7 +78,8 @@ class LocalExecutor:
         if self._pool is None:
             # forkserver/spawn, never fork: the parent may hold threads (tokenizers, Ray) that fork would copy mid-lock.
             method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(method))
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(method),
+                                             initializer=_worker_init)
         return self._pool
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:

@@ -5,7 +5,10 @@ quality, C4, FineWeb. Source code (the `code` profile): `CodeQuality`, after Cod
 StarCoder and CodeParrot. Word and line conventions shared by all prose filters:
 
 - a *word* is a whitespace-separated token with surrounding punctuation stripped; a token that is
-  punctuation only (`-`, `...`, `#`) is a *symbol*, not a word (Gopher's "non-symbol words");
+  punctuation only (`-`, `...`, `#`) is a *symbol*, not a word (Gopher's "non-symbol words"), in
+  every Gopher and FineWeb rule alike (datatrove's tokenizer counts each punctuation mark as a
+  word: bench/filter_parity.py shows what that changes); C4's words-per-line rule alone counts
+  whitespace tokens, as C4's released code does;
 - *lines* are split on `\\n`; *paragraphs* on runs of two or more `\\n`.
 """
 
@@ -56,8 +59,15 @@ class GopherQuality(DocStep):
     Drops a document with fewer than 50 or more than 100,000 words; mean word length outside
     [3, 10]; a symbol-to-word ratio above 0.1 for either "#" or the ellipsis ("..." / "…"); more than
     90% of lines starting with a bullet; more than 30% of lines ending with an ellipsis; fewer than
-    80% of words containing an alphabetic character; fewer than 2 occurrences of the stop words
-    the, be, to, of, and, that, have, with (counted case-insensitively, like datatrove counts them).
+    80% of words containing an alphabetic character; fewer than 2 of the stop words the, be, to, of,
+    and, that, have, with present ("at least two of the following English words": distinct words,
+    not occurrences, so "the ... the" is one).
+
+    Deliberate differences from datatrove, which counts words with a tokenizer that makes
+    punctuation marks tokens of their own: here symbols are never words (the hash and ellipsis
+    ratios and the alphabetic share are per word, as the word count and mean length already are
+    in both), stop words match case-insensitively ("The" counts; datatrove's set match does not),
+    and the line rules count non-blank lines, with "*", "‣" and "◦" bullets as well as "•" and "-".
     """
 
     min_words: int = 50
@@ -105,7 +115,7 @@ class GopherQuality(DocStep):
             return Drop("gopher_quality:alpha_words", f"{alpha:.0%} of words have a letter < "
                         f"{self.min_alpha_words_ratio:.0%}")
         stops = frozenset(self.stop_words)
-        found = sum(map(stops.__contains__, map(str.lower, words)))
+        found = len(stops.intersection(map(str.lower, words)))
         if found < self.min_stop_words:
             return Drop("gopher_quality:stop_words", f"{found} stop words < {self.min_stop_words}")
         return doc
@@ -221,6 +231,15 @@ _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "u
 _SENTENCE_END = re.compile(r"[.!?]+(?:[\"')\]]*)(?=\s|$)")
 
 
+def sentence_count(line: str) -> int:
+    """Sentences in one line: one per terminal mark followed by a space or the end, plus one for
+    any text after the last mark, so a non-blank line has at least one (as a sentence splitter says)."""
+    count = end = 0
+    for m in _SENTENCE_END.finditer(line):
+        count, end = count + 1, m.end()
+    return count + bool(line[end:].strip())
+
+
 @dataclass
 class C4Filter(DocStep):
     """C4's clean-up (Raffel et al. 2020, section 2.2), with the values of the released code.
@@ -233,6 +252,14 @@ class C4Filter(DocStep):
     text says "fewer than 3 sentences" and "at least 5 words"; the released TFDS code (and
     datatrove) use 5 sentences and 3 words per line, which we follow. The bad-words list is not
     applied. Kept lines are joined with "\\n".
+
+    Sentences are counted per kept line, as the reference runs its sentence splitter on each line:
+    every terminal mark (. ! ? with closing quotes or brackets) followed by a space or the line's
+    end closes one, and text after the last one is one more, so a kept line counts at least one
+    sentence even without terminal punctuation (FineWeb's variant, `terminal_punct = false`, keeps
+    such lines; counting them as zero dropped 20% of the real documents of bench/filter_parity.py
+    that datatrove keeps). Words per line are counted after citation marks go, as in the TFDS code;
+    datatrove counts them before (`x = []` is 3 words there, 2 here).
     """
 
     remove_citations: bool = True
@@ -251,13 +278,15 @@ class C4Filter(DocStep):
         kept: list[str] = []
         for raw in doc.text.split("\n"):
             line = raw.strip()
+            # the reference's order: long words before citation marks go, words counted after
+            if (self.max_word_length and len(line) > self.max_word_length
+                    and any(len(w) > self.max_word_length for w in line.split())):
+                continue
             if self.remove_citations:
                 line = _CITATION.sub("", line)
             if not line:
                 continue
             words = line.split()
-            if self.max_word_length and any(len(w) > self.max_word_length for w in words):
-                continue
             if self.terminal_punct and (not line.endswith(_C4_END) or line.endswith("...")):
                 continue
             if len(words) < self.min_words_per_line:
@@ -275,7 +304,7 @@ class C4Filter(DocStep):
         text = "\n".join(kept)
         if not kept:
             return Drop("c4:no_lines_left", "no line passed the line rules")
-        sentences = len(_SENTENCE_END.findall(text))
+        sentences = sum(map(sentence_count, kept))
         if sentences < self.min_sentences:
             return Drop("c4:too_few_sentences", f"{sentences} sentences < {self.min_sentences}")
         if text == doc.text:
@@ -283,7 +312,8 @@ class C4Filter(DocStep):
         return Document(doc.id, text, doc.source)
 
 
-_FINEWEB_STOP = (".", "!", "?", '"', "'", "…", "。", "！", "？", "‼", "⁇", "⁈", "⁉", "”", "’", "»")
+_FINEWEB_STOP = (".", "!", "?", "…", "。", "！", "？", "‼", "⁇", "⁈", "⁉")
+_CLOSERS = "\"'”’»)]"  # may follow the terminal mark: `He said "stop."`
 
 
 @dataclass
@@ -294,7 +324,16 @@ class FineWebQuality(DocStep):
     (kept if the ratio is above 0.12), when more than 67% of its lines are 30 characters or shorter,
     or when 10% or more of its characters (newlines left out) sit in lines that repeat an earlier line.
     The paper states 0.1 for the last rule; datatrove's code default is 0.01, which we do not
-    follow. Also datatrove's "list" rule: more than 0.3 newlines per word.
+    follow. Also datatrove's "list" rule: more than 0.3 line breaks per word (lines of fewer than
+    ~3.3 words on average).
+
+    Deliberate differences from datatrove: the list rule counts the breaks between non-blank lines,
+    the unit of every other rule here, where datatrove counts newline characters, so blank lines
+    between paragraphs (up to 3 newlines each after the web profile's normalize step) do not make
+    prose look like a list; words are `words_of` (symbols are not words, as in every prose rule
+    here), where datatrove's tokenizer counts each punctuation mark as a word, which lowers its
+    ratio; and a terminal mark followed by closing quotes or brackets (`said "stop."`) ends a line
+    in punctuation too (a quote alone does not: `x = "y"` is code, not a sentence).
     """
 
     min_line_punct_ratio: float = 0.12
@@ -311,7 +350,7 @@ class FineWebQuality(DocStep):
         lines = [line for line in text.split("\n") if line.strip()]
         if not lines:
             return Drop("fineweb:empty", "no non-blank lines")
-        punct = sum(line.rstrip().endswith(_FINEWEB_STOP) for line in lines) / len(lines)
+        punct = sum(line.rstrip().rstrip(_CLOSERS).endswith(_FINEWEB_STOP) for line in lines) / len(lines)
         if punct <= self.min_line_punct_ratio and not (punct == 0 and self.line_punct_exclude_zero):
             return Drop("fineweb:line_punct_ratio", f"{punct:.0%} of lines end in punctuation <= "
                         f"{self.min_line_punct_ratio:.0%}")
@@ -322,10 +361,10 @@ class FineWebQuality(DocStep):
         if dup >= self.max_dup_line_char_ratio:
             return Drop("fineweb:dup_line_chars", f"{dup:.1%} of characters in repeated lines >= "
                         f"{self.max_dup_line_char_ratio:.0%}")
-        words = words_of(text)
-        newlines = _ratio(text.count("\n"), len(words))
-        if newlines > self.max_newline_word_ratio:
-            return Drop("fineweb:list_like", f"{newlines:.2f} newlines per word > {self.max_newline_word_ratio}")
+        n_words = len(words_of(text))
+        per_word = (len(lines) - 1) / n_words if n_words else float("inf")
+        if per_word > self.max_newline_word_ratio:
+            return Drop("fineweb:list_like", f"{per_word:.2f} line breaks per word > {self.max_newline_word_ratio}")
         return doc
 
 

@@ -6,28 +6,33 @@ generator of synthetic documents), cuts the stream into batches, runs each run o
 to each `GlobalStep` (dedup) with the same executor. Output order is input order, whatever the
 executor, so the same input and config give byte-identical output.
 
-Profiles name the usual step lists; a TOML file (or `section.key=value` overrides) sets any
-step's fields or turns steps on and off:
+Profiles name the usual step lists; exact and near dedup run in every profile (`none` included)
+unless `dedup` is off. The settings are the `[curation]` section of the main config
+(`leantrain.config.CurationConfig`): its fields pick the profile and switches, and
+`[curation.<step>]` tables set any step's fields or turn steps on and off:
 
-    profile = "web"            # optional; the CLI's --profile wins
-    [gopher_quality]
+    [curation]
+    profile = "web"
+    [curation.gopher_quality]
     min_words = 20
-    [c4]
+    [curation.c4]
     enabled = false
 
-`curate_dataset` runs a pipeline once, spills the curated documents to a temporary jsonl file
-next to the output, builds the token dataset from that spill (the tokenizer pass and the encode
-pass read the spill, so dedup is not computed twice) and writes the data card into the dataset
-folder before it is renamed into place.
+`load_curation` reads that section from a TOML file (a main config, or a curation-only file in
+the older form: top-level `profile` and `[step]` tables) plus `step.field=value` overrides.
+The pipeline counts what every step took in, kept and dropped (the base of each kind of step
+does the counting, as in datatrove); the curated stream is handed to tokenization through a
+spill file (`write_spill` / `read_spill`) by `leantrain.dataprep`, which sits above both.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
 import json
-import shutil
+import math
 import time
 import tomllib
 from collections.abc import Callable, Iterable, Iterator
@@ -35,10 +40,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from leantrain.corpus.readers import Document, ReadStats
+from leantrain.config import CurationConfig
+from leantrain.config import load_config as load_main_config
+from leantrain.corpus.readers import Document
 from leantrain.corpus.steps import DocStep, Drop, Executor, GlobalStep, StepStats, utf8_len
 from leantrain.errors import ConfigError, DataError
-from leantrain.files import fresh_sibling
 
 Source = Callable[[], Iterable[Document]]
 Step = DocStep | GlobalStep
@@ -50,7 +56,7 @@ PROFILES = ("none", "code", "web")
 STEP_ORDER = ("normalize", "language", "gopher_quality", "gopher_repetition", "c4", "fineweb", "code", "pii",
               "exact_dedup", "near_dedup", "decontaminate")
 _PROFILE_STEPS = {
-    "none": (),
+    "none": ("exact_dedup", "near_dedup"),
     "code": ("normalize", "code", "pii", "exact_dedup", "near_dedup", "decontaminate"),
     "web": ("normalize", "language", "gopher_quality", "gopher_repetition", "c4", "fineweb", "pii",
             "exact_dedup", "near_dedup", "decontaminate"),
@@ -93,13 +99,18 @@ def step_fields(cls: Callable[..., Step]) -> dict[str, Any]:
 
 
 def _coerce(default: Any, value: Any, where: str) -> Any:
-    """Check a TOML value against a field's default type; tuples come from TOML arrays."""
+    """Check a TOML value against a field's default type; tuples come from TOML arrays; a string
+    (an override typed on the command line) is read as a TOML value when the field is not a string."""
+    if isinstance(value, str) and not isinstance(default, str) and default is not None:
+        with contextlib.suppress(tomllib.TOMLDecodeError):
+            value = tomllib.loads(f"v = {value.strip()}")["v"]
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
     elif isinstance(default, int) and isinstance(value, int) and not isinstance(value, bool):
         return value
-    elif isinstance(default, float) and isinstance(value, int | float) and not isinstance(value, bool):
+    elif (isinstance(default, float) and isinstance(value, int | float) and not isinstance(value, bool)
+          and math.isfinite(value)):  # NaN would pass or fail every threshold test silently
         return float(value)
     elif isinstance(default, str) and isinstance(value, str):
         return value
@@ -111,10 +122,11 @@ def _coerce(default: Any, value: Any, where: str) -> Any:
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
-    """`gopher_quality.min_words=20` -> ("gopher_quality", "min_words", 20); values are TOML values."""
+    """`gopher_quality.min_words=20` -> ("gopher_quality", "min_words", 20); `profile=web` -> ("", "profile",
+    "web"); values are TOML values, else the text as typed."""
     key, sep, raw = text.partition("=")
-    section, dot, name = key.strip().partition(".")
-    if not sep or not dot or not section or not name:
+    section, dot, name = key.strip().rpartition(".")
+    if not sep or not name or (dot and not section):
         raise ConfigError(f"curation override {text!r} is not allowed; write step.field=value, "
                           "e.g. gopher_quality.min_words=20")
     try:
@@ -124,21 +136,53 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, name, value
 
 
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict[str, Any]:
-    """Read a curation TOML file and apply `step.field=value` overrides; returns {section: {field: value}}."""
-    config: dict[str, Any] = {}
+def load_curation(path: str | Path | None = None, overrides: Iterable[str] = (),
+                  base: CurationConfig | None = None) -> CurationConfig:
+    """The curation settings: `base` (or the defaults), then a TOML file's `[curation]` section (or, in a
+    curation-only file, its top level), then `step.field=value` / `field=value` overrides.
+
+    Scalar fields are checked by the main config's validation (one system); step tables by `build_steps`.
+    """
+    section: dict[str, Any] = {}
+    if base is not None:
+        section = {k: v for k, v in dataclasses.asdict(base).items() if k != "steps"}
+        section.update({k: dict(v) for k, v in base.steps.items()})
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"curation config {p} is a folder; pass a TOML file")
         if not p.is_file():
             raise ConfigError(f"curation config {p} does not exist; pass a TOML file")
         try:
-            config = tomllib.loads(p.read_text())
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"curation config {p} is not UTF-8 text; save it as UTF-8 TOML") from None
+        except OSError as e:
+            raise ConfigError(f"curation config {p} cannot be read ({e.strerror}); check its permissions") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"curation config {p} is not valid TOML: {e}") from None
+        data = data["curation"] if isinstance(data.get("curation"), dict) else data
+        for key, value in data.items():
+            if isinstance(value, dict):
+                section.setdefault(key, {}).update(value)
+            else:
+                section[key] = value
     for item in overrides:
-        section, name, value = parse_override(item)
-        config.setdefault(section, {})[name] = value
-    return config
+        step, name, value = parse_override(item)
+        if step:
+            section.setdefault(step, {})[name] = value
+        else:
+            section[name] = value
+    try:
+        return load_main_config(overrides={"curation": section}).curation
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("config: curation.", "curation setting ")) from None
+
+
+def plan_for(curation: CurationConfig, eval_paths: Iterable[str | Path] = ()) -> Plan:
+    """The step list a `[curation]` section asks for (see `build_steps`)."""
+    return build_steps(curation.profile, curation.steps, dedup=curation.dedup, pii=curation.pii,
+                       eval_paths=eval_paths, language=curation.language or None)
 
 
 @dataclass
@@ -269,6 +313,14 @@ class Pipeline:
         self.lengths: dict[str, list[int]] = {"in": [], "out": []}  # characters per document
         self.seconds = 0.0
 
+    def _unique(self, name: str) -> str:
+        """A step's name in the counts; a second step of the same name gets `name#2`, so no count overwrites another."""
+        taken = {s.name for s in self.stats}
+        unique, n = name, 2
+        while unique in taken:
+            unique, n = f"{name}#{n}", n + 1
+        return unique
+
     def run(self) -> Iterator[Document]:
         t0 = time.perf_counter()
         self.stats, self.reports, self.lengths = [], {}, {"in": [], "out": []}
@@ -282,12 +334,14 @@ class Pipeline:
                 continue
             # Stats are made here, not inside the (lazy) generators, so they list in step order.
             if segment:
-                seg_stats = [StepStats(s.name) for s in segment]
-                self.stats.extend(seg_stats)
+                seg_stats = []
+                for s in segment:
+                    seg_stats.append(StepStats(self._unique(s.name)))
+                    self.stats.append(seg_stats[-1])
                 stream = self._doc_steps(tuple(segment), stream, seg_stats)
                 segment = []
             if step is not None:
-                stats = StepStats(step.name)
+                stats = StepStats(self._unique(step.name))
                 self.stats.append(stats)
                 stream = self._global(step, stream, stats)
         out = self.lengths["out"]
@@ -338,33 +392,14 @@ class Pipeline:
             yield from kept
 
     def _global(self, step: GlobalStep, docs: Iterator[Document], stats: StepStats) -> Iterator[Document]:
-        upstream = [0, 0, 0.0]  # docs, bytes, seconds spent waiting on earlier steps
-
-        def counted() -> Iterator[Document]:
-            t = time.perf_counter()
-            for d in docs:
-                upstream[2] += time.perf_counter() - t
-                upstream[0] += 1
-                upstream[1] += utf8_len(d.text)
-                yield d
-                t = time.perf_counter()
-            upstream[2] += time.perf_counter() - t
-
-        n_out = b_out = 0
-        t0 = time.perf_counter()
-        for d in step.run(counted(), stats, self.executor):
-            n_out += 1
-            b_out += utf8_len(d.text)
-            yield d
-        # The pipeline's own counts win over whatever the step counted, so every step reads alike.
-        stats.docs_in, stats.bytes_in, stats.docs_out, stats.bytes_out = upstream[0], upstream[1], n_out, b_out
-        stats.seconds = time.perf_counter() - t0 - upstream[2]
-        self.reports[step.name] = step.report()
+        yield from step.counted(docs, stats, self.executor)
+        self.reports[stats.name] = step.report()
 
 
-# ---- curated token dataset -----------------------------------------------------------
+# ---- the hand-off to tokenization -----------------------------------------------------
 
-def _write_spill(docs: Iterable[Document], path: Path) -> int:
+def write_spill(docs: Iterable[Document], path: Path) -> int:
+    """Write curated documents to a jsonl spill file (surrogates kept); returns how many."""
     n = 0
     with path.open("wb") as f:
         for d in docs:
@@ -375,48 +410,8 @@ def _write_spill(docs: Iterable[Document], path: Path) -> int:
 
 
 def read_spill(path: Path) -> Iterator[Document]:
+    """The documents `write_spill` wrote, in order."""
     with path.open("rb") as f:
         for raw in f:
             obj = json.loads(raw.decode("utf-8", errors="surrogatepass"))
             yield Document(obj["id"], obj["text"], obj["source"])
-
-
-def curate_dataset(sources: Source | Iterable[Source], out_dir: str | Path, *, plan: Plan,
-                   executor: Executor | None = None, read_stats: ReadStats | None = None,
-                   provenance: dict[str, Any] | None = None, progress: Callable[[str, int, int | None], None] | None
-                   = None, plot: bool = True, **prepare_kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Curate `sources` with `plan`, then build the token dataset in `out_dir`; returns (meta, card).
-
-    The card (`data_card.json`, `data_card.md`, and `data_card.png` when matplotlib is there) is
-    written into the dataset folder before it is renamed into place: no dataset without its card.
-    """
-    from leantrain.corpus.card import build_card, write_card
-    from leantrain.tokens.prepare import _check_out_dir, prepare_dataset
-
-    out = Path(out_dir)
-    _check_out_dir(out, bool(prepare_kwargs.get("overwrite", False)))  # fail before the curation work
-    spill_dir = fresh_sibling(out, "curate")
-    try:
-        pipe = Pipeline(sources, plan.steps, executor,
-                        progress=(lambda n: progress("curate", n, None)) if progress else None)
-        spill = spill_dir / "curated.jsonl"
-        kept = _write_spill(pipe.run(), spill)
-        if progress:
-            progress("curate", pipe.stats[0].docs_in, pipe.stats[0].docs_in)
-        if kept == 0:
-            raise DataError(f"curation kept no documents (profile {plan.profile!r}, {pipe.stats[0].docs_in} read); "
-                            "see which step removed them with --profile none or a looser config")
-        doc_tokens: list[int] = []
-        card: dict[str, Any] = {}
-
-        def publish(tmp: Path, meta: dict[str, Any]) -> None:
-            card.update(build_card(pipe, plan, meta, doc_tokens, read_stats=read_stats,
-                                   executor=getattr(executor, "describe", lambda: "serial")()))
-            write_card(card, tmp, plot=plot)
-
-        meta = prepare_dataset(lambda: read_spill(spill), out, provenance={**(provenance or {}),
-                               "curation_profile": plan.profile}, progress=progress, doc_tokens=doc_tokens,
-                               before_publish=publish, **prepare_kwargs)
-    finally:
-        shutil.rmtree(spill_dir, ignore_errors=True)
-    return meta, card

@@ -21,6 +21,16 @@ file can crash a run (every skip or repair is counted in a `ReadStats`, never si
 - Enormous lines: a jsonl record longer than `max_line_bytes` (default 8 MiB) is skipped, and a
   line of a text file longer than that is cut out of its document (the rest is kept); both are
   counted as `long_lines`. Memory stays bounded by that size for jsonl, whatever the input.
+- Only regular files are read. FIFOs, character and block devices and sockets (or symlinks to
+  them) are skipped and counted as `special`, never opened for reading (a FIFO open would block;
+  `/dev/zero` never ends): files are opened non-blocking and checked with `fstat` before a byte
+  is read. Symlinks inside an input folder are followed only while their target stays inside
+  that folder (`follow_symlinks=True` lifts this); the others are counted as `symlinks_out`.
+- A file read whole (text) larger than `max_file_bytes` (default 1 GiB, after decompression) is
+  skipped and counted as `too_large`; jsonl and parquet are streamed, so only their records are
+  bounded. JSON nested too deeply to parse is a bad line (`deep_json`), never a crash.
+- A jsonl file whose first records are JSON objects without the text field is an error that
+  names the fields they have and `--text-field`, before any work starts.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import fnmatch
 import gzip
 import json
 import os
+import stat
 import sysconfig
 import zlib
 from collections.abc import Iterator, Sequence
@@ -42,6 +53,8 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
 MAX_LINE_BYTES = 8 << 20
+MAX_FILE_BYTES = 1 << 30
+_FIELD_PROBE_LINES = 20
 _SNIFF_BYTES = 8192
 _CHUNK = 1 << 20
 # Test suites are huge and repetitive; the stdlib without them is ~12 MB of ordinary code.
@@ -76,6 +89,10 @@ class ReadStats:
     unreadable: int = 0  # files that could not be decoded at all (corrupt archive, bad parquet, no such column)
     long_lines: int = 0  # jsonl records skipped / text lines cut for being longer than max_line_bytes
     bad_records: int = 0  # parquet rows whose text is null or not a string
+    special: int = 0  # FIFOs, devices, sockets (or symlinks to them): never opened
+    symlinks_out: int = 0  # symlinks leading out of their input folder (or broken), not followed
+    too_large: int = 0  # files read whole that exceed max_file_bytes
+    deep_json: int = 0  # jsonl lines nested too deeply to parse (also counted in bad_json_lines)
 
     def reset(self) -> None:
         for name in self.__dataclass_fields__:
@@ -90,7 +107,9 @@ class ReadStats:
         if self.hidden:
             text += f", {self.hidden} hidden files/folders"
         for name, what in (("excluded", "excluded by globs"), ("unreadable", "unreadable"),
-                           ("bad_records", "bad parquet rows")):
+                           ("bad_records", "bad parquet rows"), ("special", "FIFOs/devices/sockets"),
+                           ("symlinks_out", "symlinks out of their folder"), ("too_large", "too large"),
+                           ("deep_json", "too deeply nested json lines")):
             if getattr(self, name):
                 text += f", {getattr(self, name)} {what}"
         if self.replaced_utf8:
@@ -172,19 +191,50 @@ def _selected(rel: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
     return (not include or hit(include)) and not hit(exclude)
 
 
-def _walk(root: Path, stats: ReadStats, include: Sequence[str] = (),
-          exclude: Sequence[str] = ()) -> list[tuple[str, Path]]:
-    """Files under `root`, sorted by posix relative path, ids prefixed with the folder's name."""
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def walk(root: Path, stats: ReadStats, include: Sequence[str] = (), exclude: Sequence[str] = (), *,
+         follow_symlinks: bool = False) -> list[tuple[str, Path]]:
+    """Files under `root`, sorted by posix relative path, ids prefixed with the folder's name.
+
+    Hidden names and files left out by the globs are counted and skipped; symlinks (to files or
+    folders) are followed only while their target stays inside `root`, unless `follow_symlinks`;
+    a folder reached twice through links is walked once (no loops). Special files are left to
+    `open_regular`, which skips them at read time without blocking.
+    """
     found: list[tuple[str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    real_root = root.resolve()
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        here = os.stat(dirpath)
+        if (here.st_dev, here.st_ino) in seen:  # reached again through a link: already walked
+            dirnames[:] = []
+            continue
+        seen.add((here.st_dev, here.st_ino))
         visible = [d for d in dirnames if not d.startswith(".")]
         stats.hidden += len(dirnames) - len(visible)
-        dirnames[:] = visible
+        kept_dirs = []
+        for d in visible:
+            full = Path(dirpath, d)
+            if full.is_symlink() and not follow_symlinks and not _inside(full.resolve(), real_root):
+                stats.symlinks_out += 1
+                continue
+            kept_dirs.append(d)
+        dirnames[:] = kept_dirs
         for name in filenames:
             if name.startswith("."):
                 stats.hidden += 1
                 continue
             path = Path(dirpath, name)
+            if path.is_symlink() and not follow_symlinks and not _inside(path.resolve(), real_root):
+                stats.symlinks_out += 1
+                continue
             if not _selected(path.relative_to(root).as_posix(), include, exclude):
                 stats.excluded += 1
                 continue
@@ -193,12 +243,42 @@ def _walk(root: Path, stats: ReadStats, include: Sequence[str] = (),
     return found
 
 
-def _inner_suffix(path: Path) -> tuple[str, str]:
+def inner_suffix(path: Path) -> tuple[str, str]:
     """(kind suffix, compression suffix): `a.jsonl.gz` -> (".jsonl", ".gz")."""
     suffixes = [s.lower() for s in path.suffixes]
     comp = suffixes[-1] if suffixes and suffixes[-1] in COMPRESSED_SUFFIXES else ""
     rest = suffixes[:-1] if comp else suffixes
     return (rest[-1] if rest else ""), comp
+
+
+class NotRegular(Exception):
+    """A path that is not a regular file (FIFO, device, socket, folder, broken link)."""
+
+
+def open_regular(path: Path):  # -> BinaryIO
+    """Open `path` for reading only if it is a regular file, without ever blocking.
+
+    O_NONBLOCK makes opening a FIFO return at once (a blocking open waits for a writer forever);
+    `fstat` on the opened descriptor then decides, so a file swapped for a FIFO after a check is
+    still caught. Raises `NotRegular` for anything but a regular file, `OSError` when it cannot be opened.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegular(f"{path} is not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def is_regular(path: Path) -> bool:
+    """True for a regular file (following symlinks); FIFOs, devices, sockets, folders, broken links: False."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _need(module: str) -> None:
@@ -209,49 +289,114 @@ def _need(module: str) -> None:
                         "install it with: pip install 'leantrain[data]'") from None
 
 
+def plan_files(paths: Sequence[str | Path], stats: ReadStats, *, include: Sequence[str] = (),
+               exclude: Sequence[str] = (), follow_symlinks: bool = False) -> list[tuple[str, Path]]:
+    """(id, path) of the files to read: folders walked, missing paths an error, special files counted and left out.
+
+    A file named directly is read even through a symlink (the user named it), but only if it is a
+    regular file: `/dev/zero` or a FIFO passed on the command line is skipped and counted.
+    """
+    plan: list[tuple[str, Path]] = []
+    for p in map(Path, paths):
+        if not os.path.lexists(p):
+            raise DataError(f"input path {p} does not exist; check the path or pass another file or folder")
+        if p.is_dir():
+            plan.extend((i, q) for i, q in walk(p, stats, include, exclude, follow_symlinks=follow_symlinks))
+        elif not p.exists():
+            stats.symlinks_out += 1  # a broken symlink named directly
+        else:
+            plan.append((p.name, p))
+    kept = []
+    for doc_id, path in plan:
+        if is_regular(path):
+            kept.append((doc_id, path))
+        elif os.path.exists(path):
+            stats.special += 1
+        else:
+            stats.symlinks_out += 1  # broken link
+    return kept
+
+
+def _record_fields(path: Path, text_field: str, max_line_bytes: int) -> list[str] | None:
+    """The fields of a jsonl file's first records when none has a string `text_field`; None if fine (or unknown)."""
+    fields: set[str] = set()
+    objects = 0
+    lines = _lines(path, max_line_bytes, ReadStats())
+    try:
+        for n, raw in enumerate(lines):
+            if n >= _FIELD_PROBE_LINES:
+                break
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw.decode("utf-8", errors="replace"))
+            except (ValueError, RecursionError):
+                continue
+            if not isinstance(obj, dict):
+                continue
+            if isinstance(obj.get(text_field), str):
+                return None
+            objects += 1
+            fields.update(map(str, obj))
+    except (NotRegular, OSError):
+        return None  # the read proper counts it
+    finally:
+        lines.close()
+    return sorted(fields) if objects else None
+
+
 def read_paths(paths: list[str | Path], text_field: str = "text", stats: ReadStats | None = None, *,
                include: Sequence[str] = (), exclude: Sequence[str] = (),
-               max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[Document]:
+               max_line_bytes: int = MAX_LINE_BYTES, max_file_bytes: int = MAX_FILE_BYTES,
+               follow_symlinks: bool = False) -> Iterator[Document]:
     """Documents from files and folders (recursive): one per text file, one per jsonl line or parquet row.
 
     ids are stable under moving the data: `folder/rel/path.txt` (the folder's own name, then the
     relative path) or the bare file name for a file passed directly; jsonl lines add `#L<n>`,
-    parquet rows `#R<n>`. Missing paths (and a missing optional reader package) fail at call
-    time, before anything is read.
+    parquet rows `#R<n>`. Missing paths, a missing optional reader package and jsonl records
+    without the text field fail at call time, before anything is read.
     """
     stats = stats if stats is not None else ReadStats()
     if isinstance(paths, str | Path):
         paths = [paths]
     if max_line_bytes < 1:
         raise DataError(f"max_line_bytes = {max_line_bytes} is not allowed; expected an integer >= 1")
-    plan: list[tuple[str, Path]] = []
-    for p in map(Path, paths):
-        if not p.exists():
-            raise DataError(f"input path {p} does not exist; check the path or pass another file or folder")
-        if p.is_dir():
-            plan.extend(_walk(p, stats, include, exclude))
-        else:
-            plan.append((p.name, p))
+    if max_file_bytes < 1:
+        raise DataError(f"max_file_bytes = {max_file_bytes} is not allowed; expected an integer >= 1")
+    plan = plan_files(paths, stats, include=include, exclude=exclude, follow_symlinks=follow_symlinks)
     for _, path in plan:
-        kind, comp = _inner_suffix(path)
+        kind, comp = inner_suffix(path)
         if kind in PARQUET_SUFFIXES and not comp:
             _need("pyarrow")
         if comp in (".zst", ".zstd"):
             _need("zstandard")
-    return _read_files(plan, text_field, stats, max_line_bytes)
+    for _, path in plan:
+        if inner_suffix(path)[0] in JSONL_SUFFIXES:
+            fields = _record_fields(path, text_field, max_line_bytes)
+            if fields is not None:
+                shown = ", ".join(fields[:8]) + (", ..." if len(fields) > 8 else "")
+                raise DataError(f"{path}: its records have no string field {text_field!r} (fields: {shown}); "
+                                "pick the field that holds the text with --text-field NAME")
+    return _read_files(plan, text_field, stats, max_line_bytes, max_file_bytes)
 
 
 def _read_files(plan: list[tuple[str, Path]], text_field: str, stats: ReadStats,
-                max_line_bytes: int) -> Iterator[Document]:
+                max_line_bytes: int, max_file_bytes: int) -> Iterator[Document]:
     for doc_id, path in plan:
         stats.files += 1
-        kind, comp = _inner_suffix(path)
-        if kind in PARQUET_SUFFIXES and not comp:
-            yield from _read_parquet(doc_id, path, text_field, stats)
-        elif kind in JSONL_SUFFIXES:
-            yield from _read_jsonl(doc_id, path, text_field, stats, max_line_bytes)
-        else:
-            yield from _read_text(doc_id, path, stats, max_line_bytes)
+        kind, comp = inner_suffix(path)
+        try:
+            if kind in PARQUET_SUFFIXES and not comp:
+                yield from _read_parquet(doc_id, path, text_field, stats)
+            elif kind in JSONL_SUFFIXES:
+                yield from _read_jsonl(doc_id, path, text_field, stats, max_line_bytes)
+            else:
+                yield from _read_text(doc_id, path, stats, max_line_bytes, max_file_bytes)
+        except NotRegular:
+            stats.files -= 1
+            stats.special += 1  # became a FIFO/device after the plan was made
+        except OSError:  # vanished, no permission, an I/O error: counted, the run goes on
+            stats.unreadable += 1
 
 
 class _Damaged(Exception):
@@ -264,11 +409,11 @@ class _Damaged(Exception):
 
 def _chunks(path: Path) -> Iterator[bytes]:
     """The decompressed bytes of `path` in chunks; raises `_Damaged` where the stream breaks."""
-    comp = _inner_suffix(path)[1]
+    comp = inner_suffix(path)[1]
     if comp == ".gz":
         got = False
         try:
-            with gzip.open(path, "rb") as f:
+            with open_regular(path) as raw, gzip.open(raw, "rb") as f:
                 while chunk := f.read1(_CHUNK):  # read1: what decodes now, so a truncated tail loses little
                     got = True
                     yield chunk
@@ -282,7 +427,7 @@ def _chunks(path: Path) -> Iterator[bytes]:
         dctx = zstandard.ZstdDecompressor()
         dobj, got, pending = dctx.decompressobj(), False, False
         try:
-            with path.open("rb") as f:
+            with open_regular(path) as f:
                 while raw := f.read(_CHUNK):
                     while raw:
                         out = dobj.decompress(raw)
@@ -298,7 +443,7 @@ def _chunks(path: Path) -> Iterator[bytes]:
         if pending:
             raise _Damaged(truncated=True)
     else:
-        with path.open("rb") as f:
+        with open_regular(path) as f:
             while chunk := f.read(_CHUNK):
                 yield chunk
 
@@ -314,10 +459,22 @@ def _cut_long_lines(data: bytes, limit: int, stats: ReadStats) -> bytes:
     return b"\n".join(kept)
 
 
-def _read_text(doc_id: str, path: Path, stats: ReadStats, max_line_bytes: int) -> Iterator[Document]:
+def _read_text(doc_id: str, path: Path, stats: ReadStats, max_line_bytes: int,
+               max_file_bytes: int = MAX_FILE_BYTES) -> Iterator[Document]:
+    if os.stat(path).st_size > max_file_bytes:
+        stats.too_large += 1
+        return
     parts: list[bytes] = []
+    size = 0
+    chunks = _chunks(path)
     try:
-        parts.extend(_chunks(path))
+        for chunk in chunks:  # bounded: a decompression bomb or a file that keeps growing stops here
+            size += len(chunk)
+            if size > max_file_bytes:
+                chunks.close()
+                stats.too_large += 1
+                return
+            parts.append(chunk)
     except _Damaged as e:
         if not e.truncated:
             stats.unreadable += 1
@@ -401,6 +558,10 @@ def _read_jsonl(doc_id: str, path: Path, text_field: str, stats: ReadStats,
         except ValueError:
             stats.bad_json_lines += 1
             continue
+        except RecursionError:  # nested deeper than the parser's stack: a bad line, not a crash
+            stats.bad_json_lines += 1
+            stats.deep_json += 1
+            continue
         text = obj.get(text_field) if isinstance(obj, dict) else None
         if not isinstance(text, str):
             stats.bad_json_lines += 1
@@ -417,23 +578,27 @@ def _read_parquet(doc_id: str, path: Path, text_field: str, stats: ReadStats) ->
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
-        if text_field not in pf.schema_arrow.names:
-            stats.unreadable += 1
-            return
-        row = 0
-        any_rows = False
-        for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
-            for text in batch.column(0).to_pylist():
-                row += 1
-                any_rows = True
-                if not isinstance(text, str):
-                    stats.bad_records += 1
-                    continue
-                doc = _record(text, f"{doc_id}#R{row}", path, stats)
-                if doc is not None:
-                    yield doc
-        if not any_rows:
-            stats.empty += 1
+        with open_regular(path) as fh:
+            yield from _parquet_rows(doc_id, path, pq.ParquetFile(fh), text_field, stats)
     except (pa.ArrowException, OSError):
         stats.unreadable += 1
+
+
+def _parquet_rows(doc_id: str, path: Path, pf, text_field: str, stats: ReadStats) -> Iterator[Document]:
+    if text_field not in pf.schema_arrow.names:
+        stats.unreadable += 1
+        return
+    row = 0
+    any_rows = False
+    for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            any_rows = True
+            if not isinstance(text, str):
+                stats.bad_records += 1
+                continue
+            doc = _record(text, f"{doc_id}#R{row}", path, stats)
+            if doc is not None:
+                yield doc
+    if not any_rows:
+        stats.empty += 1

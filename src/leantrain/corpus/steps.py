@@ -16,6 +16,7 @@ drop reason for the data card.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -112,12 +113,38 @@ class DocStep:
 
 
 class GlobalStep:
-    """Sees the whole stream; yields the kept documents in input order and fills `stats`."""
+    """Sees the whole stream; yields the kept documents in input order and records each drop in `stats`.
+
+    `run` only says what goes (`stats.drop`); `counted` (what the pipeline calls) adds the documents
+    and bytes in and out and the wall time, so every step is counted the same way, once.
+    """
 
     name: str = "global"
 
     def run(self, docs: Iterable[Document], stats: StepStats, executor: Executor) -> Iterator[Document]:
         raise NotImplementedError
+
+    def counted(self, docs: Iterable[Document], stats: StepStats, executor: Executor) -> Iterator[Document]:
+        """`run` with the in/out counts and seconds (excluding the time spent waiting on earlier steps)."""
+        waited = 0.0
+
+        def inputs() -> Iterator[Document]:
+            nonlocal waited
+            t = time.perf_counter()
+            for d in docs:
+                waited += time.perf_counter() - t
+                stats.docs_in += 1
+                stats.bytes_in += utf8_len(d.text)
+                yield d
+                t = time.perf_counter()
+            waited += time.perf_counter() - t
+
+        t0 = time.perf_counter()
+        for d in self.run(inputs(), stats, executor):
+            stats.docs_out += 1
+            stats.bytes_out += utf8_len(d.text)
+            yield d
+        stats.seconds += time.perf_counter() - t0 - waited
 
     def report(self) -> dict[str, Any]:
         """Anything for the data card beyond the counts (e.g. duplicate clusters)."""

@@ -67,6 +67,7 @@ class EnergyAccountant:
         self.fallbacks: list[str] = []
         self.meter: Meter | None = None
         self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
         self.power_w = 0.0
         self._step_mark: tuple[int, float] | None = None
         if not self.enabled:
@@ -80,8 +81,9 @@ class EnergyAccountant:
         self._wall = time.monotonic()
         self._time = self.clock()
         if self.meter.poll_s:
-            threading.Thread(target=_poll, args=(self.meter, self._stop, self.meter.poll_s), daemon=True,
-                             name="leantrain-energy-poll").start()
+            self._poller = threading.Thread(target=_poll, args=(self.meter, self._stop, self.meter.poll_s),
+                                            daemon=True, name="leantrain-energy-poll")
+            self._poller.start()
 
     def use_clock(self, clock: Callable[[], datetime]) -> None:
         """Take UTC time from `clock` from now on (carbon-aware tests run on a compressed clock)."""
@@ -178,8 +180,11 @@ class EnergyAccountant:
             self.totals[k] = float(state.get(k, 0.0))
 
     def close(self) -> None:
-        """Stop the background reads (reading on demand still works)."""
+        """Stop the background reads and wait for the poller to end (reading on demand still works); a thread
+        left inside a native meter read at interpreter shutdown can abort the process."""
         self._stop.set()
+        if self._poller is not None:
+            self._poller.join()
 
 
 def _device_facts(device: Any) -> tuple[str, int, str | None, str]:

@@ -8,26 +8,29 @@ generation_config.json. The name and layout mapping (shared with `train.init_fro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from leantrain.errors import CheckpointError, ConfigError
-from leantrain.files import fresh_sibling, swap_in
+from leantrain.errors import CheckpointError, ConfigError, LeantrainError
+from leantrain.files import fresh_sibling, swap_in, write_durable
 from leantrain.model.hf import hf_config, to_hf
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+EXPORT_MARKER = ".leantrain-export.json"  # written into every export folder
 
 
 def write_safetensors(tensors: dict[str, Tensor], out_dir: Path, max_shard_bytes: int) -> list[str]:
     """model.safetensors, or model-0000i-of-0000n.safetensors shards + model.safetensors.index.json when the
     tensors pass `max_shard_bytes` (a tensor larger than the limit gets a shard of its own). Returns file names."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
@@ -39,16 +42,16 @@ def write_safetensors(tensors: dict[str, Tensor], out_dir: Path, max_shard_bytes
         shards[-1][name] = t.contiguous()
         size += n
     if len(shards) == 1:
-        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        write_durable(out_dir / "model.safetensors", save(shards[0], metadata={"format": "pt"}), sync_dir=False)
         return ["model.safetensors"]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for name, shard in zip(names, shards, strict=True):
-        save_file(shard, str(out_dir / name), metadata={"format": "pt"})
+        write_durable(out_dir / name, save(shard, metadata={"format": "pt"}), sync_dir=False)
         weight_map.update(dict.fromkeys(shard, name))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    write_durable(out_dir / "model.safetensors.index.json", json.dumps(index, indent=2), sync_dir=False)
     return [*names, "model.safetensors.index.json"]
 
 
@@ -62,6 +65,41 @@ def parse_size(text: str) -> int:
     return max(1, int(float(m.group(1)) * scale))
 
 
+def check_export_target(out: Path, run_dir: str | Path, overwrite: bool) -> None:
+    """Refuse, in one line and before anything is written or deleted, an --out whose replacement could lose
+    what leantrain did not write: the run directory, the run's data folder, a folder holding or inside
+    either, the current folder, the home folder, /tmp or a folder holding one of them, and (with
+    --overwrite) any non-empty folder that lacks the mark an earlier export left in it."""
+    from leantrain.config import load_config
+
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out} is a file; pass a folder path")
+    target = out.resolve()
+    run = Path(run_dir).resolve()
+    guarded = {"the run directory": run}
+    with contextlib.suppress(LeantrainError, OSError):  # not a run: load_trained says so next
+        guarded["the run's data folder"] = Path(load_config(run / "config.toml").data.path).resolve()
+    for what, folder in guarded.items():
+        if target == folder or target in folder.parents or folder in target.parents:
+            relation = "is" if target == folder else "holds" if target in folder.parents else "is inside"
+            raise CheckpointError(f"--out {out} {relation} {what} ({folder}); export to a folder outside it, "
+                                  "e.g. --out exports/NAME")
+    for what, folder in [("the current folder", Path.cwd()), ("your home folder", Path.home()),
+                         ("the temporary folder", Path(tempfile.gettempdir())), ("the temporary folder", Path("/tmp"))]:
+        folder = folder.resolve()
+        if target == folder or target in folder.parents:
+            relation = "is" if target == folder else "holds"
+            raise CheckpointError(f"--out {out} {relation} {what}; export to a new folder, e.g. --out exports/NAME")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise CheckpointError(f"--out {out} is not empty; pass --overwrite to replace an earlier export there, "
+                              "or pick another folder")
+    if not (out / EXPORT_MARKER).is_file():
+        raise CheckpointError(f"--out {out} was not written by leantrain export (no {EXPORT_MARKER} in it), so "
+                              "--overwrite will not replace it; pick another folder or empty it yourself")
+
+
 def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Path | None = None,
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> dict[str, Any]:
     """Write a run's newest good (or the given) checkpoint as a transformers model folder; returns a summary.
@@ -73,10 +111,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Path |
     from leantrain.train.runs import load_trained
 
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"--out {out} is a file; pass a folder path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise CheckpointError(f"--out {out} is not empty; pass --overwrite to replace it or pick another folder")
+    check_export_target(out, run_dir, overwrite)
     model, tok, cfg, step, warnings = load_trained(run_dir, checkpoint)
     eot = eot_id(tok, where=f"{run_dir}/tokenizer.json")
     eot_token = tok.id_to_token(eot)
@@ -84,16 +119,24 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Path |
     try:
         state = {k: v.detach().to(torch.float32).cpu() for k, v in model.state_dict().items()}
         files = write_safetensors(to_hf(state, cfg.model), tmp, max_shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(hf_config(cfg.model, eot), indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}, indent=2))
-        tok.save(str(tmp / "tokenizer.json"))
-        (tmp / "tokenizer_config.json").write_text(json.dumps(
+        write_durable(tmp / "config.json", json.dumps(hf_config(cfg.model, eot), indent=2), sync_dir=False)
+        write_durable(tmp / "generation_config.json", json.dumps(
+            {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}, indent=2), sync_dir=False)
+        write_durable(tmp / "tokenizer.json", tok.to_str(pretty=True), sync_dir=False)
+        write_durable(tmp / "tokenizer_config.json", json.dumps(
             {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eot_token, "eos_token": eot_token,
              "pad_token": eot_token, "model_max_length": cfg.model.seq_len, "clean_up_tokenization_spaces": False},
-            indent=2))
+            indent=2), sync_dir=False)
         files += ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+        # the mark that lets a later --overwrite replace this folder (and nothing leantrain did not write)
+        write_durable(tmp / EXPORT_MARKER, json.dumps({"leantrain_export": 1, "format": "hf", "step": step,
+                                                       "run_dir": str(Path(run_dir).resolve())}, indent=1),
+                      sync_dir=False)
         swap_in(tmp, out)
+    except OSError as e:  # a full disk, a file-size limit: the partial export goes, --out stays as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write the export {out}: {e.strerror or e}; the partial output was removed "
+                              f"and {out} is as it was; free disk space, then run the same command again") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -11,6 +11,7 @@ files could run code. It lives with the model (not in export/) because training 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -54,21 +55,65 @@ def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise HFFormatError(f"{p} is missing; a Hugging Face model folder has config.json next to its weights")
     try:
-        return json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HFFormatError(f"{p} is not valid JSON ({e}); re-save the model with save_pretrained") from None
+        c = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise HFFormatError(f"{p} is not valid JSON ({type(e).__name__}); re-save the model with save_pretrained"
+                            ) from None
+    except OSError as e:
+        raise HFFormatError(f"{p} cannot be read ({e.strerror or e}); check its permissions") from None
+    if not isinstance(c, dict):
+        raise HFFormatError(f"{p} holds a JSON {type(c).__name__}, not an object of config fields; re-save the "
+                            "model with save_pretrained")
+    return c
+
+
+def _size(c: dict[str, Any], key: str, where: Path, default: int | None = None, low: int = 1) -> int:
+    """An integer size of config.json: present (or defaulted), an integer, at least `low`."""
+    if key not in c or c[key] is None:
+        if default is None:
+            raise HFFormatError(f"{where}: field {key} is missing; a Llama/GPT-2 config.json names it (re-save the "
+                                "model with save_pretrained)")
+        return default
+    v = c[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise HFFormatError(f"{where}: {key} = {v!r} is not allowed; expected an integer >= {low}")
+    return v
+
+
+def _positive(c: dict[str, Any], key: str, where: Path, default: float) -> float:
+    """A finite positive float of config.json (epsilons, rope_theta)."""
+    v = c.get(key, default)
+    v = default if v is None else v
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+        raise HFFormatError(f"{where}: {key} = {v!r} is not allowed; expected a finite number > 0")
+    return float(v)
+
+
+def _check_heads(fields: dict[str, Any], names: tuple[str, str, str], where: Path) -> dict[str, Any]:
+    """hidden size / heads / kv heads must divide as the model needs; named by config.json's own keys."""
+    dim, heads, kv = fields["dim"], fields["n_heads"], fields["n_kv_heads"]
+    if dim % heads:
+        raise HFFormatError(f"{where}: {names[0]} = {dim} does not divide by {names[1]} = {heads}; the config is "
+                            "inconsistent (re-save the model with save_pretrained)")
+    if heads % kv:
+        raise HFFormatError(f"{where}: {names[1]} = {heads} does not divide by {names[2]} = {kv}; the config is "
+                            "inconsistent (re-save the model with save_pretrained)")
+    return fields
 
 
 def _rope_theta(c: dict[str, Any], where: Path) -> float:
     """rope_theta from a transformers 4 (`rope_theta`, `rope_scaling`) or 5 (`rope_parameters`) config."""
     params = c.get("rope_parameters") or {}
     scaling = c.get("rope_scaling") or {}
-    for p in (params, scaling):
+    for key, p in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if not isinstance(p, dict):
+            raise HFFormatError(f"{where}: {key} = {p!r} is not allowed; expected an object or null")
         kind = p.get("rope_type", p.get("type", "default"))
         if kind != "default":
             raise HFFormatError(f"{where}: rope type {kind!r} is not supported; leantrain's RoPE is the default "
                                 "(unscaled) kind")
-    return float(params.get("rope_theta", c.get("rope_theta", 10000.0)))
+    theta = params.get("rope_theta", c.get("rope_theta", 10000.0))
+    return _positive({"rope_theta": theta}, "rope_theta", where, 10000.0)
 
 
 def model_config_from_hf(hf_dir: str | Path) -> dict[str, Any]:
@@ -81,7 +126,7 @@ def model_config_from_hf(hf_dir: str | Path) -> dict[str, Any]:
     where = Path(hf_dir) / "config.json"
     kind = c.get("model_type")
     if kind == "llama":
-        heads, dim = c["num_attention_heads"], c["hidden_size"]
+        heads, dim = _size(c, "num_attention_heads", where), _size(c, "hidden_size", where)
         problems = [f"{k} = {c[k]!r}" for k, ok in (("hidden_act", "silu"), ("attention_bias", False),
                                                      ("mlp_bias", False)) if k in c and c[k] != ok]
         if c.get("head_dim") not in (None, dim // heads):
@@ -89,11 +134,14 @@ def model_config_from_hf(hf_dir: str | Path) -> dict[str, Any]:
         if problems:
             raise HFFormatError(f"{where}: {', '.join(problems)} is not supported; leantrain's Llama has SiLU "
                                 "gates, no biases and head_dim = hidden_size / num_attention_heads")
-        return {"arch": "llama", "n_layers": c["num_hidden_layers"], "dim": dim, "n_heads": heads,
-                "n_kv_heads": c.get("num_key_value_heads") or heads, "seq_len": c["max_position_embeddings"],
-                "vocab_size": c["vocab_size"], "ffn_dim": c["intermediate_size"],
-                "rope_theta": _rope_theta(c, where), "norm_eps": float(c.get("rms_norm_eps", 1e-6)),
-                "tie_embeddings": bool(c.get("tie_word_embeddings", False))}
+        return _check_heads({
+            "arch": "llama", "n_layers": _size(c, "num_hidden_layers", where), "dim": dim, "n_heads": heads,
+            "n_kv_heads": _size(c, "num_key_value_heads", where, heads),
+            "seq_len": _size(c, "max_position_embeddings", where, low=2), "vocab_size": _size(c, "vocab_size", where),
+            "ffn_dim": _size(c, "intermediate_size", where), "rope_theta": _rope_theta(c, where),
+            "norm_eps": _positive(c, "rms_norm_eps", where, 1e-6),
+            "tie_embeddings": bool(c.get("tie_word_embeddings", False))},
+            ("hidden_size", "num_attention_heads", "num_key_value_heads"), where)
     if kind == "gpt2":
         act = c.get("activation_function", "gelu_new")
         problems = [f"activation_function = {act!r}"] if act not in ("gelu_new", "gelu_pytorch_tanh") else []
@@ -103,13 +151,15 @@ def model_config_from_hf(hf_dir: str | Path) -> dict[str, Any]:
         if problems:
             raise HFFormatError(f"{where}: {', '.join(problems)} is not supported; leantrain's GPT-2 has a tanh "
                                 "GELU and 1/sqrt(head_dim) attention scaling")
-        dim = c.get("n_embd", 768)
-        return {"arch": "gpt2", "n_layers": c.get("n_layer", 12), "dim": dim, "n_heads": c.get("n_head", 12),
-                "n_kv_heads": c.get("n_head", 12), "seq_len": c.get("n_positions", 1024),
-                "vocab_size": c.get("vocab_size", 50257), "ffn_dim": c.get("n_inner") or 4 * dim,
-                "rope_theta": ModelConfig.rope_theta, "norm_eps": float(c.get("layer_norm_epsilon", 1e-5)),
-                "tie_embeddings": bool(c.get("tie_word_embeddings", True))}
-    arch = ", ".join(c.get("architectures") or []) or "unknown"
+        dim, heads = _size(c, "n_embd", where, 768), _size(c, "n_head", where, 12)
+        return _check_heads({
+            "arch": "gpt2", "n_layers": _size(c, "n_layer", where, 12), "dim": dim, "n_heads": heads,
+            "n_kv_heads": heads, "seq_len": _size(c, "n_positions", where, 1024, low=2),
+            "vocab_size": _size(c, "vocab_size", where, 50257), "ffn_dim": _size(c, "n_inner", where, 4 * dim),
+            "rope_theta": ModelConfig.rope_theta, "norm_eps": _positive(c, "layer_norm_epsilon", where, 1e-5),
+            "tie_embeddings": bool(c.get("tie_word_embeddings", True))}, ("n_embd", "n_head", "n_head"), where)
+    arch = ", ".join(map(str, c.get("architectures") or [])) if isinstance(c.get("architectures"), list) else ""
+    arch = arch or "unknown"
     raise HFFormatError(f"{where}: architecture {kind!r} ({arch}) is not supported; leantrain imports {SUPPORTED}")
 
 

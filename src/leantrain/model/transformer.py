@@ -70,16 +70,62 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
 
 
 def matmul_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal attention as two batched matmuls around a softmax, for q, k, v [B, H, T, D].
+    """Causal attention as two batched matmuls around a softmax, for q [B, H, T, D] and k, v [B, H, S, D].
 
-    It materialises the [T, T] scores, so it is only for short contexts; there, in bf16 on CPU,
+    It materialises the [T, S] scores, so it is only for short contexts; there, in bf16 on CPU,
     it ran forward+backward about 2x faster than SDPA's flash kernel (bench notes in README).
     The softmax runs in the scores' dtype; PyTorch accumulates it in float32 internally.
+    S > T (cached decoding) means the queries are the last T of S positions: the causal mask is
+    aligned bottom-right. In training S == T and the mask is the usual triu(1).
     """
-    T = q.size(-2)
-    mask = torch.full((T, T), float("-inf"), device=q.device, dtype=q.dtype).triu(1)
+    T, S = q.size(-2), k.size(-2)
+    mask = torch.full((T, S), float("-inf"), device=q.device, dtype=q.dtype).triu(S - T + 1)
     scores = torch.baddbmm(mask, q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), alpha=q.size(-1) ** -0.5)
     return (torch.softmax(scores, dim=-1) @ v.flatten(0, 1)).view_as(q)
+
+
+class LayerKV:
+    """One layer's cached keys and values [B, n_kv_heads, max_len, head_dim] and how many positions they hold.
+
+    The buffers are allocated once, at the first `append`, in that call's dtype and device (so a cache
+    works under autocast and on any device without being told), then written in place.
+    """
+
+    def __init__(self, max_len: int) -> None:
+        self.max_len = max_len
+        self.length = 0
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v [B, H, T, D] after the cached positions; return views of all positions so far."""
+        end = self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} do not fit")
+        if self.k is None:
+            self.k = k.new_zeros(k.size(0), k.size(1), self.max_len, k.size(3))
+            self.v = v.new_zeros(v.size(0), v.size(1), self.max_len, v.size(3))
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """Keys and values of the positions already seen, per layer, for incremental decoding.
+
+    Pass one to `Transformer.forward(idx, cache=cache)`: the tokens in `idx` are placed after the
+    `length` cached ones (rotary / learned positions offset accordingly), attend to them and to each
+    other causally, and are appended. A plain object, not a module: it is never saved or trained.
+    """
+
+    def __init__(self, n_layers: int, max_len: int) -> None:
+        self.layers = [LayerKV(max_len) for _ in range(n_layers)]
+        self.max_len = max_len
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
 
 
 class Attention(nn.Module):
@@ -101,8 +147,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=bias)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=bias)
 
-    def forward(self, x: Tensor, rope: Tensor | None) -> Tensor:
-        """rope None (GPT-2): positions were already added to the input embeddings."""
+    def forward(self, x: Tensor, rope: Tensor | None, kv: LayerKV | None = None) -> Tensor:
+        """rope None (GPT-2): positions were already added to the input embeddings. With `kv` the
+        inputs follow its cached positions (rope already sliced to them) and are appended to it."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -111,6 +158,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         # Attention wants [B, H, T, D]; the transposes are views, the kernels read the strides.
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if kv is not None:
+            return self.wo(self._attend_cached(q, k, v, kv).transpose(1, 2).reshape(B, T, -1))
         if self.kernel == "matmul":
             if self.n_kv_heads != self.n_heads:
                 group = self.n_heads // self.n_kv_heads
@@ -119,6 +168,21 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor, kv: LayerKV) -> Tensor:
+        """Attention of the T new queries over the cached and new keys, with the same kernel as training."""
+        T = q.size(2)
+        k, v = kv.append(k, v)
+        S = k.size(2)
+        if self.kernel == "matmul":
+            if self.n_kv_heads != self.n_heads:
+                group = self.n_heads // self.n_kv_heads
+                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            return matmul_attention(q.to(v.dtype), k.to(v.dtype), v)
+        # one new query sees every key; a block of queries after cached ones needs a bottom-right causal mask
+        mask = None if T == 1 or S == T else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=S == T and T > 1,
+                                              enable_gqa=self.n_kv_heads != self.n_heads)
 
 
 class FeedForward(nn.Module):
@@ -157,8 +221,8 @@ class Block(nn.Module):
         mlp = GeluMLP if cfg.arch == "gpt2" else FeedForward
         self.feed_forward = mlp(cfg.dim, ffn_hidden_dim(cfg))
 
-    def forward(self, x: Tensor, rope: Tensor | None) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), rope)
+    def forward(self, x: Tensor, rope: Tensor | None, kv: LayerKV | None = None) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, kv)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -220,13 +284,17 @@ class Transformer(nn.Module):
         else:
             self.rope = rope_tables(cfg.dim // cfg.n_heads, cfg.seq_len, cfg.rope_theta, device=self.rope.device)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, reduction: str = "mean") -> Tensor:
+    def forward(self, idx: Tensor, targets: Tensor | None = None, reduction: str = "mean",
+                cache: KVCache | None = None) -> Tensor:
         """Logits [B, T, vocab] when targets is None, else the float32 cross-entropy.
 
         Positions whose target is -100 are ignored. The trainer asks for reduction="sum" and divides
         by the token count of the whole accumulated step, so every token weighs the same however
-        the step is split into micro-batches.
+        the step is split into micro-batches. With a `cache` (see `new_cache`), `idx` continues the
+        cached positions and only logits come back; training never passes one.
         """
+        if cache is not None:
+            return self._forward_cached(idx, cache)
         if idx.size(1) > self.cfg.seq_len:
             raise ValueError(f"sequence of {idx.size(1)} tokens is longer than seq_len {self.cfg.seq_len}")
         if reduction not in ("mean", "sum"):
@@ -248,3 +316,21 @@ class Transformer(nn.Module):
         loss = sum(F.cross_entropy(self.output(h_part).float(), t_part, ignore_index=-100, reduction="sum")
                    for h_part, t_part in zip(h.split(rows), targets.split(rows), strict=True))
         return loss / (targets != -100).sum() if reduction == "mean" else loss
+
+    def new_cache(self, max_len: int | None = None) -> KVCache:
+        """An empty KV cache for up to `max_len` positions (default and at most: seq_len)."""
+        return KVCache(self.cfg.n_layers, min(max_len or self.cfg.seq_len, self.cfg.seq_len))
+
+    def _forward_cached(self, idx: Tensor, cache: KVCache) -> Tensor:
+        """Logits of `idx` placed after the cache's positions; every layer goes through its own call, so
+        wrappers hooked on blocks (FSDP2, activation checkpointing) see the same calls as in training."""
+        start, end = cache.length, cache.length + idx.size(1)
+        if end > cache.max_len:
+            raise ValueError(f"{end} positions do not fit a KV cache of {cache.max_len}; start a new cache")
+        x = self.tok_embeddings(idx)
+        if self.cfg.arch == "gpt2":
+            x = x + self.pos_embeddings.weight[start:end]
+        rope = None if self.rope is None else self.rope[:, start:end]
+        for layer, kv in zip(self.layers, cache.layers, strict=True):
+            x = layer(x, rope, kv)
+        return self.output(self.norm(x))

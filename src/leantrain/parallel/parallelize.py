@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from leantrain.config import Config
+from leantrain.device import choose_attention
 from leantrain.errors import ConfigError
 from leantrain.model.transformer import Attention
 from leantrain.parallel.distributed import Layout
@@ -34,18 +35,6 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) 
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
             wrapped += 1
     return wrapped
-
-
-MATMUL_ATTENTION_MAX_SEQ = 512
-
-
-def choose_attention_kernel(requested: str, device: torch.device, dtype: torch.dtype, seq_len: int) -> str:
-    """`auto`: matmul attention for bf16 on CPU at short contexts (it beat the flash kernel ~2x
-    there), SDPA everywhere else (GPUs, fp32, long contexts where [T, T] scores cost memory)."""
-    if requested != "auto":
-        return requested
-    short = seq_len <= MATMUL_ATTENTION_MAX_SEQ
-    return "matmul" if device.type == "cpu" and dtype == torch.bfloat16 and short else "sdpa"
 
 
 def set_attention_kernel(model: nn.Module, kernel: str) -> None:
@@ -131,59 +120,80 @@ def apply_compile(model: nn.Module) -> None:
 
 
 def remove_compile(model: nn.Module) -> None:
-    """Undo `apply_compile` (after a compiler failure): the blocks run eagerly again, wrappers untouched."""
+    """Undo `apply_compile` or the single process's whole-model `model.compile()` (after a compiler failure):
+    the model runs eagerly again, wrappers untouched."""
+    model._compiled_call_impl = None
     for block in model.layers:
         block._compiled_call_impl = None
 
 
-def apply_fsdp(model: nn.Module, layout: Layout, reshard_after_forward: bool) -> None:
+def apply_fsdp(model: nn.Module, layout: Layout, reshard_after_forward: bool,
+               dtype: torch.dtype = torch.float32) -> None:
     """FSDP2 in place: each block of `model.layers` is one unit (its weights gathered just before it runs),
     the root holds the rest (embeddings, final norm, output). On a (replicate, shard) mesh with
     dp_replicate > 1 this is HSDP. Parameters become DTensor shards under the same names; after tensor
-    parallel they become 2-D (dp_shard, tp) DTensors."""
-    from torch.distributed.fsdp import fully_shard
+    parallel they become 2-D (dp_shard, tp) DTensors.
+
+    Under bf16 a MixedPrecisionPolicy gathers the weights as bf16 (half the all-gather) and reduces
+    gradients in fp32 onto the fp32 shards: the bf16 copy of a block lives only while the block runs (and
+    again in its backward), where autocast's casts of gathered fp32 weights were kept for the whole step.
+    As in torchtitan, block inputs are cast to bf16 too, so the residual stream between blocks is bf16
+    (fp32 under autocast alone); fp32 runs take no policy and are unchanged.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = layout.mesh["dp_replicate", "dp_shard"] if layout.dp_replicate > 1 else layout.mesh["dp_shard"]
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if dtype == torch.bfloat16 else MixedPrecisionPolicy()
     for block in model.layers:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
 
 
-def apply_ddp(model: nn.Module, layout: Layout) -> nn.Module:
-    """DDP around the model; `model` itself stays the plain module with its own names."""
-    from torch.nn.parallel import DistributedDataParallel
+def apply_ddp(model: nn.Module, layout: Layout) -> None:
+    """DDP in place (torch's composable `replicate`: the DDP reducer, driven by hooks on `model`), so `model`
+    stays the one handle, with its own names; gradients are all-reduced over the dp_replicate ranks."""
+    from torch.distributed._composable.replicate import replicate
 
-    device_ids = [layout.device.index] if layout.device.type == "cuda" else None
     # the only buffer (rope) is a function of the config, identical everywhere: nothing to broadcast
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
-                                   process_group=layout.mesh["dp_replicate"].get_group())
+    kwargs: dict = {"broadcast_buffers": False}
+    if layout.device.type == "cuda":
+        kwargs["device_id"] = layout.device
+    if layout.tp > 1:  # 2-D: the tensor-parallel DTensor parameters are rebuilt around each forward
+        kwargs["device_mesh"] = layout.mesh["dp_replicate"]
+    else:
+        kwargs["process_group"] = layout.mesh["dp_replicate"].get_group()
+    replicate(model, **kwargs)
+    # build the reducer now, on all ranks together (it broadcasts rank 0's weights), not in the first forward,
+    # which may run on rank 0 alone (the end-of-run sample of a resumed, finished run)
+    replicate.state(model).lazy_init()
 
 
-def set_grad_sync(step_model: nn.Module, enabled: bool) -> None:
+def set_grad_sync(model: nn.Module, enabled: bool) -> None:
     """Turn the gradient all-reduce / reduce-scatter off for all but the last micro-batch of a step."""
-    module = getattr(step_model, "_orig_mod", step_model)
-    if hasattr(module, "require_backward_grad_sync"):  # DDP
-        module.require_backward_grad_sync = enabled
-    elif hasattr(module, "set_requires_gradient_sync"):  # FSDP2
-        module.set_requires_gradient_sync(enabled)
+    if hasattr(model, "set_requires_gradient_sync"):  # DDP (replicate) and FSDP2
+        model.set_requires_gradient_sync(enabled)
 
 
 def parallelize(model: nn.Module, cfg: Config, device: torch.device, dtype: torch.dtype,
-                layout: Layout | None = None) -> nn.Module:
-    """The module the training step calls. `model` itself keeps its state-dict names.
+                layout: Layout | None = None, attention: str | None = None) -> nn.Module:
+    """Lay `model` out in place and return it: there is one handle, whose state-dict names stay those of
+    the plain model.
 
-    With a distributed `layout`: tensor parallel (tp > 1) splits `model`'s layers in place first; FSDP2
-    (or HSDP) shards `model` in place when dp_shard > 1 and the result is `model` itself; DDP
-    (dp_replicate > 1 alone) returns a wrapper around it.
+    With a distributed `layout`: tensor parallel (tp > 1) splits `model`'s layers first; then FSDP2 (or
+    HSDP) shards it when dp_shard > 1, or DDP (`replicate`) hooks its gradient all-reduce on when
+    dp_replicate > 1 alone. One process compiles the whole model in place (`model.compile()`).
     """
-    kernel = choose_attention_kernel(cfg.train.attention, device, dtype, cfg.model.seq_len)
-    set_attention_kernel(model, kernel)
+    # the kernel leantrain.device chose (the trainer passes its DeviceInfo's); else the same rule here
+    dtype_name = "bf16" if dtype == torch.bfloat16 else "fp32"
+    set_attention_kernel(model, attention or choose_attention(cfg.train.attention, device.type, dtype_name,
+                                                              cfg.model.seq_len))
     if layout is not None and layout.tp > 1:
         apply_tensor_parallel(model, layout)
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.ac_every)
     if layout is None or not layout.distributed:
         if cfg.train.compile:
-            return torch.compile(model)
+            model.compile()
         return model
     if cfg.train.compile:
         if layout.tp > 1:  # dynamo fails on the DTensor hooks (torch 2.13, CPU); the step would fall back anyway
@@ -191,8 +201,8 @@ def parallelize(model: nn.Module, cfg: Config, device: torch.device, dtype: torc
                               "set --train.compile=false")
         apply_compile(model)
     if layout.dp_shard > 1:
-        apply_fsdp(model, layout, cfg.parallel.fsdp_reshard_after_forward)
+        apply_fsdp(model, layout, cfg.parallel.fsdp_reshard_after_forward, dtype)
         return model
     if layout.dp_replicate > 1:
-        return apply_ddp(model, layout)
+        apply_ddp(model, layout)
     return model  # tensor parallel alone: the tp ranks need no gradient reduction of their own

@@ -6,7 +6,9 @@ can be checked against a measured run (tests/test_plan.py, bench/plan_accuracy.p
 - weights, gradients and optimizer state in fp32 (4 + 4 + 8 bytes per parameter with AdamW; fp32 master
   weights also under bf16 autocast), divided by the shard degree under FSDP2 and by tp under tensor parallel;
 - under bf16 autocast, the bf16 copy of every matmul weight, which autograd keeps for the backward
-  pass (2 bytes per matmul parameter; not sharded by FSDP2 without a mixed-precision policy);
+  pass (2 bytes per matmul parameter); under FSDP2 the bf16 MixedPrecisionPolicy gathers bf16 weights
+  instead, so these copies exist only for the blocks in flight (all blocks when they are not resharded
+  after forward) and the always-gathered root (embeddings, output) and count under `fsdp_gathered`;
 - the activations autograd saves, per token and block, counted from the saved tensors of
   `model/transformer.py` (checked with saved_tensors_hooks): RMSNorm keeps its fp32 input and output,
   every linear its (cast) input, SwiGLU three hidden-width tensors, attention q/k/v/logsumexp (SDPA) or
@@ -30,7 +32,6 @@ from leantrain.config import ModelConfig
 from leantrain.model.flops import ffn_hidden_dim, param_count
 
 LOSS_CHUNK_ELEMENTS = 1 << 22  # as model/transformer.py: logits scored per slice
-MATMUL_ATTENTION_MAX_SEQ = 512  # as parallel/parallelize.py: auto picks matmul attention up to here (bf16, CPU)
 # A CPU process's peak RSS = CPU_RUNTIME_BYTES (torch, leantrain, the dataset and tokenizer, thread pools)
 # + CPU_ALLOCATOR_FACTOR x the modelled tensors (glibc malloc keeps freed chunks of earlier phases mapped).
 # Least-squares fit to 7 measured runs, from the tests' 2x64 model to the small recipe (bench/plan_accuracy.py
@@ -158,7 +159,8 @@ def estimate_memory(m: ModelConfig, layout: Layout, *, cpu: bool = False, checkp
     activations = tokens * (kept + recompute + head)
     # bf16 copies of the matmul weights autograd keeps (those inside recomputed blocks are rebuilt)
     casts = 0.0
-    if lay.dtype == "bf16":
+    mixed_fsdp = lay.dtype == "bf16" and shard > 1  # parallel.apply_fsdp's bf16 MixedPrecisionPolicy
+    if lay.dtype == "bf16" and not mixed_fsdp:
         casts = 2 * (mm_params - wrapped * mm_block) / lay.tp
         casts += 2 * mm_block / lay.tp if wrapped else 0.0
     rows = max(1, LOSS_CHUNK_ELEMENTS // m.vocab_size)
@@ -168,7 +170,10 @@ def estimate_memory(m: ModelConfig, layout: Layout, *, cpu: bool = False, checkp
         attn_tmp = 2 * a * lay.micro_batch_size * m.n_heads * m.seq_len**2 / lay.tp
     temporaries = max(logits_tmp, attn_tmp)
     gathered = 0.0
-    if shard > 1:  # FSDP2: the root unit stays gathered; two blocks in flight (current + prefetch)
+    if mixed_fsdp:  # bf16 root and blocks in flight (or every block, kept after forward); bf16 + fp32 grad
+        in_flight = 2 if lay.reshard_after_forward else m.n_layers
+        gathered = (2 * p_embed + in_flight * 2 * p_block + (2 + 4) * p_block) / lay.tp
+    elif shard > 1:  # FSDP2: the root unit stays gathered; two blocks in flight (current + prefetch)
         gathered = 4 * p_embed / lay.tp + 2 * 4 * p_block / lay.tp + 4 * p_block / lay.tp  # + one unsharded grad
     buckets = grads_all if (lay.dp_replicate > 1 and shard == 1) else 0.0  # DDP's flat gradient buckets
     out_grad = 4 * m.vocab_size * m.dim / lay.tp / shard

@@ -20,10 +20,11 @@ from importlib import resources
 from typing import Any
 
 from leantrain.config import Config, ModelConfig
+from leantrain.device import DeviceInfo, choose_attention, choose_dtype
 from leantrain.errors import ConfigError
 from leantrain.model.flops import flops_per_token, param_count
-from leantrain.plan.catalog import INTER_NODE_BYTES_S, Hardware
-from leantrain.plan.memory import MATMUL_ATTENTION_MAX_SEQ, Layout, estimate_memory, layout_dict, wrapped_blocks
+from leantrain.plan.catalog import INTER_NODE_BYTES_S, Hardware, hardware_for
+from leantrain.plan.memory import Layout, estimate_memory, layout_dict, wrapped_blocks
 
 GPU_USABLE = 0.95  # CUDA context, allocator fragmentation and NCCL buffers take the rest
 CPU_USABLE = 0.90  # the OS and everything else on the host
@@ -63,7 +64,8 @@ class Estimate:
     def block(self) -> dict[str, Any]:
         """The "estimate" block of plan.json."""
         return {
-            "hardware": self.hardware.name, "strategy": self.layout.strategy,
+            "hardware": self.hardware.name, "strategy": self.layout.strategy, "dtype": self.layout.dtype,
+            "attention": self.layout.attention, "peak_flops": self.hardware.peak(self.layout.dtype),
             "peak_memory_bytes": int(self.memory["total"]), "step_time_s": self.step_time_s, "time_s": self.time_s,
             "mfu_assumed": self.mfu_assumed, "energy_kwh": self.energy_kwh, "co2_g": self.co2_g,
             "cost_usd": self.cost_usd,
@@ -99,22 +101,13 @@ def mfu_for(hw: Hardware, dtype: str, m: ModelConfig, table: dict[str, Any] | No
 # ---- layouts -------------------------------------------------------------------------------
 
 def resolve_dtype(cfg: Config, hw: Hardware) -> str:
-    """As the trainer's precision.dtype = auto: bf16 on GPUs and on CPUs with fast bf16."""
-    if cfg.precision.dtype != "auto":
-        return cfg.precision.dtype
-    if hw.kind == "gpu":
-        return "bf16"
-    from leantrain.plan.hardware import cpu_flags
-
-    return "bf16" if {"amx_bf16", "avx512_bf16"} & cpu_flags() else "fp32"
+    """leantrain.device's rule, as the trainer applies it: `auto` is bf16 where the hardware's bf16 is fast."""
+    return choose_dtype(cfg.precision.dtype, hw.bf16_fast)
 
 
 def attention_kernel(cfg: Config, hw: Hardware, dtype: str) -> str:
-    """As parallel.choose_attention_kernel: matmul attention for bf16 on CPU at short contexts."""
-    if cfg.train.attention != "auto":
-        return cfg.train.attention
-    short = cfg.model.seq_len <= MATMUL_ATTENTION_MAX_SEQ
-    return "matmul" if hw.kind == "cpu" and dtype == "bf16" and short else "sdpa"
+    """leantrain.device's rule, as the trainer applies it: matmul attention for bf16 on CPU at short contexts."""
+    return choose_attention(cfg.train.attention, "cuda" if hw.kind == "gpu" else "cpu", dtype, cfg.model.seq_len)
 
 
 def config_layout(cfg: Config, hw: Hardware, devices: int) -> Layout:
@@ -303,19 +296,6 @@ def nothing_fits_advice(cfg: Config, hw: Hardware, devices: int, cands: list[Est
     return msg + "."
 
 
-def detect_hardware(tdp_w: float = 0.0) -> Hardware:
-    """The hardware this process would train on: the first CUDA device from the catalog, else this CPU."""
-    import torch
-
-    from leantrain.plan.catalog import get_hardware, match_gpu
-
-    if torch.cuda.is_available():
-        hw = match_gpu(torch.cuda.get_device_name(0))
-        if hw is not None:
-            return dataclasses.replace(hw, tdp_w=tdp_w) if tdp_w else hw
-    return get_hardware("cpu", tdp_w)
-
-
 def by_strategy(p: Plan) -> list[Estimate]:
     """Per strategy name (DDP, FSDP2 + AC full, ...): its fastest layout that fits, else its smallest."""
     best: dict[str, Estimate] = {}
@@ -407,22 +387,85 @@ def describe(p: Plan) -> list[str]:
     return lines
 
 
-def run_estimate(cfg: Config, device_type: str, device_name: str, dtype: str, peak_flops: float,
-                 dp_replicate: int = 1, dp_shard: int = 1, tp: int = 1) -> dict[str, Any]:
-    """The "estimate" block of a run's plan.json, for the layout the trainer actually set up.
+def run_layout(cfg: Config, hw: Hardware, info: DeviceInfo, dp_replicate: int = 1, dp_shard: int = 1,
+               tp: int = 1) -> Layout:
+    """The layout a run set up with these degrees, in the dtype and attention kernel `info` decided."""
+    layout = config_layout(cfg, hw, dp_replicate * dp_shard * tp)
+    return dataclasses.replace(layout, dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp, dtype=info.dtype_name,
+                               attention=info.attention)
 
-    On CPU the hardware is this machine with the peak the trainer measured (no second probe); on CUDA
-    the catalog entry of the device's name (an unknown GPU is planned as an A100 80GB, and says so).
-    """
-    from leantrain.plan.catalog import CATALOG, match_gpu, this_cpu
 
-    tdp = cfg.energy.tdp_w
-    if device_type == "cpu":
-        hw = this_cpu(tdp, peaks={"bf16": peak_flops, "fp32": peak_flops})
-    else:
-        hw = match_gpu(device_name) or dataclasses.replace(CATALOG["a100-80gb"], name=f"{device_name} (as A100 80GB)")
-        hw = dataclasses.replace(hw, tdp_w=tdp) if tdp else hw
-    layout = dataclasses.replace(config_layout(cfg, hw, dp_replicate * dp_shard * tp), dtype=dtype)
-    layout = dataclasses.replace(layout, dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp,
-                                 attention=attention_kernel(cfg, hw, dtype))
-    return estimate(cfg, hw, layout).block()
+def run_estimate(cfg: Config, info: DeviceInfo, dp_replicate: int = 1, dp_shard: int = 1,
+                 tp: int = 1) -> dict[str, Any]:
+    """The "estimate" block of a run's plan.json, for the layout the trainer actually set up on the device
+    `describe_device` gave it: on CPU this machine with the measured peak (no second probe); on CUDA the
+    catalog row of the device's name (an unknown GPU is planned as an A100 80GB, and says so)."""
+    hw = hardware_for(info, cfg.energy.tdp_w)
+    return estimate(cfg, hw, run_layout(cfg, hw, info, dp_replicate, dp_shard, tp)).block()
+
+
+# ---- will it fit? (checked by the trainer before the model is allocated) ---------------------
+
+def _overrides(lay: Layout, base: Layout) -> str:
+    """The --section.field=value overrides that turn layout `base` into `lay`."""
+    out = []
+    if lay.ac != base.ac:
+        out.append(f"--train.activation_checkpointing={lay.ac}")
+    if lay.micro_batch_size != base.micro_batch_size:
+        out.append(f"--train.micro_batch_size={lay.micro_batch_size}")
+    if lay.grad_accum_steps != base.grad_accum_steps:
+        out.append(f"--train.grad_accum_steps={lay.grad_accum_steps}")
+    return " ".join(out)
+
+
+def fitting_options(cfg: Config, hw: Hardware, base: Layout) -> list[str]:
+    """What would fit instead of `base` (on `hw`, whose memory_bytes is what is available), mildest first:
+    a smaller micro-batch with the same global batch, activation checkpointing, more ranks under FSDP2."""
+    options = []
+    per_rank = base.micro_batch_size * base.grad_accum_steps
+    smaller = [mb for mb in _divisors(per_rank) if mb < base.micro_batch_size]
+    best_mb = 0  # the largest micro-batch that fits without activation checkpointing
+    for mb in sorted(smaller, reverse=True):
+        lay = dataclasses.replace(base, micro_batch_size=mb, grad_accum_steps=per_rank // mb)
+        if estimate(cfg, hw, lay).fits:
+            options.append(_overrides(lay, base))
+            best_mb = mb
+            break
+    # activation checkpointing is worth naming when it keeps a larger micro-batch than the option above
+    fit = None
+    for ac in {"none": ("selective", "full"), "selective": ("full",)}.get(base.ac, ()):
+        for mb in sorted((d for d in _divisors(per_rank) if best_mb < d <= base.micro_batch_size), reverse=True):
+            lay = dataclasses.replace(base, ac=ac, micro_batch_size=mb, grad_accum_steps=per_rank // mb)
+            if estimate(cfg, hw, lay).fits and (fit is None or mb > fit.micro_batch_size):
+                fit = lay
+                break
+    if fit is not None:
+        options.append(_overrides(fit, base))
+    for n in (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024):
+        if n <= base.devices or n % base.tp:
+            continue
+        lay = dataclasses.replace(base, dp_replicate=1, dp_shard=n // base.tp)
+        if estimate(cfg, hw, lay).fits:
+            options.append(f"{n} ranks with this much memory each under FSDP2 (--parallel.dp_shard=-1)")
+            break
+    return options
+
+
+def memory_refusal(cfg: Config, info: DeviceInfo, available_bytes: float, where: str, dp_replicate: int = 1,
+                   dp_shard: int = 1, tp: int = 1) -> str | None:
+    """None when the run's layout fits in `available_bytes` per process (within the planner's usable
+    fraction), else one line with the planner's numbers and the changes that would fit."""
+    hw = dataclasses.replace(hardware_for(info, cfg.energy.tdp_w), memory_bytes=available_bytes)
+    e = estimate(cfg, hw, run_layout(cfg, hw, info, dp_replicate, dp_shard, tp))
+    if e.fits:
+        return None
+    mem = e.memory
+    parts = sorted(((k, v) for k, v in mem.items() if k not in ("total", "activations_per_token", "peak_phase")
+                    and isinstance(v, float | int) and v), key=lambda kv: -kv[1])[:3]
+    options = fitting_options(cfg, hw, e.layout)
+    fix = ("would fit: " + "; or ".join(options)) if options else \
+        "nothing of micro-batch, activation checkpointing or up to 1024 ranks would fit it: shrink the model"
+    return (f"the model does not fit in memory: the planner estimates {_mem(mem['total'])} per process ("
+            + ", ".join(f"{k.replace('_', ' ')} {_mem(v)}" for k, v in parts)
+            + f") but {where} offers {_mem(available_bytes)} ({_mem(e.usable_bytes)} usable); {fix}; "
+            "or pass --force to start anyway")

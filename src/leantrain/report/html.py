@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from leantrain.errors import LeantrainError
+from leantrain.files import write_durable
 from leantrain.report.svg import line_chart
-from leantrain.train.telemetry import read_jsonl
 
 # events marked on the loss chart; the BAD ones are also shown in red in the events table
 BAD_EVENTS = {"skip", "rollback", "restart", "preempted", "diverged", "checkpoint_failed", "checkpoint_damaged",
@@ -121,12 +121,61 @@ def _events_table(events: list[dict]) -> str:
         detail = e.get("message") or ", ".join(f"{k}={v}" for k, v in e.items() if k not in ("event", "step", "time"))
         cls = ' class="bad"' if kind in BAD_EVENTS else ""
         when = time.strftime("%H:%M:%S", time.gmtime(e["time"])) if _num(e.get("time")) else ""
-        rows.append(f"<tr><td class=n>{e.get('step', '')}</td><td>{when}</td><td{cls}>{escape(kind)}</td>"
+        rows.append(f"<tr><td class=n>{escape(str(e.get('step', '')))}</td><td>{when}</td><td{cls}>{escape(kind)}</td>"
                     f"<td>{escape(str(detail))[:300]}</td></tr>")
     ckpts = len(events) - len(shown)
     note = f"<p>{ckpts} checkpoint events not listed.</p>" if ckpts else ""
     return ("<table><tr><th>step</th><th>time (UTC)</th><th>event</th><th>detail</th></tr>" + "".join(rows)
             + "</table>" + note)
+
+
+def _record(line: str) -> dict | None:
+    """One JSONL line as a record the page can show: an object whose step and time (if any) are numbers."""
+    try:
+        r = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(r, dict) or any(k in r and _num(r[k]) is None for k in ("step", "time")):
+        return None
+    if "time" in r and not 0 <= r["time"] < 2**33:  # time.gmtime refuses what no clock wrote
+        return None
+    return r
+
+
+def read_records(path: Path) -> tuple[list[dict], list[int]]:
+    """The records of a run's JSONL file and the numbers of the lines that are not records (hand-edited,
+    damaged, torn by a kill, not UTF-8): the report skips those and says so instead of failing."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return [], []
+    except OSError as e:
+        raise LeantrainError(f"{path} cannot be read ({e.strerror or e}); check its permissions") from None
+    records, bad = [], []
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            r = _record(line)
+            if r is None:
+                bad.append(i)
+            else:
+                records.append(r)
+    return records, bad
+
+
+def skipped_lines(run_dir: str | Path) -> list[str]:
+    """One warning per JSONL file of the run with lines the report had to skip."""
+    out = []
+    for name in ("metrics.jsonl", "events.jsonl"):
+        _, bad = read_records(Path(run_dir) / name)
+        if bad:
+            lines = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+            out.append(f"{Path(run_dir) / name}: {len(bad)} line(s) are not JSON records and were skipped "
+                       f"(line {lines})")
+    return out
+
+
+def _text(path: Path) -> str:
+    return path.read_bytes().decode("utf-8", errors="replace") if path.is_file() else ""
 
 
 def render(run_dir: str | Path) -> str:
@@ -135,13 +184,14 @@ def render(run_dir: str | Path) -> str:
     if not (run / "config.toml").is_file() and not (run / "metrics.jsonl").is_file():
         raise LeantrainError(f"{run} is not a run directory (no config.toml or metrics.jsonl); "
                              "pass the folder that `leantrain train` printed")
-    metrics = [r for r in read_jsonl(run / "metrics.jsonl") if isinstance(r, dict)]
-    events = [e for e in read_jsonl(run / "events.jsonl") if isinstance(e, dict)]
+    metrics, _ = read_records(run / "metrics.jsonl")
+    events, _ = read_records(run / "events.jsonl")
     try:
         plan = json.loads((run / "plan.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         plan = {}
-    config = (run / "config.toml").read_text() if (run / "config.toml").is_file() else ""
+    plan = plan if isinstance(plan, dict) else {}
+    config = _text(run / "config.toml")
     meas = measured(metrics, plan)
     markers = [(float(e["step"]), f"{e['event']} at step {e['step']}") for e in events
                if e.get("event") in MARKED_EVENTS and _num(e.get("step")) is not None]
@@ -179,7 +229,7 @@ def render(run_dir: str | Path) -> str:
            escape(str(plan.get("device", ""))), escape(str(plan.get("dtype", ""))),
            escape(str((plan.get("parallel") or {}).get("strategy", ""))),
            f"energy from {escape(', '.join(sources))}" if sources else ""]
-    samples = (run / "samples.txt").read_text()[-3000:] if (run / "samples.txt").is_file() else ""
+    samples = _text(run / "samples.txt")[-3000:]
     parts = [
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
         f"<title>leantrain report · {escape(run.resolve().name)}</title><style>{CSS}</style></head><body>",
@@ -200,10 +250,17 @@ def render(run_dir: str | Path) -> str:
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write report.html into the run directory (or `out`); returns its path."""
+    """Write report.html into the run directory (or `out`, a file path); returns its path. Written
+    durably (temp, fsync, rename), so a failure leaves no partial page and no temporary file."""
     path = Path(out) if out else Path(run_dir) / "report.html"
-    html = render(run_dir)
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(html)
-    tmp.replace(path)
+    html = render(run_dir)  # first: a run folder that is not one is the error to report, not the page's folder
+    if path.is_dir():
+        raise LeantrainError(f"{path} is a folder; pass a file path for the page, e.g. --out {path / 'report.html'}")
+    if not path.parent.is_dir():
+        raise LeantrainError(f"cannot write {path}: the folder {path.parent} does not exist; create it or pick "
+                             "another --out")
+    try:
+        write_durable(path, html)
+    except OSError as e:
+        raise LeantrainError(f"cannot write {path}: {e.strerror or e}; check free space and permissions") from None
     return path

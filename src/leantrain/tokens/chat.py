@@ -17,6 +17,10 @@ literal `<|endoftext|>` in the data is never a boundary. Template pieces, prompt
 encoded separately: the prompt's tokens never merge with the response's, and `encode_prompt` gives
 exactly the ids a fine-tuned model saw before its answer. The template is kept in meta.json
 (`chat_template`).
+
+Reading the records is `corpus/chat.py`'s job (chat data is one more reader): `leantrain.dataprep`
+curates the examples like any corpus (dedup, filters, PII, the data card) and hands the curated
+ones to `write_chat_dataset`; `prepare_chat_dataset` writes straight from files, without curation.
 """
 
 from __future__ import annotations
@@ -24,77 +28,37 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from leantrain.corpus.readers import ReadStats, _inner_suffix, _walk
+from leantrain.corpus.chat import ChatExample, read_chat, split_chat
+from leantrain.corpus.readers import Document
 from leantrain.errors import DataError
-from leantrain.files import fresh_sibling, swap_in
+from leantrain.files import fresh_sibling, swap_in, write_durable
 from leantrain.tokens.dataset import FORMAT, META, ShardWriter, dtype_for_vocab
-from leantrain.tokens.prepare import Progress, _check_out_dir, _version, split_hash
+from leantrain.tokens.prepare import Progress, check_out_dir, leantrain_version, split_hash
 from leantrain.tokens.tokenizer import EOT, eot_id, load_tokenizer, train_tokenizer
+
+__all__ = ["DEFAULT_TEMPLATE", "ChatEncoder", "ChatExample", "examples_from_documents", "prepare_chat_dataset",
+           "read_chat", "split_template", "write_chat_dataset"]
 
 DEFAULT_TEMPLATE = "<|user|>\n{prompt}\n<|assistant|>\n{response}<|endoftext|>"
 _BATCH = 512
 
 
-@dataclass
-class ChatExample:
-    id: str
-    prompt: str
-    response: str
-
-
-_PLAIN_JSONL = ((".jsonl", ""), (".ndjson", ""))
-
-
-def _jsonl_files(paths: Sequence[str | Path]) -> list[tuple[str, Path]]:
-    """(id, path) of the .jsonl files, walked as the corpus readers walk folders: sorted, hidden names
-    skipped, ids `folder/rel/path.jsonl` so files of the same name in two subfolders stay apart."""
-    files: list[tuple[str, Path]] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += [(i, q) for i, q in _walk(p, ReadStats()) if _inner_suffix(q) in _PLAIN_JSONL]
-        elif p.is_file():
-            if p.suffix not in (".jsonl", ".ndjson"):
-                raise DataError(f"{p}: chat data must be .jsonl (one JSON object per line); convert it or pass "
-                                "--format text")
-            files.append((p.name, p))
-        else:
-            raise DataError(f"{p} does not exist; check the path")
-    if not files:
-        raise DataError("no .jsonl files among the inputs; pass the files of prompt/response records")
-    return files
-
-
-def read_chat(paths: Sequence[str | Path], prompt_field: str = "prompt",
-              response_field: str = "response") -> Iterator[ChatExample]:
-    """Prompt/response pairs from .jsonl files (or folders of them), in file and line order.
-
-    A record without either field is an error naming the file and line: silently dropping examples
-    would change what the model learns."""
-    for file_id, path in _jsonl_files(paths):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    raise DataError(f"{path}:{n} is not valid JSON; fix or remove that line") from None
-                if not isinstance(rec, dict):
-                    raise DataError(f"{path}:{n} is not a JSON object; each line must hold one record")
-                for field, flag in ((prompt_field, "--prompt-field"), (response_field, "--response-field")):
-                    if not isinstance(rec.get(field), str):
-                        fields = ", ".join(sorted(rec)[:6]) or "none"
-                        raise DataError(f"{path}:{n} has no string field {field!r} (fields: {fields}); "
-                                        f"name the right one with {flag}")
-                yield ChatExample(f"{file_id}#L{n}", rec[prompt_field], rec[response_field])
+def examples_from_documents(docs: Iterable[Document]) -> Iterable[ChatExample]:
+    """Curated chat documents (`corpus.chat.join_chat` texts) back to examples; a document whose
+    separator a step removed is an error (no leantrain step does)."""
+    for d in docs:
+        parts = split_chat(d.text)
+        if parts is None:
+            raise DataError(f"curated chat document {d.id} lost its prompt/response separator; a custom "
+                            "step changed it: leave chat data to the built-in steps")
+        yield ChatExample(d.id, *parts)
 
 
 def split_template(template: str) -> tuple[str, str, str]:
@@ -167,23 +131,36 @@ class _SplitWriter:
 
 
 def prepare_chat_dataset(paths: Sequence[str | Path], out_dir: str | Path, *, prompt_field: str = "prompt",
-                         response_field: str = "response", template: str = DEFAULT_TEMPLATE,
-                         tokenizer_path: str | Path | None = None, vocab_size: int = 8192,
-                         val_fraction: float = 0.02, shard_tokens: int = 50_000_000, overwrite: bool = False,
-                         provenance: dict | None = None, progress: Progress | None = None) -> dict[str, Any]:
-    """Write a chat token dataset (tokens + loss masks) to `out_dir`; returns its meta.json.
+                         response_field: str = "response", **kwargs: Any) -> dict[str, Any]:
+    """Write a chat token dataset from .jsonl files without curation (`leantrain.dataprep.prepare` curates
+    first); returns its meta.json. A bad template or record fails before any folder is made."""
+    split_template(kwargs.get("template", DEFAULT_TEMPLATE))
+    for _ in read_chat(paths, prompt_field, response_field):
+        pass
+    provenance = {**(kwargs.pop("provenance", None) or {}), "prompt_field": prompt_field,
+                  "response_field": response_field}
+    return write_chat_dataset(lambda: read_chat(paths, prompt_field, response_field), out_dir,
+                              provenance=provenance, **kwargs)
+
+
+def write_chat_dataset(examples: Callable[[], Iterable[ChatExample]], out_dir: str | Path, *,
+                       template: str = DEFAULT_TEMPLATE, tokenizer_path: str | Path | None = None,
+                       vocab_size: int = 8192, val_fraction: float = 0.02, shard_tokens: int = 50_000_000,
+                       overwrite: bool = False, provenance: dict | None = None, progress: Progress | None = None,
+                       doc_tokens: list[int] | None = None,
+                       before_publish: Callable[[Path, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Write a chat token dataset (tokens + loss masks) from `examples()` (called once or twice) to `out_dir`.
 
     The split follows `prepare_dataset`: an example goes to val when sha1(its id) < val_fraction; if
     that leaves a split empty, one example moves over. `tokenizer_path` reuses a tokenizer (usually
     the base model's: fine-tuning needs its ids); without it one is trained on the rendered examples.
+    `doc_tokens` and `before_publish` work as in `prepare_dataset` (the data card goes in with them).
     """
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction = {val_fraction} is not allowed; expected a number in [0, 1)")
     split_template(template)
     out = Path(out_dir)
-    _check_out_dir(out, overwrite)
-    for _ in read_chat(paths, prompt_field, response_field):  # a bad record fails before any work
-        pass
+    check_out_dir(out, overwrite)
     tmp = fresh_sibling(out)
     try:
         if tokenizer_path is not None:
@@ -191,8 +168,7 @@ def prepare_chat_dataset(paths: Sequence[str | Path], out_dir: str | Path, *, pr
             tok_info = {"tokenizer": "reused", "tokenizer_source": str(tokenizer_path)}
         else:
             head, middle, tail = split_template(template)
-            tok = train_tokenizer((head + e.prompt + middle + e.response
-                                   for e in read_chat(paths, prompt_field, response_field)), vocab_size)
+            tok = train_tokenizer((head + e.prompt + middle + e.response for e in examples()), vocab_size)
             tok_info = {"tokenizer": "trained", "requested_vocab_size": vocab_size}
         tok.save(str(tmp / "tokenizer.json"))
         encoder = ChatEncoder(tok, template)
@@ -206,6 +182,8 @@ def prepare_chat_dataset(paths: Sequence[str | Path], out_dir: str | Path, *, pr
         def run(batch: list[ChatExample]) -> None:
             nonlocal held_train, held_val, done
             for ex, (ids, mask) in zip(batch, encoder.encode(batch), strict=True):
+                if doc_tokens is not None:
+                    doc_tokens.append(len(ids) - 1)
                 item: tuple | None = (split_hash(ex.id), ids, mask, len((ex.prompt + ex.response).encode()))
                 if item[0] < val_fraction:
                     if held_val is None or item[0] > held_val[0]:
@@ -221,7 +199,7 @@ def prepare_chat_dataset(paths: Sequence[str | Path], out_dir: str | Path, *, pr
             if progress:
                 progress("encode", done, None)
 
-        for ex in read_chat(paths, prompt_field, response_field):
+        for ex in examples():
             batch.append(ex)
             if len(batch) >= _BATCH:
                 run(batch)
@@ -241,13 +219,14 @@ def prepare_chat_dataset(paths: Sequence[str | Path], out_dir: str | Path, *, pr
             "provenance": {
                 **(provenance or {}),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "leantrain_version": _version(), **tok_info, "format": "chat",
-                "prompt_field": prompt_field, "response_field": response_field,
+                "leantrain_version": leantrain_version(), **tok_info, "format": "chat",
                 "val_fraction": val_fraction, "split_rule": "sha1(example id) < val_fraction",
                 "shard_tokens": shard_tokens,
             },
         }
-        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        write_durable(tmp / META, json.dumps(meta, indent=2) + "\n")
+        if before_publish is not None:
+            before_publish(tmp, meta)
         swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -28,7 +28,7 @@ import numpy as np
 
 from leantrain.corpus.readers import Document
 from leantrain.errors import DataError
-from leantrain.files import fresh_sibling, swap_in
+from leantrain.files import fresh_sibling, swap_in, write_durable
 from leantrain.tokens.dataset import FORMAT, META, ShardWriter, dtype_for_vocab
 from leantrain.tokens.tokenizer import eot_id, load_tokenizer, train_tokenizer
 
@@ -45,14 +45,17 @@ def split_hash(doc_id: str) -> float:
     return int.from_bytes(hashlib.sha1(doc_id.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
-def _version() -> str:
+def leantrain_version() -> str:
+    """The installed leantrain version, for provenance ("unknown" when run from a source tree)."""
     try:
         return metadata.version("leantrain")
     except metadata.PackageNotFoundError:
         return "unknown"
 
 
-def _check_out_dir(out: Path, overwrite: bool) -> None:
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Fail before any work when `out` cannot take a dataset: a file, a non-empty folder without
+    `overwrite`, or a folder holding files that a token dataset does not (never deleted)."""
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file; choose a folder path for the token dataset")
     if not out.is_dir() or not any(out.iterdir()):
@@ -185,7 +188,7 @@ def prepare_dataset(documents: Callable[[], Iterable[Document]], out_dir: str | 
     if shard_tokens < 1:
         raise DataError(f"shard_tokens = {shard_tokens} is not allowed; expected an integer >= 1")
     out = Path(out_dir)
-    _check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite)
     tmp = fresh_sibling(out)
     try:
         total: int | None = None
@@ -234,14 +237,14 @@ def prepare_dataset(documents: Callable[[], Iterable[Document]], out_dir: str | 
             "provenance": {
                 **(provenance or {}),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "leantrain_version": _version(),
+                "leantrain_version": leantrain_version(),
                 **tok_info,
                 "val_fraction": val_fraction,
                 "split_rule": "sha1(document id) < val_fraction",
                 "shard_tokens": shard_tokens,
             },
         }
-        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        write_durable(tmp / META, json.dumps(meta, indent=2) + "\n")
         if before_publish is not None:
             before_publish(tmp, meta)
         swap_in(tmp, out)

@@ -3,7 +3,12 @@
 The guard looks at each step's loss and gradient norm BEFORE the optimizer step:
 - non-finite loss or grad norm is always bad;
 - a spike is a loss or grad norm more than `sigma` standard deviations above the mean of the
-  last `window` good steps (checked once `min_history` good steps are known).
+  last `window` good steps AND more than a floor above it (`min_loss_rise`, `min_grad_rise`: a
+  fraction of that mean), checked once `min_history` good steps after the learning-rate warm-up
+  are known. The floors let `sigma` be low enough to catch spikes soon after the warm-up, where
+  the window is still wide, without calling ordinary batch noise of a quiet window a spike; the
+  warm-up is left out because healthy runs jump there (bench/guard.py measures both rates on
+  recorded runs).
 Its history is part of the checkpoint, so a resumed run makes the same decisions.
 """
 
@@ -19,18 +24,25 @@ from leantrain.config import GuardConfig
 
 
 class Guard:
-    def __init__(self, cfg: GuardConfig):
+    """`warmup_steps` is the learning-rate warm-up: gradient norms jump 10-50x and the loss falls fast
+    there in healthy runs (bench/guard.py), so its steps are neither tested for spikes (non-finite
+    values always are) nor kept as history, which they would widen for `window` steps."""
+
+    def __init__(self, cfg: GuardConfig, warmup_steps: int = 0):
         self.cfg = cfg
+        self.warmup_steps = warmup_steps
         self.losses: deque[float] = deque(maxlen=cfg.window)
         self.norms: deque[float] = deque(maxlen=cfg.window)
+        self.good_steps = 0  # steps that passed, all of them (the windows keep the last `window`)
         self.interventions = 0  # since the last checkpoint; more than max_retries ends the run
 
     @staticmethod
-    def _spike(history: deque[float], value: float, sigma: float) -> bool:
+    def _spike(history: deque[float], value: float, sigma: float, min_rise: float) -> bool:
+        """`value` is more than `sigma` std devs and more than `min_rise` x mean above the history's mean."""
         n = len(history)
         mean = sum(history) / n
         std = math.sqrt(sum((v - mean) ** 2 for v in history) / n)
-        return value > mean + sigma * max(std, 1e-3 * abs(mean), 1e-8)
+        return value > mean + max(sigma * std, min_rise * abs(mean), 1e-8)
 
     def check(self, loss: float, grad_norm: float) -> str | None:
         """None when the step is fine, else the reason it is not ("non-finite ...", "loss spike ...")."""
@@ -39,21 +51,47 @@ class Guard:
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             return f"non-finite loss {loss} / grad norm {grad_norm}"
         if len(self.losses) >= self.cfg.min_history:
-            if self._spike(self.losses, loss, self.cfg.sigma):
+            if self._spike(self.losses, loss, self.cfg.sigma, self.cfg.min_loss_rise):
                 return f"loss spike {loss:.4f} (recent mean {sum(self.losses) / len(self.losses):.4f})"
-            if self._spike(self.norms, grad_norm, self.cfg.sigma):
+            if self._spike(self.norms, grad_norm, self.cfg.sigma, self.cfg.min_grad_rise):
                 return f"grad norm spike {grad_norm:.3g} (recent mean {sum(self.norms) / len(self.norms):.3g})"
-        self.losses.append(loss)
-        self.norms.append(grad_norm)
+        if self.good_steps >= self.warmup_steps:
+            self.losses.append(loss)
+            self.norms.append(grad_norm)
+        self.good_steps += 1
         return None
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"losses": list(self.losses), "norms": list(self.norms), "interventions": self.interventions}
+    @property
+    def enabled(self) -> bool:
+        return self.cfg.policy != "off"
 
-    def load_state_dict(self, d: dict[str, Any]) -> None:
+    def record_intervention(self) -> None:
+        """A step was dropped (or rolled back); counted until the next checkpoint."""
+        self.interventions += 1
+
+    def too_many(self) -> bool:
+        """More interventions since the last checkpoint than guard.max_retries allows: the run has diverged."""
+        return self.interventions > self.cfg.max_retries
+
+    def reset_after_checkpoint(self) -> None:
+        """A checkpoint is a known good point: the intervention budget starts again."""
+        self.interventions = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": list(self.losses), "norms": list(self.norms), "interventions": self.interventions,
+                "good_steps": self.good_steps}
+
+    def load_state_dict(self, d: dict[str, Any], keep_interventions: bool = False) -> None:
+        """The history of a checkpoint. A rollback keeps the intervention count it had: the budget counts
+        the trouble since the last checkpoint, not the state saved in it."""
+        self.losses.clear()
+        self.norms.clear()
         self.losses.extend(d["losses"])
         self.norms.extend(d["norms"])
-        self.interventions = d["interventions"]
+        # a checkpoint from before the count was kept: its runs checkpoint after their warm-up
+        self.good_steps = d.get("good_steps", max(self.warmup_steps, len(self.losses)))
+        if not keep_interventions:
+            self.interventions = d["interventions"]
 
 
 def _value(t: torch.Tensor) -> float:

@@ -5,9 +5,9 @@ training loss. The loss first barely moves (lr too small), then falls fastest, t
 (lr too large). A good peak lr sits where the smoothed loss falls fastest against log(lr); one tenth of
 the lr at the loss minimum is the classic, more conservative answer. Both are reported.
 
-The run uses the real Trainer's model, data, precision and optimizer (for Muon, the swept value is the
-AdamW lr and the hidden weights get `muon_lr / lr` times it, as in training), and stops early once the
-smoothed loss exceeds `diverge_factor` times its best.
+The run takes the real Trainer's own `train_step` with the swept lr in place of the schedule's (for Muon,
+the swept value is the AdamW lr and the hidden weights get `muon_lr / lr` times it, as in training), with
+the guard off, and stops early once the smoothed loss exceeds `diverge_factor` times its best.
 """
 
 from __future__ import annotations
@@ -20,17 +20,20 @@ from typing import Any
 
 from leantrain.config import Config
 from leantrain.errors import ConfigError
+from leantrain.files import write_durable
 
 SMOOTHING = 0.9  # EMA factor for the loss; bias-corrected, so early points are not dragged toward 0
 
 
 def lr_sweep(min_lr: float, max_lr: float, steps: int) -> list[float]:
     """`steps` learning rates spaced evenly in log space from min_lr to max_lr (inclusive)."""
-    if not 0 < min_lr < max_lr:
+    if not (0 < min_lr < max_lr and math.isfinite(max_lr)):  # NaN fails every comparison; inf does not
         raise ConfigError(f"lr-find: need 0 < --min-lr < --max-lr, got {min_lr} and {max_lr}; pass e.g. "
                           "--min-lr 1e-5 --max-lr 1")
     if steps < 5:
         raise ConfigError(f"lr-find: --steps {steps} is too few to read a curve from; pass --steps 30 or more")
+    if steps > 10**6:  # a range test is a short run; this many would only fill memory with the lr list
+        raise ConfigError(f"lr-find: --steps {steps} is more than the 1000000 allowed; 100 to 1000 is usual")
     return [min_lr * (max_lr / min_lr) ** (i / (steps - 1)) for i in range(steps)]
 
 
@@ -66,28 +69,25 @@ def lr_find(cfg: Config, out_dir: str | Path, min_lr: float = 1e-5, max_lr: floa
 
     lrs = lr_sweep(min_lr, max_lr, steps)
     out = Path(out_dir)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps, sample_tokens=0))
-    trainer = Trainer(cfg, out, resume=False)
-    opt = trainer.optimizer
+    # the guard is off: the blow-up at large lr is what the test is looking for, not a step to drop
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps, sample_tokens=0),
+                              guard=dataclasses.replace(cfg.guard, policy="off"),
+                              log=dataclasses.replace(cfg.log, grad_health_every=0))
     losses: list[float] = []
     stopped = "max_lr reached"
     best = math.inf
-    for lr in lrs:
-        for group in opt.param_groups:
-            group["lr"] = lr
-        loss, _ = trainer.train_step(trainer.loader.next_step())
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        value = loss.item()
-        losses.append(value)
-        if not math.isfinite(value):
-            stopped = f"loss not finite at lr {lr:.3g}"
-            break
-        current = smooth(losses)[-1]
-        best = min(best, current)
-        if len(losses) > 5 and current > diverge_factor * best:
-            stopped = f"diverged at lr {lr:.3g} (smoothed loss {current:.3g} > {diverge_factor} x best {best:.3g})"
-            break
+    with Trainer(cfg, out, resume=False) as trainer:
+        for lr in lrs:
+            value = trainer.train_step(trainer.loader.next_step(), lr=lr).loss.item()
+            losses.append(value)
+            if not math.isfinite(value):
+                stopped = f"loss not finite at lr {lr:.3g}"
+                break
+            current = smooth(losses)[-1]
+            best = min(best, current)
+            if len(losses) > 5 and current > diverge_factor * best:
+                stopped = f"diverged at lr {lr:.3g} (smoothed loss {current:.3g} > {diverge_factor} x best {best:.3g})"
+                break
     finite = [x for x in losses if math.isfinite(x)]
     smoothed = smooth(finite)
     none = {"steepest": None, "min_loss_div10": None, "suggested": None}
@@ -98,7 +98,7 @@ def lr_find(cfg: Config, out_dir: str | Path, min_lr: float = 1e-5, max_lr: floa
         **(suggest(lrs[:len(finite)], smoothed) if len(finite) >= 3 else none),
     }
     record["plot"] = _plot(record, out / "lr_find.png")
-    (out / "lr_find.json").write_text(json.dumps(record, indent=1))
+    write_durable(out / "lr_find.json", json.dumps(record, indent=1))
     return record
 
 

@@ -26,7 +26,11 @@ def load_trained(run_dir: str | Path, checkpoint: str | Path | None = None,
     cfg = load_config(run_dir / "config.toml")
     warnings: list[str] = []
     if checkpoint is not None:
+        if not Path(checkpoint).is_dir():  # a typo, not a damaged checkpoint
+            raise CheckpointError(f"checkpoint {checkpoint} is not a folder; pass one of "
+                                  f"{run_dir / 'checkpoints'}/step-*, or drop --checkpoint for the newest")
         snap = read_checkpoint(Path(checkpoint))
+        warnings = list(snap.warnings)
     else:
         found = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep).load_latest()
         if found is None:

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from leantrain.files import open_append, write_durable
+
 
 class Observer(Protocol):
     def on_step(self, record: dict[str, Any]) -> None: ...
@@ -40,8 +42,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def _open_appending(path: Path):
     """Open a JSONL file for appending; a torn last line (the process was killed mid-write) is ended
-    first, so the next record starts on a line of its own instead of being glued to the fragment."""
-    f = open(path, "a")
+    first, so the next record starts on a line of its own instead of being glued to the fragment.
+    A symlink at `path` (placed by someone else) is refused, never written through."""
+    f = open_append(path)
     if f.tell() > 0:
         with open(path, "rb") as r:
             r.seek(-1, os.SEEK_END)
@@ -52,10 +55,12 @@ def _open_appending(path: Path):
 
 
 class RunLog:
-    """Appends metrics and events to the run directory."""
+    """Appends metrics and events to the run directory. `lock` (the run directory's, see train/rundir.py)
+    is released when the record is closed at the end of training, so a later process may resume."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, lock: Any = None):
         self.run_dir = Path(run_dir)
+        self.lock = lock
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.events_path = self.run_dir / "events.jsonl"
         self._metrics = _open_appending(self.metrics_path)
@@ -68,12 +73,10 @@ class RunLog:
         keep = [r for r in records if r.get("step", 0) <= step]
         lost = [r for r in records if r.get("step", 0) > step]
         if lost:
-            with open(self.run_dir / "metrics.discarded.jsonl", "a") as f:
+            with open_append(self.run_dir / "metrics.discarded.jsonl") as f:
                 f.writelines(json.dumps(r) + "\n" for r in lost)
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        os.replace(tmp, self.metrics_path)
-        self._metrics = open(self.metrics_path, "a")
+        write_durable(self.metrics_path, "".join(json.dumps(r) + "\n" for r in keep))
+        self._metrics = open_append(self.metrics_path)
         return len(lost)
 
     def on_step(self, record: dict[str, Any]) -> None:
@@ -87,3 +90,5 @@ class RunLog:
     def on_end(self, summary: dict[str, Any]) -> None:
         self._metrics.close()
         self._events.close()
+        if self.lock is not None:
+            self.lock.release()

@@ -1,8 +1,11 @@
 """The training loop, in one file.
 
-Each step: batches -> forward/backward over the accumulated micro-batches -> clip ->
-optimizer -> schedule -> telemetry -> eval / checkpoint when due. Observers (the run log,
-the CLI's display) see records and events; the trainer itself prints nothing.
+`train_step(batches)` is one optimizer step: schedule lr -> forward/backward over the accumulated
+micro-batches -> clip -> guard -> optimizer (or the update dropped), returning a `StepResult`; it is
+the step every trainer of the project takes (fit, lr-find, later callers). `fit` calls it and then
+the observers: the meter (speed, MFU), the metrics line with eval when due, the checkpointer, the
+carbon pause. Observers (the run log, the CLI's display) see records and events; the trainer itself
+prints nothing. `close()` (called by `fit` on every way out) stops every background worker.
 
 Under torchrun every rank runs this same loop on its part of the global batch; only rank 0 has
 observers and writes the run directory, and every decision that steers the loop (loss, grad norm,
@@ -12,10 +15,9 @@ guard verdicts, stopping) is made from values all ranks share, so they never tak
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
-import resource
-import shutil
 import signal
 import threading
 import time
@@ -25,14 +27,16 @@ from typing import Any
 import torch
 
 from leantrain.config import Config, to_toml
+from leantrain.device import DeviceInfo, available_memory, describe_device, peak_flops, pick_device
 from leantrain.energy.accounting import EnergyAccountant
 from leantrain.energy.schedule import CarbonScheduler
-from leantrain.errors import CheckpointError, DataError, LeantrainError
+from leantrain.errors import CheckpointError, ConfigError, DataError, LeantrainError
+from leantrain.files import open_append
 from leantrain.model import Transformer, flops_per_token, generate, param_count
 from leantrain.model.lora import adapter_state_dict, apply_finetune
+from leantrain.parallel.distributed import Layout
 from leantrain.parallel.distributed import setup as setup_distributed
 from leantrain.parallel.parallelize import parallelize, remove_compile, set_grad_sync
-from leantrain.plan.hardware import peak_flops, physical_cores, pick_device, resolve_dtype
 from leantrain.tokens.dataset import TokenDataset
 from leantrain.tokens.loader import BatchLoader, val_batches
 from leantrain.tokens.prefetch import Prefetcher
@@ -45,29 +49,12 @@ from leantrain.train.checkpoint import (
     set_rng_state,
     snapshot,
 )
-from leantrain.train.dcp import save_sharded
 from leantrain.train.guard import GradHealth, Guard
+from leantrain.train.observers import StepMeter, StepResult
 from leantrain.train.optim import build_optimizer, lr_at
 from leantrain.train.precision import apply_float8
+from leantrain.train.rundir import claim_run_dir, write_run_file
 from leantrain.train.telemetry import Observer, RunLog
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak allocated device memory on CUDA; on CPU the process's peak resident set.
-
-    On Linux it is VmHWM of this process's own memory map: getrusage's ru_maxrss survives exec, so a
-    run started from a big Python process (a notebook, pytest) would report its parent's peak.
-    """
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class TrainingDiverged(LeantrainError):
@@ -85,19 +72,24 @@ class Trainer:
     """Builds everything a run needs from a config, then `fit()` trains it.
 
     `resume=True` continues from the newest good checkpoint in `run_dir` if there is one. Under
-    torchrun (WORLD_SIZE > 1) it joins the process group and lays the model out per `[parallel]`.
+    torchrun (WORLD_SIZE > 1) it joins the process group (unless the caller did and passes its `layout`)
+    and lays the model out per `[parallel]`, in place: `self.model` is the one handle.
     """
 
     def __init__(self, cfg: Config, run_dir: str | Path, observers: list[Observer] | tuple = (),
-                 resume: bool = True):
+                 resume: bool = True, layout: Layout | None = None, force: bool = False):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.layout = setup_distributed(cfg, pick_device(cfg.train.device))
+        # a caller that set the process group up already (the CLI names the run dir on rank 0) hands its layout in
+        self.layout = layout or setup_distributed(cfg, pick_device(cfg.train.device))
+        # device, dtype, attention kernel, threads (set here) and peak: decided as `leantrain plan` decides them
+        self.device_info = self._describe_device()
+        if not force:  # the planner's memory estimate, before the model is allocated or anything written
+            self._check_memory()
+        # before anything is written: a new, empty or leantrain run folder, locked for this process (rank 0)
+        self.run_lock = claim_run_dir(self.run_dir, self.layout)
         self.device = self.layout.device
-        if self.device.type == "cpu":  # processes sharing a host share its cores
-            torch.set_num_threads(cfg.train.threads or max(1, physical_cores() // self.layout.local_world_size))
-        self.dtype = resolve_dtype(cfg.precision.dtype, self.device)
+        self.dtype = self.device_info.dtype
 
         self.data = TokenDataset(cfg.data.path)
         if self.data.vocab_size > cfg.model.vocab_size:
@@ -115,30 +107,28 @@ class Trainer:
         self.fp8_layers, self.fp8_skipped = apply_float8(self.model, self.device) if cfg.precision.fp8 else (0, None)
         # LoRA adapters / frozen layers: after any init_from weights are in, before parallelize and the optimizer
         self.finetune = apply_finetune(self.model, cfg.finetune)
-        self.step_model = parallelize(self.model, cfg, self.device, self.dtype, self.layout)
+        # in place: self.model is the one handle
+        parallelize(self.model, cfg, self.device, self.dtype, self.layout, self.device_info.attention)
         self._compile_pending = cfg.train.compile  # the first step compiles; timed on its own
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device, self.dtype)
         self.loader = BatchLoader(self.data.shards("train"), cfg.model.seq_len, cfg.train.micro_batch_size,
                                   cfg.train.grad_accum_steps, cfg.train.seed, rank=self.layout.dp_rank,
                                   world_size=self.layout.dp_size, masks=self.data.masks("train"))
-        if self.device.type == "cuda":  # the host gathers and pins the next steps while the GPU computes
-            self.loader = Prefetcher(self.loader, pin=True)
         self.val = val_batches(self.data.shards("val"), cfg.model.seq_len,
                                cfg.train.micro_batch_size * self.layout.dp_size, cfg.train.eval_steps,
                                masks=self.data.masks("val"))
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep)
-        self.guard = Guard(cfg.guard)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep,
+                                         require=("tokens", "loader"))
+        self.guard = Guard(cfg.guard, warmup_steps=cfg.optim.warmup_steps)
         self.health = GradHealth(self.model, cfg.log.grad_health_every)
-        self.log: RunLog | _NoLog = RunLog(self.run_dir) if self.layout.is_rank0 else _NoLog()
+        self.log: RunLog | _NoLog = RunLog(self.run_dir, self.run_lock) if self.layout.is_rank0 else _NoLog()
         self.observers: list[Observer] = [self.log, *observers] if self.layout.is_rank0 else []
         # energy, CO2 and cost of the job (rank 0's meter scaled to all ranks; see energy/accounting.py)
         self.energy = EnergyAccountant(cfg.energy, self.device, self.layout.world_size, self.layout.local_world_size)
         self.carbon = CarbonScheduler(cfg.energy, self.energy) if cfg.energy.carbon_aware else None
 
         self.flops_per_token = flops_per_token(cfg.model)
-        # measured once, on rank 0 (ranks probing at once would slow each other's probe down)
-        self.peak_flops, self.peak_source = self.layout.from_rank0(
-            peak_flops(self.device, self.dtype) if self.layout.is_rank0 else None)
+        self.peak_flops, self.peak_source = self.device_info.peak_flops, self.device_info.peak_source
         self.step = 0
         self.tokens = 0
         self.last_val_loss: float | None = None
@@ -146,8 +136,9 @@ class Trainer:
         # so a resumed run logs exactly the numbers the uninterrupted one would
         self.window_loss = torch.zeros((), device=self.device)
         self.window_steps = 0
+        reprobe = self._reprobe_peak if self.device.type == "cpu" and self.layout.is_rank0 else None
+        self.meter = StepMeter(self.device, self.flops_per_token, self.peak_flops, self.layout.world_size, reprobe)
         self._stop_signal: str | None = None
-        self._reprobed = False  # the CPU peak is measured again at most once per run
         self._signal_seen: str | None = None  # distributed: a signal this rank got, not yet agreed on
         self._saved_step: int | None = None  # step of the checkpoint this run last wrote or resumed from
 
@@ -155,13 +146,48 @@ class Trainer:
         if resume:
             self._resume()
         if self.layout.is_rank0:
-            (self.run_dir / "config.toml").write_text(to_toml(cfg))
-            shutil.copyfile(Path(cfg.data.path) / "tokenizer.json", self.run_dir / "tokenizer.json")
+            write_run_file(self.run_dir, "config.toml", to_toml(cfg) + self._resolved_comment())
+            write_run_file(self.run_dir, "tokenizer.json", (Path(cfg.data.path) / "tokenizer.json").read_bytes())
             if self.data.chat_template is not None:  # chat data: its template travels with the tokenizer
-                (self.run_dir / "chat_template.txt").write_text(self.data.chat_template)
+                write_run_file(self.run_dir, "chat_template.txt", self.data.chat_template)
         self._write_plan()
+        if cfg.data.prefetch == "on" or (cfg.data.prefetch == "auto" and self.device.type == "cuda"):
+            # the host gathers (and on CUDA pins) the next steps while the device computes; started last, so
+            # a failed resume leaves no thread behind (close() stops it)
+            self.loader = Prefetcher(self.loader, pin=self.device.type == "cuda")
 
     # ---- setup helpers -------------------------------------------------------------------
+
+    def _describe_device(self) -> DeviceInfo:
+        """leantrain.device's answer for this process; the CPU peak is measured on rank 0 only (ranks probing
+        at once would slow each other's probe down) and shared."""
+        c, lay = self.cfg, self.layout
+        info = describe_device(lay.device, c.precision.dtype, c.train.attention, c.model.seq_len, c.train.threads,
+                               lay.local_world_size, measure_peak=lay.is_rank0)
+        peak = lay.from_rank0((info.peak_flops, info.peak_source) if lay.is_rank0 else None)
+        return dataclasses.replace(info, peak_flops=peak[0], peak_source=peak[1])
+
+    def _check_memory(self) -> None:
+        """Refuse (one line, exit 2) a config the planner says does not fit in the memory available now,
+        naming what would fit; decided on rank 0 so that all ranks stop together."""
+        from leantrain.plan.planner import memory_refusal
+
+        lay = self.layout
+        refusal = None
+        if lay.is_rank0:
+            avail, where = available_memory(lay.device)
+            if lay.device.type == "cpu" and lay.local_world_size > 1:  # the host's processes share its memory
+                avail, where = avail / lay.local_world_size, f"{where} / {lay.local_world_size} local ranks"
+            refusal = memory_refusal(self.cfg, self.device_info, avail, where, lay.dp_replicate, lay.dp_shard, lay.tp)
+        refusal = lay.from_rank0(refusal)
+        if refusal:
+            raise ConfigError(refusal)
+
+    def _resolved_comment(self) -> str:
+        """What this machine decided for the `auto` settings, kept (as a comment: not settings) with the config."""
+        h = self.device_info
+        return (f"\n# resolved on this machine: device = {h.device} ({h.name}), dtype = {h.dtype_name}, attention = "
+                f"{h.attention}, threads = {h.threads}, peak_flops = {h.peak_flops:.4g} ({h.peak_source})\n")
 
     def _emit(self, kind: str, **fields: Any) -> None:
         for o in self.observers:
@@ -185,22 +211,22 @@ class Trainer:
         self._saved_step = self.step
         self._emit("resume", checkpoint=path.name, discarded_metric_lines=discarded)
 
-    def _load(self, snap: Snapshot, keep_loader: bool = False) -> None:
-        """Put model, optimizer, counters, loader, guard and RNG back as the snapshot had them."""
+    def _load(self, snap: Snapshot, rollback: bool = False) -> None:
+        """Put model, optimizer, counters, loader, guard and RNG back as the snapshot had them. A rollback
+        keeps the loader where it is (the data window that caused trouble is skipped) and the guard's count."""
         if self.layout.distributed:
             restore_full(snap, self.model, self.optimizer)
         else:
             restore(snap, self.model, self.optimizer)
         st = snap.state
         self.step, self.tokens = snap.step, st["tokens"]
-        if not keep_loader:
+        if not rollback:
             self.loader.load_state_dict(st["loader"])
         self.last_val_loss = st.get("val_loss")
         self.window_loss.fill_(st.get("window_loss", 0.0))
         self.window_steps = st.get("window_steps", 0)
         if "guard" in st:
-            self.guard = Guard(self.cfg.guard)
-            self.guard.load_state_dict(st["guard"])
+            self.guard.load_state_dict(st["guard"], keep_interventions=rollback)
         if "grad_health" in st:
             self.health.load_state_dict(st["grad_health"])
         set_rng_state(st["rng"])
@@ -232,7 +258,8 @@ class Trainer:
             "total_flops": self.flops_per_token * tokens_per_step * c.train.steps,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
-            "threads": torch.get_num_threads(),
+            "attention": self.device_info.attention,
+            "threads": self.device_info.threads,
             "peak_flops": self.peak_flops,
             "peak_flops_source": self.peak_source,
             "dataset_train_tokens": self.data.num_tokens("train"),
@@ -240,7 +267,7 @@ class Trainer:
         }
         if self.layout.is_rank0:
             plan["estimate"] = self._estimate()
-            (self.run_dir / "plan.json").write_text(json.dumps(plan, indent=1))
+            write_run_file(self.run_dir, "plan.json", json.dumps(plan, indent=1))
         self.plan = plan
 
     def _estimate(self) -> dict[str, Any]:
@@ -249,10 +276,9 @@ class Trainer:
         try:
             from leantrain.plan.planner import run_estimate
 
-            name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else ""
-            lay, dtype = self.layout, "fp32" if self.dtype == torch.float32 else "bf16"
-            return run_estimate(self.cfg, self.device.type, name, dtype, self.peak_flops, lay.dp_replicate,
-                                lay.dp_shard, lay.tp)
+            lay = self.layout
+            return run_estimate(self.cfg, dataclasses.replace(self.device_info, peak_flops=self.peak_flops),
+                                lay.dp_replicate, lay.dp_shard, lay.tp)
         except Exception as e:  # noqa: BLE001 - the estimate is advice; the run goes on without it
             return {"error": f"{type(e).__name__}: {e}"}
 
@@ -261,10 +287,36 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    # ---- the loop ------------------------------------------------------------------------
+    # ---- the step ------------------------------------------------------------------------
 
-    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward/backward over the micro-batches of one optimizer step; returns (loss, grad norm).
+    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float | None = None) -> StepResult:
+        """One optimizer step: set the lr (the schedule's, or `lr`), forward/backward over the micro-batches,
+        clip, ask the guard, then update the weights, or drop the update (and under `rollback` go back to the
+        last checkpoint). Everything that trains (fit, lr-find, later callers) takes this same step."""
+        lr = lr_at(self.step, self.cfg.train.steps, self.cfg.optim) if lr is None else lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        compile_s = None
+        if self._compile_pending:
+            (loss, grad_norm), compile_s = self._first_compiled_step(batches)
+        else:
+            loss, grad_norm = self.forward_backward(batches)
+        verdict = self.guard.check(loss.item(), grad_norm.item()) if self.guard.enabled else None
+        if verdict is not None:
+            self._intervene(verdict)
+            return StepResult(loss, grad_norm, lr, verdict=verdict, compile_s=compile_s)
+        health_due = self.health.due(self.step + 1)
+        grad_norms = self.health.before_update() if health_due else None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = sum(x.numel() for x, _ in batches) * self.layout.dp_size
+        self.step += 1
+        self.tokens += tokens
+        update_ratio = self.health.after_update() if health_due else None
+        return StepResult(loss, grad_norm, lr, tokens, None, grad_norms, update_ratio, compile_s)
+
+    def forward_backward(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward/backward over the micro-batches of one optimizer step, then clip; returns (loss, grad norm).
 
         Each micro-batch's summed loss is divided by the target tokens of the WHOLE step, so
         the gradient equals that of one big batch even when micro-batches hold different
@@ -281,10 +333,10 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for i, (x, y) in enumerate(batches):
             if dp > 1:  # gradients are reduced across ranks once per step, after the last micro-batch
-                set_grad_sync(self.step_model, i == len(batches) - 1)
+                set_grad_sync(self.model, i == len(batches) - 1)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self._autocast():
-                loss = self.step_model(x, y, reduction="sum") / n_targets
+                loss = self.model(x, y, reduction="sum") / n_targets
             loss.backward()
             total += loss.detach()
         clip = self.cfg.train.grad_clip or math.inf
@@ -305,23 +357,22 @@ class Trainer:
                 self._stop_signal = self._signal_seen or "SIGTERM"
         return total, grad_norm
 
-    def _first_compiled_step(self, batches: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the first step through torch.compile, timing the compile; on failure fall back to eager."""
+    def _first_compiled_step(self, batches: list) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
+        """Run the first forward/backward through torch.compile, timing the compile; on failure fall back to
+        eager. Returns (loss, grad norm) and the seconds it took."""
         self._compile_pending = False
         t0 = time.perf_counter()
         try:
-            out = self.train_step(batches)
-            self._emit("compiled", seconds=round(time.perf_counter() - t0, 2))
-            return out
+            out = self.forward_backward(batches)
+            seconds = time.perf_counter() - t0
+            self._emit("compiled", seconds=round(seconds, 2))
+            return out, seconds
         except Exception as e:  # noqa: BLE001 - any compiler failure: train on, uncompiled
             self.optimizer.zero_grad(set_to_none=True)
-            if self.layout.distributed:  # blocks compiled in place, inside DDP/FSDP2: keep the wrapper
-                remove_compile(self.model)
-            else:
-                self.step_model = self.model
+            remove_compile(self.model)  # compiled in place (inside DDP/FSDP2 hooks, which stay)
             self._emit("compile_failed", message=f"torch.compile failed ({type(e).__name__}: "
                        f"{str(e).splitlines()[0][:200]}); training continues without compile")
-            return self.train_step(batches)
+            return self.forward_backward(batches), time.perf_counter() - t0
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -333,7 +384,7 @@ class Trainer:
         losses = []
         for x, y in self.val:
             with self._autocast():
-                losses.append(self.step_model(x.to(self.device), y.to(self.device)).float())
+                losses.append(self.model(x.to(self.device), y.to(self.device)).float())
         self.model.train()
         return torch.stack(losses).mean().item()
 
@@ -347,7 +398,7 @@ class Trainer:
                 x, y = x[r::dp], y[r::dp]
             x, y = x.to(self.device), y.to(self.device)
             with self._autocast():
-                loss_sum = self.step_model(x, y, reduction="sum").float()
+                loss_sum = self.model(x, y, reduction="sum").float()
             row = torch.stack([loss_sum, (y != -100).sum().float()])
             stats.append(row / dp if whole else row)
         self.model.train()
@@ -358,7 +409,7 @@ class Trainer:
         """Checkpoint now (in the background with checkpoint.async). A failed save is recorded
         and raised: earlier checkpoints stay intact and the run stops cleanly."""
         t0 = time.perf_counter()
-        self.guard.interventions = 0
+        self.guard.reset_after_checkpoint()
         state = {"tokens": self.tokens, "loader": self.loader.state_dict(), "config_hash": self.cfg.hash(),
                  "val_loss": self.last_val_loss, "guard": self.guard.state_dict(),
                  "grad_health": self.health.state_dict(),
@@ -366,7 +417,7 @@ class Trainer:
                  "energy": self.energy.state_dict()}
         failure = None
         with self._eval_weights():
-            if self.cfg.checkpoint.format == "sharded":  # every rank writes its own shards (train/dcp.py)
+            if self.cfg.checkpoint.format == "sharded":  # every rank writes its own shards (checkpoint/sharded.py)
                 snap, failure = None, self._save_sharded(state)
             elif self.layout.distributed:  # every rank gathers; rank 0 gets the whole state and writes it
                 snap = gather_snapshot(self.step, self.model, self.optimizer, state)
@@ -391,7 +442,7 @@ class Trainer:
         """A sharded checkpoint, written now by every rank (a collective); its failure, if any."""
         try:
             self.checkpointer.wait()  # a background full write still in flight (the format changed on resume)
-            save_sharded(self.checkpointer, self.step, self.model, self.optimizer, state)
+            self.checkpointer.save_sharded(self.step, self.model, self.optimizer, state)
         except CheckpointError as e:
             return e
         return None
@@ -420,8 +471,8 @@ class Trainer:
         """Drop this step's update (and its batch); under `rollback` also return to the last checkpoint,
         keeping the loader where it is so the data window that caused the trouble is skipped."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.guard.interventions += 1
-        if self.guard.interventions > self.cfg.guard.max_retries:
+        self.guard.record_intervention()
+        if self.guard.too_many():
             self._emit("diverged", message=reason)
             raise TrainingDiverged(
                 f"training diverged at step {self.step}: {reason}; {self.guard.interventions - 1} interventions "
@@ -431,14 +482,12 @@ class Trainer:
             self._wait_for_checkpoint()
             found = self.checkpointer.load_latest()
             if found is not None:
-                from_step, count = self.step, self.guard.interventions
                 path, snap, warnings = found
                 self._emit("rollback", message=f"{reason}; back to {path.name}, skipping the data window",
-                           checkpoint=path.name, from_step=from_step)
-                self._load(snap, keep_loader=True)
+                           checkpoint=path.name, from_step=self.step)
+                self._load(snap, rollback=True)
                 for w in warnings:
                     self._emit("checkpoint_damaged", message=f"{w}; using {path.name} instead")
-                self.guard.interventions = count
                 self._saved_step = self.step
                 self.log.discard_after(self.step)  # the rolled-back steps' lines: metrics stay one clean run
                 return
@@ -465,116 +514,122 @@ class Trainer:
         else:
             self._stop_signal = signal.Signals(signum).name
 
+    # ---- the run ---------------------------------------------------------------------------
+
     def fit(self) -> dict[str, Any]:
-        """Train to `train.steps`; returns a summary. SIGTERM/SIGINT stop at the next step boundary
-        after saving a checkpoint (summary["stopped"] names the signal)."""
-        cfg = self.cfg
-        total_steps = cfg.train.steps
+        """Train to `train.steps`; returns a summary. SIGTERM/SIGINT stop at the next step boundary after
+        saving a checkpoint (summary["stopped"] names the signal). The background workers (prefetch,
+        checkpoint writer, power polling) are stopped on every way out, error and signal included."""
+        total, record, sample = self.cfg.train.steps, {}, None
+        with self._signals_caught():
+            try:
+                self._announce()
+                self.model.train()
+                self.meter.start_run()
+                while self.step < total and self._stop_signal is None:
+                    self.meter.step_starts()
+                    batches = self.loader.next_step()
+                    self.meter.data_ready()
+                    result = self.train_step(batches)
+                    if result.compile_s is not None:
+                        self.meter.restart_clock()  # compile time is reported apart from step time
+                    if result.skipped:
+                        continue
+                    last = self.step == total
+                    eval_due = last or self._every(self.cfg.train.eval_every)
+                    log_due = eval_due or result.grad_norms is not None or self._every(self.cfg.log.every)
+                    self.window_loss += result.loss
+                    self.window_steps += 1
+                    self.meter.step_done(result.tokens)
+                    if log_due:
+                        record = self._log_step(result, eval_due)
+                    else:
+                        self.meter.stop_clock()
+                    if last or self._every(self.cfg.checkpoint.every):
+                        self.save_checkpoint()
+                    if self.carbon is not None and log_due and not last:
+                        self._carbon_pause()
+                self._save_if_stopped()
+                self._wait_for_checkpoint()
+                with self._eval_weights():  # the same round trip whether or not a sample is drawn
+                    sample = self.sample() if self.step == total and self.cfg.train.sample_tokens else None
+            finally:
+                self.close()
+        return self._finish(record, sample)
+
+    def _every(self, n: int) -> bool:
+        """The step just taken is a multiple of `n` (0: never)."""
+        return n > 0 and self.step % n == 0
+
+    @contextlib.contextmanager
+    def _signals_caught(self):
+        """SIGTERM/SIGINT ask the loop to stop at the next step boundary (Python allows handlers in the main
+        thread only); the previous handlers come back afterwards."""
         handlers = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 handlers[sig] = signal.signal(sig, self._on_signal)
+        try:
+            yield
+        finally:
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
+
+    def _announce(self) -> None:
+        """The run's opening events; the carbon scheduler's clock starts here."""
         layout = {"parallel": self.layout.describe()} if self.layout.distributed else {}
-        self._emit("start", total_steps=total_steps, params=self.plan["params"], device=str(self.device),
+        self._emit("start", total_steps=self.cfg.train.steps, params=self.plan["params"], device=str(self.device),
                    dtype=self.plan["dtype"], threads=self.plan["threads"], run_dir=str(self.run_dir), **layout)
         if self.energy.enabled:
             self._emit("energy", **self.energy.describe())
         if self.carbon is not None:
             self.carbon.start(self.step)
-        if cfg.precision.fp8:
+        if self.cfg.precision.fp8:
             self._emit("fp8", layers=self.fp8_layers, message=self.fp8_skipped
                        or f"{self.fp8_layers} linear layers compute in float8")
-        self.model.train()
-        window_tokens, window_time, window_data_s = 0, 0.0, 0.0
-        run_t0 = time.perf_counter()
-        record: dict[str, Any] = {}
-        try:
-            while self.step < total_steps and self._stop_signal is None:
-                t0 = time.perf_counter()
-                lr = lr_at(self.step, total_steps, cfg.optim)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                batches = self.loader.next_step()
-                data_s = time.perf_counter() - t0
-                if self._compile_pending:
-                    loss, grad_norm = self._first_compiled_step(batches)
-                    t0 = time.perf_counter()  # compile time is reported apart from step time
-                else:
-                    loss, grad_norm = self.train_step(batches)
-                if cfg.guard.policy != "off":
-                    verdict = self.guard.check(loss.item(), grad_norm.item())
-                    if verdict is not None:
-                        self._intervene(verdict)
-                        continue
-                health_due = self.health.due(self.step + 1)
-                grad_norms = self.health.before_update() if health_due else None
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                step_tokens = sum(x.numel() for x, _ in batches) * self.layout.dp_size
-                self.step += 1
-                self.tokens += step_tokens
 
-                last = self.step == total_steps
-                eval_due = last or (cfg.train.eval_every and self.step % cfg.train.eval_every == 0)
-                log_due = eval_due or health_due or self.step % cfg.log.every == 0
-                window_tokens += step_tokens
-                window_data_s += data_s
-                self.window_loss += loss
-                self.window_steps += 1
-                if log_due:
-                    # the mean loss of the steps since the last line; .item() syncs the device
-                    loss_value = (self.window_loss / self.window_steps).item()
-                    grad_norm_value = grad_norm.item()
-                    window_time += time.perf_counter() - t0
-                    tps = window_tokens / window_time
-                    peak_all = self.peak_flops * self.layout.world_size
-                    if (tps * self.flops_per_token > peak_all and self.device.type == "cpu" and self.layout.is_rank0
-                            and not self._reprobed):
-                        # more than the peak: the cached probe ran on busy cores; measure again, once (rank 0
-                        # alone: only its records are logged)
-                        self._reprobed = True
-                        self.peak_flops, _ = peak_flops(self.device, self.dtype, refresh=True)
-                        self._emit("peak_reprobed", peak_flops=self.peak_flops)
-                    record = {
-                        "step": self.step, "tokens": self.tokens, "loss": loss_value, "lr": lr,
-                        "grad_norm": grad_norm_value, "tokens_per_s": round(tps, 1),
-                        "mfu": round(tps * self.flops_per_token / (self.peak_flops * self.layout.world_size), 4),
-                        "peak_mem_bytes": peak_memory_bytes(self.device),
-                        "data_wait_frac": round(window_data_s / window_time, 5),
-                        "elapsed_s": round(time.perf_counter() - run_t0, 2),
-                    }
-                    if health_due:
-                        record["grad_norms"] = grad_norms
-                        record["update_ratio"] = self.health.after_update()
-                        warning = self.health.warn(grad_norm_value)
-                        if warning:
-                            self._emit("grad_warning", message=warning)
-                    if eval_due:
-                        with self._eval_weights():
-                            self.last_val_loss = record["val_loss"] = self.evaluate()
-                    record.update(self.energy.read(self.step))
-                    for o in self.observers:
-                        o.on_step(record)
-                    window_tokens, window_time, window_data_s, self.window_steps = 0, 0.0, 0.0, 0
-                    self.window_loss.zero_()
-                else:
-                    window_time += time.perf_counter() - t0
-                if last or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
-                    self.save_checkpoint()
-                if self.carbon is not None and log_due and not last:
-                    self._carbon_pause()
-            if self._stop_signal is not None:
-                self._wait_for_checkpoint()
-                if self._saved_step != self.step:
-                    self.save_checkpoint()
-                self._emit("preempted", signal=self._stop_signal)
-            self._wait_for_checkpoint()
+    def _log_step(self, result: StepResult, eval_due: bool) -> dict[str, Any]:
+        """The metrics line of the steps since the last one (with validation when due), handed to every
+        observer. Every rank builds it (evaluation is collective); only rank 0 has observers."""
+        # the mean loss of the steps since the last line; .item() syncs the device before the clock stops
+        loss = (self.window_loss / self.window_steps).item()
+        grad_norm = result.grad_norm.item()
+        self.meter.stop_clock()
+        record = {"step": self.step, "tokens": self.tokens, "loss": loss, "lr": result.lr, "grad_norm": grad_norm,
+                  **self.meter.read()}
+        if result.grad_norms is not None:
+            record["grad_norms"], record["update_ratio"] = result.grad_norms, result.update_ratio
+            warning = self.health.warn(grad_norm)
+            if warning:
+                self._emit("grad_warning", message=warning)
+        if eval_due:
             with self._eval_weights():
-                sample = self.sample() if self.step == total_steps and cfg.train.sample_tokens else None
-        finally:
-            self.energy.close()
-            for sig, h in handlers.items():
-                signal.signal(sig, h)
+                self.last_val_loss = record["val_loss"] = self.evaluate()
+        record.update(self.energy.read(self.step))
+        for o in self.observers:
+            o.on_step(record)
+        self.window_steps = 0
+        self.window_loss.zero_()
+        return record
+
+    def _reprobe_peak(self) -> float:
+        """Faster than the peak: the cached CPU probe ran on busy cores; measure again (the meter asks once,
+        on rank 0 alone, whose records are the ones logged)."""
+        self.peak_flops, _ = peak_flops(self.device, self.dtype, refresh=True)
+        self._emit("peak_reprobed", peak_flops=self.peak_flops)
+        return self.peak_flops
+
+    def _save_if_stopped(self) -> None:
+        """Stopped by a signal: make sure the step reached is checkpointed, and say so."""
+        if self._stop_signal is None:
+            return
+        self._wait_for_checkpoint()
+        if self._saved_step != self.step:
+            self.save_checkpoint()
+        self._emit("preempted", signal=self._stop_signal)
+
+    def _finish(self, record: dict[str, Any], sample: str | None) -> dict[str, Any]:
+        """The run's summary, as the closing event and to every observer."""
         summary = {
             "run_dir": str(self.run_dir), "step": self.step, "tokens": self.tokens,
             "loss": record.get("loss"), "val_loss": self.last_val_loss,
@@ -590,6 +645,31 @@ class Trainer:
             o.on_end(summary)
         return summary
 
+    def request_stop(self, reason: str = "SIGTERM") -> None:
+        """Stop at the next step boundary after a checkpoint, as a signal would (one process; under torchrun
+        the ranks agree through `_on_signal`)."""
+        self._stop_signal = reason
+
+    def close(self) -> None:
+        """Stop every background worker this trainer started: a checkpoint write still in flight is waited for
+        (its failure was raised already, or another error is on its way), the prefetch thread and the power
+        poller are joined. Safe to call again; `fit` calls it on every way out, `with Trainer(...)` on leaving,
+        so no native thread is alive at interpreter shutdown ("terminate called without an active exception")."""
+        with contextlib.suppress(CheckpointError):
+            self.checkpointer.wait()
+        if isinstance(self.loader, Prefetcher):
+            self.loader.close()
+        self.energy.close()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Workers stopped, and the run directory free for the next trainer (fit's end frees it too)."""
+        self.close()
+        if self.run_lock is not None:
+            self.run_lock.release()
+
     def sample(self) -> str | None:
         """Generate from the trained model and append the text to samples.txt (rank 0). Sharded weights
         need every rank in each forward, so under FSDP2 all ranks generate the same text."""
@@ -598,12 +678,14 @@ class Trainer:
         tok = self.data.tokenizer()
         prompt = self.cfg.train.sample_prompt
         ids = tok.encode(prompt).ids
-        with self._autocast():
+        # a compiled model generates eagerly: every new length would be one more compile
+        eager = torch.compiler.set_stance("force_eager") if self.cfg.train.compile else contextlib.nullcontext()
+        with self._autocast(), eager:
             new = generate(self.model, ids, self.cfg.train.sample_tokens, seed=self.cfg.train.seed,
                            eos_id=None)
         text = prompt + tok.decode(new)
         if not self.layout.is_rank0:
             return None
-        with open(self.run_dir / "samples.txt", "a") as f:
+        with open_append(self.run_dir / "samples.txt") as f:
             f.write(f"=== step {self.step} · prompt {prompt!r}\n{text}\n\n")
         return text

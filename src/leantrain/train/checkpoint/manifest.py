@@ -1,0 +1,155 @@
+"""A checkpoint's manifest: the list of its files with their sizes and sha256, written last.
+
+Loading trusts nothing in the folder but what the manifest lists, and reads a listed file only when
+its name stays inside the checkpoint folder (relative, no `..`, no symlink on the way) and it is a
+regular file: a FIFO, a device or a socket is refused without being opened. A file the manifest does
+not list is never read; `unlisted` names it so the caller can warn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
+
+from leantrain.errors import CheckpointError
+from leantrain.files import write_durable
+
+FORMAT = 1
+NAME = "manifest.json"
+
+
+def damaged(folder: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {folder.name} is damaged: {why}")
+
+
+def write(folder: Path, step: int, files: dict[str, dict[str, Any]], kind: str | None = None) -> None:
+    """Write manifest.json into a checkpoint folder being built (the caller fsyncs the folder)."""
+    manifest: dict[str, Any] = {"format": FORMAT, **({"kind": kind} if kind else {}), "step": step, "files": files}
+    write_durable(folder / NAME, json.dumps(manifest, indent=1).encode(), sync_dir=False)
+
+
+def _parts(folder: Path, name: Any) -> list[str]:
+    """The components of a listed name, refused unless it is a plain relative path inside the folder."""
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        raise damaged(folder, f"its manifest lists {name!r}, which is not a file name")
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or any(p in ("..", ".", "") for p in name.split("/")):
+        raise damaged(folder, f"its manifest lists {name!r}, which is outside the checkpoint folder")
+    return list(pure.parts)
+
+
+def open_listed(folder: Path, name: str) -> BinaryIO:
+    """Open a file of the checkpoint for reading, confined to `folder`: every component is opened relative
+    to the one before without following symlinks, and the file is checked to be regular before it is opened."""
+    parts = _parts(folder, name)
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise damaged(folder, f"the folder cannot be opened ({e.strerror or e})") from None
+    try:
+        for part in parts[:-1]:
+            try:
+                sub = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError:
+                raise damaged(folder, f"{name} is missing or its folder is a symlink") from None
+            os.close(fd)
+            fd = sub
+        try:
+            st = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+        except OSError:
+            raise damaged(folder, f"{name} is missing") from None
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+            raise damaged(folder, f"{name} is {kind}; only regular files in the checkpoint folder are read")
+        try:  # O_NONBLOCK: should a FIFO be swapped in after the check, opening it must not hang
+            ffd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+        except OSError:
+            raise damaged(folder, f"{name} is missing or not a regular file") from None
+    finally:
+        os.close(fd)
+    f = os.fdopen(ffd, "rb")
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.close()
+        raise damaged(folder, f"{name} is not a regular file; only regular files in the checkpoint folder are read")
+    return f
+
+
+def read(folder: Path) -> dict[str, Any]:
+    """The manifest of a checkpoint folder, its shape checked and every listed name confined."""
+    try:
+        with open_listed(folder, NAME) as f:
+            manifest = json.loads(f.read())
+    except (OSError, ValueError):
+        raise damaged(folder, f"{NAME} missing or unreadable") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not isinstance(manifest.get("step"), int) or not all(
+            isinstance(i, dict) and isinstance(i.get("bytes"), int) and isinstance(i.get("sha256"), str)
+            for i in files.values()):
+        raise damaged(folder, f"{NAME} missing or unreadable")
+    for name in files:
+        _parts(folder, name)
+    return manifest
+
+
+def _check(folder: Path, name: str, info: dict[str, Any], size: int, sha: str) -> None:
+    if size != info["bytes"]:
+        raise damaged(folder, f"{name} fails its checksum ({size} bytes, expected {info['bytes']})")
+    if sha != info["sha256"]:
+        raise damaged(folder, f"{name} fails its checksum (sha256 differs)")
+
+
+def read_listed(folder: Path, name: str, info: dict[str, Any]) -> bytes:
+    """A listed file's bytes, verified against its manifest entry."""
+    try:
+        with open_listed(folder, name) as f:
+            data = f.read()
+    except OSError as e:
+        raise damaged(folder, f"{name} cannot be read ({e.strerror or e})") from None
+    _check(folder, name, info, len(data), hashlib.sha256(data).hexdigest())
+    return data
+
+
+def verify_listed(folder: Path, name: str, info: dict[str, Any]) -> None:
+    """Check a listed file against its manifest entry, streaming (for files too large to hold)."""
+    digest, size = hashlib.sha256(), 0
+    try:
+        with open_listed(folder, name) as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+                size += len(chunk)
+    except OSError as e:
+        raise damaged(folder, f"{name} cannot be read ({e.strerror or e})") from None
+    _check(folder, name, info, size, digest.hexdigest())
+
+
+def hash_file(path: Path) -> dict[str, Any]:
+    """The manifest entry of a file just written by this process."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+def unlisted(folder: Path, manifest: dict[str, Any]) -> list[str]:
+    """Names of files in the folder that the manifest does not list (never followed into symlinked folders)."""
+    listed = set(manifest["files"]) | {NAME}
+    found = []
+    for top, dirs, names in os.walk(folder):  # os.walk does not descend into symlinked folders
+        rel = Path(top).relative_to(folder)
+        for n in names + [d for d in dirs if (Path(top) / d).is_symlink()]:
+            name = (rel / n).as_posix()
+            if name not in listed:
+                found.append(name)
+    return sorted(found)
+
+
+def unlisted_warning(folder: Path, names: list[str]) -> str:
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return (f"checkpoint {folder.name} holds files its manifest does not list ({shown}); they were ignored; "
+            "remove them if you did not put them there")

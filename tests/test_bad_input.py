@@ -1,0 +1,514 @@
+"""Bad input thrown at the real commands: every row exits 2 with one line `error: ...` and no traceback.
+
+Each row builds real files under its own folder (configs, corpora, HF folders, damaged run copies) and
+runs the command through `leantrain.cli.main`, in this process: a subprocess per row would spend ~2 s
+importing torch, minutes for the table on two cores. `test_real_process` runs a few rows as real
+processes to prove the console path (rich's stderr, argparse's exit) gives the same one line.
+Every row must fail before any training step; rows of `train` also check that no run folder was made.
+
+To add a row, append `Row(id, build, words)`: `build(ctx)` writes what the row needs under `ctx.tmp`
+(the working directory of the command) and returns the argv; `words` must all appear in the message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from safetensors.torch import save_file
+
+from helpers import tiny_config
+from leantrain.cli import main
+
+RUN_ARGS = ["--train.steps=2", "--train.micro_batch_size=2", "--train.eval_steps=1", "--train.sample_tokens=0",
+            "--precision.dtype=fp32", "--log.progress=none"]
+TINY = ["--model.n_layers=1", "--model.dim=32", "--model.n_heads=2", "--model.n_kv_heads=2", "--model.seq_len=32",
+        "--model.vocab_size=512", *RUN_ARGS]
+# a tiny Llama config.json of the shape TINY describes (weights in `hf_weights`)
+LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 1, "hidden_size": 32,
+         "num_attention_heads": 2, "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 512,
+         "max_position_embeddings": 32, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
+         "tie_word_embeddings": True}
+
+
+@dataclass
+class Ctx:
+    """What a row may use: its own folder, the shared token dataset and a trained run (copy before changing)."""
+
+    tmp: Path
+    dataset: Path
+    run: Path
+
+    def write(self, name: str, content: str | bytes) -> Path:
+        p = self.tmp / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return p
+
+    def hf(self, config: dict | str | None, weights: dict | None = None, name: str = "hf") -> str:
+        """An --init-from folder with this config.json (text as given if a str; none if None)."""
+        d = self.tmp / name
+        d.mkdir()
+        if config is not None:
+            (d / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+        if weights is not None:
+            save_file(weights, str(d / "model.safetensors"))
+        return str(d)
+
+    def train(self, *args: str) -> list[str]:
+        """argv of a tiny `train` on the shared dataset into ./run (which must not appear)."""
+        return ["train", "--run-dir", str(self.tmp / "run"), f"--data.path={self.dataset}", *TINY, *args]
+
+    def train_from(self, hf_dir: str, *args: str) -> list[str]:
+        """argv of a `train --init-from hf_dir` into ./run; the [model] section comes from its config.json."""
+        return ["train", "--run-dir", str(self.tmp / "run"), f"--data.path={self.dataset}", *RUN_ARGS,
+                "--init-from", hf_dir, *args]
+
+    def run_copy(self) -> Path:
+        dst = self.tmp / "runcopy"
+        shutil.copytree(self.run, dst)
+        return dst
+
+
+def llama(**changes) -> dict:
+    c = dict(LLAMA)
+    for k, v in changes.items():
+        if v is ...:
+            c.pop(k)
+        else:
+            c[k] = v
+    return c
+
+
+def hf_weights(**shapes) -> dict:
+    """Llama tensors for LLAMA, HF names; `shapes` replaces the shape of a tensor (by its name with dots as __)."""
+    import torch
+
+    base = {"model.embed_tokens.weight": (512, 32), "model.norm.weight": (32,),
+            "model.layers.0.input_layernorm.weight": (32,), "model.layers.0.post_attention_layernorm.weight": (32,),
+            "model.layers.0.self_attn.q_proj.weight": (32, 32), "model.layers.0.self_attn.k_proj.weight": (32, 32),
+            "model.layers.0.self_attn.v_proj.weight": (32, 32), "model.layers.0.self_attn.o_proj.weight": (32, 32),
+            "model.layers.0.mlp.gate_proj.weight": (64, 32), "model.layers.0.mlp.up_proj.weight": (64, 32),
+            "model.layers.0.mlp.down_proj.weight": (32, 64)}
+    for k, v in shapes.items():
+        base[k.replace("__", ".")] = v
+    return {k: torch.zeros(v) for k, v in base.items()}
+
+
+def damage_checkpoints(ctx: Ctx) -> Path:
+    """A copy of the run whose every checkpoint has its model weights overwritten with junk."""
+    run = ctx.run_copy()
+    for f in (run / "checkpoints").rglob("model*.safetensors"):
+        f.write_bytes(b"\0junk" * 100)
+    return run
+
+
+def changed_run(ctx: Ctx, name: str, content: str | None, edit: Callable[[str], str] | None = None) -> str:
+    """A copy of the run with one file replaced by `content`, edited by `edit`, or (both None) removed."""
+    run = ctx.run_copy()
+    p = run / name
+    if edit is not None:
+        p.write_text(edit(p.read_text()))
+    elif content is None:
+        p.unlink()
+    else:
+        p.write_text(content)
+    return str(run)
+
+
+def manifest_naming(path: str) -> Callable[[str], str]:
+    """An edit of a checkpoint manifest that makes it list `path` instead of model.safetensors."""
+    def edit(text: str) -> str:
+        m = json.loads(text)
+        m["files"][path] = m["files"].pop("model.safetensors")
+        return json.dumps(m)
+    return edit
+
+
+def fifo(ctx: Ctx, name: str) -> str:
+    p = ctx.tmp / name
+    os.mkfifo(p)
+    return str(p)
+
+
+def unreadable(ctx: Ctx, name: str) -> str:
+    p = ctx.write(name, "[train]\n")
+    p.chmod(0)
+    return str(p)
+
+
+def damaged_hf(ctx: Ctx) -> str:
+    """An --init-from folder with a good config.json and a model.safetensors that is not one."""
+    d = ctx.hf(LLAMA)
+    (Path(d) / "model.safetensors").write_bytes(b"junk" * 9)
+    return d
+
+
+@dataclass
+class Row:
+    id: str
+    build: Callable[[Ctx], list[str]]
+    words: tuple[str, ...] = ()
+    root_reads_anyway: bool = False  # permission rows: root reads every file, so the row cannot fail as root
+    claims_run_dir: bool = False  # found by the Trainer after it claimed the run folder (its marker and lock only)
+    keeps: tuple[str, ...] = ()  # files under the row's folder that must survive the command (nothing lost)
+
+
+R = Row
+ROWS: list[Row] = [
+    # ---- config values, every section (train, plan, lr-find and config share one validation) --------------
+    R("lr-negative", lambda c: c.train("--optim.lr=-1"), ("optim.lr", "-1", "> 0")),
+    R("lr-nan", lambda c: c.train("--optim.lr=nan"), ("optim.lr", "nan", "finite")),
+    R("lr-inf", lambda c: c.train("--optim.lr=inf"), ("optim.lr", "inf")),
+    R("beta2-above-1", lambda c: c.train("--optim.beta2=1.5"), ("optim.beta2", "[0.0, 1.0]")),
+    R("eps-zero", lambda c: c.train("--optim.eps=0"), ("optim.eps",)),
+    R("ns-steps-huge", lambda c: c.train("--optim.ns_steps=100000"), ("optim.ns_steps",)),
+    R("guard-sigma-negative", lambda c: c.train("--guard.sigma=-1"), ("guard.sigma", "-1.0")),
+    R("guard-sigma-nan", lambda c: c.train("--guard.sigma=NaN"), ("guard.sigma", "nan")),
+    R("guard-history-over-window", lambda c: c.train("--guard.min_history=60", "--guard.window=10"),
+      ("guard.min_history", "guard.window")),
+    R("guard-policy", lambda c: c.train("--guard.policy=ignore"), ("guard.policy", "skip, rollback, off")),
+    R("energy-pue-nan", lambda c: c.train("--energy.pue=nan"), ("energy.pue", "nan")),
+    R("energy-price-negative", lambda c: c.train("--energy.price_per_kwh=-0.1"), ("energy.price_per_kwh",)),
+    R("energy-tdp-inf", lambda c: c.train("--energy.tdp_w=inf"), ("energy.tdp_w",)),
+    R("energy-deadline-garbage", lambda c: c.train("--energy.deadline=next tuesday"), ("energy.deadline", "ISO")),
+    R("energy-carbon-aware-alone", lambda c: c.train("--energy.carbon_aware=true"), ("intensity_csv",)),
+    R("energy-meter", lambda c: c.train("--energy.meter=wattmeter"), ("energy.meter",)),
+    R("finetune-alpha-nan", lambda c: c.train("--finetune.lora_alpha=nan"), ("finetune.lora_alpha",)),
+    R("finetune-dropout-above-1", lambda c: c.train("--finetune.lora_dropout=1.5"), ("finetune.lora_dropout",)),
+    R("finetune-rank-negative", lambda c: c.train("--finetune.lora_rank=-4"), ("finetune.lora_rank",)),
+    R("parallel-dp-shard-zero", lambda c: c.train("--parallel.dp_shard=0"), ("parallel.dp_shard",)),
+    R("parallel-timeout-zero", lambda c: c.train("--parallel.timeout_s=0"), ("parallel.timeout_s",)),
+    R("parallel-tp-heads", lambda c: c.train("--parallel.tp=3", "--model.tie_embeddings=false"),
+      ("parallel.tp = 3",)),
+    R("parallel-backend", lambda c: c.train("--parallel.backend=mpi"), ("parallel.backend",)),
+    R("checkpoint-keep-zero", lambda c: c.train("--checkpoint.keep=0"), ("checkpoint.keep", "0")),
+    R("checkpoint-every-negative", lambda c: c.train("--checkpoint.every=-5"), ("checkpoint.every",)),
+    R("checkpoint-format", lambda c: c.train("--checkpoint.format=zip"), ("checkpoint.format",)),
+    R("log-every-zero", lambda c: c.train("--log.every=0"), ("log.every",)),
+    R("log-progress", lambda c: c.train("--log.progress=rainbow"), ("log.progress",)),
+    R("model-heads-zero", lambda c: c.train("--model.n_heads=0"), ("model.n_heads", "0")),
+    R("model-dim-not-divisible", lambda c: c.train("--model.dim=33"), ("model.dim = 33", "n_heads")),
+    R("model-kv-heads", lambda c: c.train("--model.n_kv_heads=3", "--model.n_heads=4"), ("n_kv_heads = 3",)),
+    R("model-vocab-zero", lambda c: c.train("--model.vocab_size=0"), ("model.vocab_size",)),
+    R("model-norm-eps-zero", lambda c: c.train("--model.norm_eps=0"), ("model.norm_eps",)),
+    R("model-arch", lambda c: c.train("--model.arch=gpt3"), ("model.arch", "llama, gpt2")),
+    R("model-too-big-to-allocate", lambda c: c.train("--model.dim=131072", "--model.n_layers=4096",
+                                                     "--model.n_heads=1024", "--model.n_kv_heads=1024"),
+      ("cannot be allocated",)),
+    R("model-vocab-huge", lambda c: c.train("--model.vocab_size=99999999999"), ("model.vocab_size", "2^24")),
+    R("tokens-per-micro-batch", lambda c: c.train("--train.micro_batch_size=1000000", "--model.seq_len=1000000"),
+      ("tokens per micro-batch",)),
+    R("train-steps-float", lambda c: c.train("--train.steps=1e3"), ("train.steps", "integer")),
+    R("train-seed-negative", lambda c: c.train("--train.seed=-1"), ("train.seed",)),
+    R("train-compile-maybe", lambda c: c.train("--train.compile=maybe"), ("train.compile", "true or false")),
+    R("train-device", lambda c: c.train("--train.device=tpu"), ("train.device", "cuda:N")),
+    R("train-empty-sample-prompt", lambda c: c.train("--train.sample_tokens=5", "--train.sample_prompt="),
+      ("train.sample_prompt",)),
+    R("precision-dtype", lambda c: c.train("--precision.dtype=fp16"), ("precision.dtype", "fp32, bf16")),
+    R("unknown-key", lambda c: c.train("--train.stepz=3"), ("unknown key train.stepz",)),
+    R("unknown-section", lambda c: c.train("--modle.dim=3"), ("unknown section [modle]",)),
+    R("override-without-value", lambda c: c.train("--train.steps"), ("--train.steps",)),
+    R("unknown-argument", lambda c: c.train("--bogus"), ("--bogus",)),
+    R("unknown-recipe", lambda c: ["train", "--recipe", "huge"], ("unknown recipe 'huge'",)),
+    R("plan-model-nan", lambda c: ["plan", "--model.init_std=nan"], ("model.init_std",)),
+    R("plan-hardware-unknown", lambda c: ["plan", "--hardware", "tpu9"], ("tpu9",)),
+    R("override-value-with-space", lambda c: c.train("--train.device=cuda 0"), ("train.device = 'cuda 0'",)),
+    R("plan-gpus-zero", lambda c: ["plan", "--gpus", "0"], ("--gpus",)),
+    R("plan-gpus-word", lambda c: ["plan", "--gpus", "two"], ("--gpus", "two")),
+    R("lr-find-bad-optim", lambda c: ["lr-find", "--optim.beta1=2", "--out", str(c.tmp / "lrf")], ("optim.beta1",)),
+    R("lr-find-max-lr-inf", lambda c: ["lr-find", "--max-lr", "inf", "--out", str(c.tmp / "lrf")], ("--max-lr",)),
+    R("lr-find-max-lr-nan", lambda c: ["lr-find", "--max-lr", "nan", "--out", str(c.tmp / "lrf")], ("--max-lr",)),
+    R("lr-find-few-steps", lambda c: ["lr-find", "--steps", "2", "--out", str(c.tmp / "lrf")], ("--steps 2",)),
+    R("lr-find-huge-steps", lambda c: ["lr-find", "--steps", "99999999999", "--out", str(c.tmp / "lrf")],
+      ("--steps 99999999999",)),
+    R("config-unknown-value", lambda c: ["config", "--optim.name=sgd"], ("optim.name", "adamw")),
+
+    # ---- config files --------------------------------------------------------------------------------------
+    R("file-missing", lambda c: c.train(str(c.tmp / "nope.toml")), ("does not exist",)),
+    R("file-is-folder", lambda c: c.train(str(c.write("cfg.toml/x", "").parent)), ("is a folder",)),
+    R("file-not-utf8", lambda c: c.train(str(c.write("c.toml", b"[train]\nsample_prompt = \"\xff\xfe\"\n"))),
+      ("not UTF-8",)),
+    R("file-not-toml", lambda c: c.train(str(c.write("c.toml", "[train\nsteps = 3\n"))), ("not valid TOML",)),
+    R("file-binary", lambda c: c.train(str(c.write("c.toml", bytes(range(256))))), ("c.toml",)),
+    R("file-fifo", lambda c: c.train(fifo(c, "c.toml")), ("not a regular file",)),
+    R("file-unreadable", lambda c: c.train(unreadable(c, "c.toml")), ("cannot be read",), root_reads_anyway=True),
+    R("file-unquoted-date", lambda c: c.train(str(c.write("c.toml", "[data]\npath = 2024-06-01\n"))),
+      ("data.path", "quote it")),
+    R("file-section-not-table", lambda c: c.train(str(c.write("c.toml", "model = 3\n"))), ("[model]", "table")),
+    R("file-nan", lambda c: ["plan", str(c.write("c.toml", "[optim]\nlr = nan\n"))], ("optim.lr", "nan")),
+    R("file-inf-sigma", lambda c: ["config", str(c.write("c.toml", "[guard]\nsigma = -inf\n"))], ("guard.sigma",)),
+    R("file-string-for-int", lambda c: ["config", str(c.write("c.toml", "[train]\nsteps = \"10\"\n"))],
+      ("train.steps", "'10'")),
+    R("config-file-folder", lambda c: ["config", str(c.tmp)], ("is a folder",)),
+
+    # ---- --init-from folders -------------------------------------------------------------------------------
+    R("init-from-missing", lambda c: c.train_from(str(c.tmp / "nope")), ("not a folder",)),
+    R("init-from-no-config", lambda c: c.train_from(c.hf(None)), ("config.json is missing",)),
+    R("init-from-not-json", lambda c: c.train_from(c.hf("{not json")), ("not valid JSON",)),
+    R("init-from-list", lambda c: c.train_from(c.hf("[1, 2]")), ("JSON list",)),
+    R("init-from-missing-field", lambda c: c.train_from(c.hf(llama(hidden_size=...))),
+      ("hidden_size is missing",)),
+    R("init-from-string-size", lambda c: c.train_from(c.hf(llama(hidden_size="32"))),
+      ("hidden_size = '32'",)),
+    R("init-from-zero-heads", lambda c: c.train_from(c.hf(llama(num_attention_heads=0))),
+      ("num_attention_heads = 0",)),
+    R("init-from-float-layers", lambda c: c.train_from(c.hf(llama(num_hidden_layers=1.5))),
+      ("num_hidden_layers = 1.5",)),
+    R("init-from-inconsistent-heads", lambda c: c.train_from(c.hf(llama(hidden_size=33))),
+      ("hidden_size = 33", "num_attention_heads")),
+    R("init-from-kv-heads", lambda c: c.train_from(c.hf(llama(num_key_value_heads=3))),
+      ("num_key_value_heads = 3",)),
+    R("init-from-eps-nan", lambda c: c.train_from(c.hf(llama(rms_norm_eps="nan"))), ("rms_norm_eps",)),
+    R("init-from-unsupported", lambda c: c.train_from(c.hf(llama(model_type="mistral"))),
+      ("'mistral'", "not supported")),
+    R("init-from-rope-scaling", lambda c: c.train_from(c.hf(llama(rope_scaling={"type": "linear"}))),
+      ("rope type 'linear'",)),
+    R("init-from-huge-vocab", lambda c: c.train_from(c.hf(llama(vocab_size=2**30))),
+      ("model.vocab_size", "config.json")),
+    R("init-from-contradicts", lambda c: c.train_from(c.hf(llama()), "--model.dim=64"),
+      ("model.dim = 64", "contradicts")),
+    R("init-from-no-weights", lambda c: c.train_from(c.hf(llama())), ("no model.safetensors",),
+      claims_run_dir=True),
+    R("init-from-weights-shape", lambda c: c.train_from(c.hf(llama(), hf_weights(
+        model__layers__0__self_attn__q_proj__weight=(16, 32)))), ("q_proj.weight", "shape [16, 32]"),
+      claims_run_dir=True),
+    R("init-from-weights-missing", lambda c: c.train_from(c.hf(llama(), {
+        k: v for k, v in hf_weights().items() if "down_proj" not in k})), ("down_proj",),
+      claims_run_dir=True),
+    R("init-from-weights-damaged", lambda c: c.train_from(damaged_hf(c)), ("cannot be read as safetensors",),
+      claims_run_dir=True),
+
+    R("init-from-json-nan", lambda c: c.train_from(c.hf(json.dumps(LLAMA).replace("1e-05", "NaN"))),
+      ("rms_norm_eps = nan",)),
+    R("init-from-deep-json", lambda c: c.train_from(c.hf("[" * 100_000)), ("not valid JSON",)),
+
+    # ---- data prepare --------------------------------------------------------------------------------------
+    R("prepare-missing-input", lambda c: ["data", "prepare", str(c.tmp / "nope.txt"), "--out", str(c.tmp / "ds")],
+      ("does not exist",)),
+    R("prepare-no-input", lambda c: ["data", "prepare", "--out", str(c.tmp / "ds")], ("--builtin",)),
+    R("prepare-both-inputs", lambda c: ["data", "prepare", str(c.write("a.txt", "hi")), "--builtin", "stdlib",
+                                        "--out", str(c.tmp / "ds")], ("one of the two",)),
+    R("prepare-val-fraction", lambda c: ["data", "prepare", str(c.write("a.txt", "hello world\n" * 50)), "--out",
+                                         str(c.tmp / "ds"), "--val-fraction", "1.5"], ("val_fraction",)),
+    R("prepare-val-fraction-nan", lambda c: ["data", "prepare", str(c.write("a.txt", "hello world\n" * 50)),
+                                             "--out", str(c.tmp / "ds"), "--val-fraction", "nan"], ("val_fraction",)),
+    R("prepare-workers-zero", lambda c: ["data", "prepare", str(c.write("a.txt", "hi")), "--out", str(c.tmp / "ds"),
+                                         "--workers", "0"], ("--workers",)),
+    R("prepare-vocab-word", lambda c: ["data", "prepare", "--builtin", "stdlib", "--out", str(c.tmp / "ds"),
+                                       "--vocab-size", "big"], ("--vocab-size",)),
+    R("prepare-jsonl-field", lambda c: ["data", "prepare", str(c.write("a.jsonl", '{"content": "x"}\n' * 5)),
+                                        "--out", str(c.tmp / "ds")], ("content", "--text-field")),
+    R("prepare-curation-not-toml", lambda c: ["data", "prepare", "--builtin", "stdlib", "--out", str(c.tmp / "ds"),
+                                              "--curation-config", str(c.write("cur.toml", "[x\n"))], ("cur.toml",)),
+    R("prepare-set-bogus", lambda c: ["data", "prepare", "--builtin", "stdlib", "--out", str(c.tmp / "ds"),
+                                      "--set", "nosuchstep.x=1"], ("nosuchstep",)),
+    R("prepare-set-nan", lambda c: ["data", "prepare", "--builtin", "stdlib", "--profile", "web", "--out",
+                                    str(c.tmp / "ds"), "--set", "gopher_quality.min_words=nan"],
+      ("gopher_quality.min_words",)),
+    R("prepare-set-inf", lambda c: ["data", "prepare", "--builtin", "stdlib", "--profile", "web", "--out",
+                                    str(c.tmp / "ds"), "--set", "gopher_quality.max_symbol_word_ratio=inf"],
+      ("max_symbol_word_ratio",)),
+    R("prepare-chat-no-input", lambda c: ["data", "prepare", "--format", "chat", "--out", str(c.tmp / "ds")],
+      ("--builtin",)),
+    R("prepare-empty-file", lambda c: ["data", "prepare", str(c.write("a.txt", "")), "--out", str(c.tmp / "ds")],
+      ("no documents",)),
+    R("prepare-empty-folder", lambda c: ["data", "prepare", str(c.write("in/.keep", "").parent), "--out",
+                                         str(c.tmp / "ds")], ("no documents",)),
+    R("prepare-not-utf8", lambda c: ["data", "prepare", str(c.write("a.txt", b"\xff\xfe\x00bad" * 100)), "--out",
+                                     str(c.tmp / "ds")], ("binary",)),
+    R("prepare-deep-jsonl", lambda c: ["data", "prepare", str(c.write("a.jsonl", '{"text": ' + "[" * 100_000 + "\n")),
+                                       "--out", str(c.tmp / "ds")], ("nested",)),
+    R("prepare-jsonl-not-json", lambda c: ["data", "prepare", str(c.write("a.jsonl", "hello\nworld\n")), "--out",
+                                           str(c.tmp / "ds")], ("bad json",)),
+    R("prepare-out-is-file", lambda c: ["data", "prepare", "--builtin", "stdlib", "--out", str(c.write("ds", "x"))],
+      ("is a file",), keeps=("ds",)),
+    R("prepare-out-not-dataset", lambda c: ["data", "prepare", "--builtin", "stdlib", "--overwrite", "--out",
+                                            str(c.write("mine/notes.txt", "keep me").parent)],
+      ("notes.txt", "refusing"), keeps=("mine/notes.txt",)),
+    R("prepare-tokenizer-missing", lambda c: ["data", "prepare", str(c.write("a.txt", "hi")), "--out",
+                                              str(c.tmp / "ds"), "--tokenizer", str(c.tmp / "tok.json")],
+      ("tok.json",)),
+
+    # ---- report --------------------------------------------------------------------------------------------
+    R("report-missing-run", lambda c: ["report", str(c.tmp / "nope")], ("not a run directory",)),
+    R("report-plain-folder", lambda c: ["report", str(c.write("x/notes.txt", "hi").parent)], ("not a run",)),
+    R("report-out-folder", lambda c: ["report", str(c.run), "--out", str(c.tmp)], ("is a folder",)),
+    R("report-out-no-parent", lambda c: ["report", str(c.run), "--out", str(c.tmp / "a" / "b.html")],
+      ("does not exist",)),
+
+    # ---- generate ------------------------------------------------------------------------------------------
+    R("generate-temperature-nan", lambda c: ["generate", str(c.run), "--prompt", "x", "--temperature", "nan"],
+      ("temperature", "nan")),
+    R("generate-temperature-negative", lambda c: ["generate", str(c.run), "--prompt", "x", "--temperature", "-1"],
+      ("temperature", "-1")),
+    R("generate-temperature-inf", lambda c: ["generate", str(c.run), "--prompt", "x", "--temperature", "inf"],
+      ("temperature",)),
+    R("generate-top-k-negative", lambda c: ["generate", str(c.run), "--prompt", "x", "--top-k", "-1"],
+      ("top-k", "-1")),
+    R("generate-max-new-zero", lambda c: ["generate", str(c.run), "--prompt", "x", "--max-new-tokens", "0"],
+      ("max-new-tokens", "0")),
+    R("generate-max-new-negative", lambda c: ["generate", str(c.run), "--prompt", "x", "--max-new-tokens", "-5"],
+      ("max-new-tokens",)),
+    R("generate-top-k-word", lambda c: ["generate", str(c.run), "--prompt", "x", "--top-k", "many"], ("--top-k",)),
+    R("generate-no-prompt", lambda c: ["generate", str(c.run)], ("--prompt",)),
+    R("generate-empty-prompt", lambda c: ["generate", str(c.run), "--prompt", ""], ("prompt is empty",)),
+    R("generate-missing-run", lambda c: ["generate", str(c.tmp / "nope"), "--prompt", "x"], ("not a run directory",)),
+    R("generate-missing-checkpoint", lambda c: ["generate", str(c.run), "--prompt", "x", "--checkpoint",
+                                                str(c.tmp / "nope")], ("nope",)),
+    R("generate-chat-on-text-run", lambda c: ["generate", str(c.run), "--prompt", "x", "--chat"], ("--chat",)),
+    R("generate-damaged-checkpoints", lambda c: ["generate", str(damage_checkpoints(c)), "--prompt", "x"],
+      ("checkpoint",)),
+
+    R("generate-run-config-not-toml", lambda c: ["generate", changed_run(c, "config.toml", "[model\n"),
+                                                 "--prompt", "x"], ("not valid TOML",)),
+    R("generate-run-config-nan", lambda c: ["generate", changed_run(c, "config.toml", None, lambda t: t.replace(
+        "\nlr = 0.003\n", "\nlr = nan\n")), "--prompt", "x"], ("optim.lr = nan",)),
+    R("generate-run-no-tokenizer", lambda c: ["generate", changed_run(c, "tokenizer.json", None), "--prompt", "x"],
+      ("tokenizer.json",)),
+    R("generate-manifest-not-json", lambda c: ["generate", changed_run(c, "checkpoints/step-0000002/manifest.json",
+                                                                       "{junk"), "--prompt", "x"], ("checkpoint",)),
+    R("generate-manifest-escapes", lambda c: ["generate", changed_run(
+        c, "checkpoints/step-0000002/manifest.json", None, manifest_naming("../../config.toml")), "--prompt", "x"],
+      ("checkpoint",)),
+    R("generate-manifest-absolute", lambda c: ["generate", changed_run(
+        c, "checkpoints/step-0000002/manifest.json", None, manifest_naming("/etc/passwd")), "--prompt", "x"],
+      ("checkpoint",)),
+
+    # ---- export --------------------------------------------------------------------------------------------
+    R("export-missing-run", lambda c: ["export", str(c.tmp / "nope"), "--out", str(c.tmp / "hf")],
+      ("not a run directory",)),
+    R("export-shard-size-zero", lambda c: ["export", str(c.run), "--out", str(c.tmp / "hf"), "--max-shard-size",
+                                           "0"], ("size '0'",)),
+    R("export-shard-size-word", lambda c: ["export", str(c.run), "--out", str(c.tmp / "hf"), "--max-shard-size",
+                                           "huge"], ("size 'huge'",)),
+    R("export-out-not-empty", lambda c: ["export", str(c.run), "--out", str(c.write("o/keep.txt", "mine").parent)],
+      ("--overwrite",), keeps=("o/keep.txt",)),
+    R("export-overwrite-foreign", lambda c: ["export", str(c.run), "--overwrite", "--out",
+                                             str(c.write("o/keep.txt", "mine").parent)],
+      ("not written by leantrain",), keeps=("o/keep.txt",)),
+    R("export-overwrite-run", lambda c: ["export", str(c.run), "--overwrite", "--out", str(c.run)],
+      ("is the run directory",)),
+    R("export-format", lambda c: ["export", str(c.run), "--format", "gguf", "--out", str(c.tmp / "hf")],
+      ("--format",)),
+
+    R("export-overwrite-corpus", lambda c: ["export", str(c.run), "--overwrite", "--out",
+                                            str(shutil.copytree(c.dataset, c.tmp / "corpus"))],
+      ("not written by leantrain",), keeps=("corpus/meta.json", "corpus/tokenizer.json")),
+    R("export-overwrite-contains-run", lambda c: ["export", str(c.run_copy()), "--overwrite", "--out", str(c.tmp)],
+      ("holds the run directory",), keeps=("runcopy/config.toml", "runcopy/metrics.jsonl")),
+    R("export-overwrite-inside-run", lambda c: ["export", str(c.run_copy()), "--overwrite", "--out",
+                                                str(c.tmp / "runcopy" / "checkpoints")],
+      ("inside the run directory",), keeps=("runcopy/checkpoints/latest",)),
+    R("export-out-dot", lambda c: c.write("notes.txt", "mine") and ["export", str(c.run), "--out", "."],
+      ("current folder",), keeps=("notes.txt",)),
+    R("export-bad-checkpoint", lambda c: ["export", str(c.run), "--out", str(c.tmp / "hf"), "--checkpoint",
+                                          str(c.tmp / "nope")], ("not a folder",)),
+
+    # ---- checkpoint consolidate ----------------------------------------------------------------------------
+    R("consolidate-missing", lambda c: ["checkpoint", "consolidate", str(c.tmp / "nope"), "--out", str(c.tmp / "o")],
+      ("nope",)),
+    R("consolidate-full-checkpoint", lambda c: ["checkpoint", "consolidate",
+                                                str(sorted((c.run / "checkpoints").glob("step-*"))[-1]),
+                                                "--out", str(c.tmp / "o")], ("already a full checkpoint",)),
+    R("consolidate-no-out", lambda c: ["checkpoint", "consolidate", str(c.tmp)], ("--out",)),
+
+    # ---- run directories -----------------------------------------------------------------------------------
+    R("resume-not-a-run", lambda c: ["train", "--resume", str(c.tmp / "nope")], ("not a run directory",)),
+    R("run-dir-is-file", lambda c: ["train", "--run-dir", str(c.write("afile", "x")), f"--data.path={c.dataset}",
+                                    *TINY], ("afile",)),
+    R("run-dir-foreign", lambda c: ["train", "--run-dir", str(c.write("proj/notes.txt", "mine").parent),
+                                    f"--data.path={c.dataset}", *TINY], ("notes.txt", "did not write"),
+      keeps=("proj/notes.txt",)),
+    R("memory-too-big", lambda c: c.train("--model.dim=65536", "--model.n_layers=24", "--model.n_heads=512",
+                                          "--model.n_kv_heads=512"), ("does not fit", "--force")),
+    R("data-path-missing", lambda c: c.train("--data.path=/nonexistent/ds"), ("/nonexistent/ds",),
+      claims_run_dir=True),
+]
+
+
+@pytest.fixture(scope="module")
+def trained_run(dataset, tmp_path_factory):
+    """A finished 2-step tiny run with a checkpoint: the target of generate, export and report rows."""
+    from leantrain.train.trainer import Trainer
+
+    run = tmp_path_factory.mktemp("bad-input") / "run"
+    cfg = tiny_config(dataset, train__steps=2, train__eval_every=2, train__eval_steps=1, checkpoint__every=2,
+                      model__n_layers=1, model__dim=32, model__n_heads=2, model__n_kv_heads=2, model__seq_len=32)
+    Trainer(cfg, run).fit()
+    return run
+
+
+def _snapshot(path: Path) -> dict[str, int]:
+    return {str(p.relative_to(path)): p.stat().st_size for p in path.rglob("*") if p.is_file()}
+
+
+def _check(code: int, err: str, row: Row) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, f"exit {code}, stderr: {err}"
+    assert "Traceback" not in err, err
+    assert len(lines) == 1, f"{len(lines)} lines on stderr:\n{err}"
+    assert lines[0].startswith("error"), lines[0]
+    for w in row.words:
+        assert w in lines[0], f"{w!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+def test_bad_input(row, dataset, trained_run, tmp_path, monkeypatch, capsys):
+    if row.root_reads_anyway and os.geteuid() == 0:
+        pytest.skip("root reads files whatever their permissions")
+    ctx = Ctx(tmp_path, dataset, trained_run)
+    argv = row.build(ctx)
+    monkeypatch.chdir(tmp_path)
+    before = _snapshot(trained_run)
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    _check(code, capsys.readouterr().err, row)
+    assert _snapshot(trained_run) == before, "the shared run was changed"
+    for name in row.keeps:
+        assert (tmp_path / name).exists(), f"{name} was lost"
+    if argv[0] == "train" and row.claims_run_dir:  # nothing written but the claim
+        assert {p.name for p in (tmp_path / "run").iterdir()} <= {".leantrain-run", ".lock"}
+    elif argv[0] == "train":  # refused before any folder is made
+        assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
+
+
+REAL_PROCESS = ["lr-nan", "file-is-folder", "init-from-string-size", "generate-temperature-nan", "plan-gpus-word",
+                "report-missing-run"]
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if r.id in REAL_PROCESS], ids=lambda r: r.id)
+def test_real_process(row, dataset, trained_run, tmp_path):
+    """The same rows through a real `python -m leantrain.cli` process: what a user sees."""
+    argv = row.build(Ctx(tmp_path, dataset, trained_run))
+    r = subprocess.run([sys.executable, "-m", "leantrain.cli", *argv], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=300)
+    _check(r.returncode, r.stderr, row)
+
+
+def test_table_is_big_and_ids_unique():
+    assert len(ROWS) >= 60 and len({r.id for r in ROWS}) == len(ROWS)
+
+
+def test_report_skips_a_line_that_is_not_json(trained_run, tmp_path, capsys):
+    """A metrics line that is not JSON (or not UTF-8) costs a warning, not the report."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b"{not json\n\xff\xfe\n[1, 2]\n")
+    (run / "report.html").unlink(missing_ok=True)
+    assert main(["report", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and "3 line(s)" in err and "Traceback" not in err
+    assert (run / "report.html").stat().st_size > 1000

@@ -1,0 +1,253 @@
+"""Checkpoints read only what their manifest lists, inside their own folder, and only regular files.
+
+Each test tampers with a real checkpoint the way a careless or hostile hand would (a manifest naming
+`../x` or an absolute path, a symlink or a FIFO in place of a file, an extra file, a file that matches
+its checksum but is not safetensors, a state without the keys a resume needs) and checks that loading
+falls back to the previous checkpoint with a warning, or ignores the stranger with one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import tiny_config
+from leantrain.errors import CheckpointError
+from leantrain.files import write_durable
+from leantrain.train.checkpoint import Checkpointer, read_checkpoint, restore, snapshot
+from leantrain.train.telemetry import read_jsonl
+from leantrain.train.trainer import Trainer
+
+
+class Tied(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 4)
+        self.out = torch.nn.Linear(4, 10, bias=False)
+        self.out.weight = self.emb.weight
+        self.mid = torch.nn.Linear(4, 4)
+
+
+def _trained(seed=0):
+    torch.manual_seed(seed)
+    m = Tied()
+    opt = torch.optim.AdamW(m.parameters(), lr=0.1)
+    for _ in range(2):
+        m.out(m.mid(m.emb(torch.arange(10)))).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return m, opt
+
+
+def _two_checkpoints(root: Path) -> tuple[Checkpointer, Path]:
+    """A Checkpointer with step 1 and step 2 (the newest, returned) written by the real writer."""
+    m, opt = _trained()
+    ck = Checkpointer(root / "checkpoints", keep=3)
+    for step in (1, 2):
+        ck.write(snapshot(step, m, opt, {"tokens": step * 10, "loader": {"step": step}}))
+    return ck, ck.path_for(2)
+
+
+def _relist(ckpt: Path, edit) -> None:
+    """Rewrite the manifest after `edit(files)` changed its entries (what a tamperer would do)."""
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    edit(manifest["files"])
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _entry(data: bytes) -> dict:
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _falls_back(ck: Checkpointer, *words: str) -> None:
+    path, snap, warnings = ck.load_latest()
+    assert path.name == "step-0000001" and snap.step == 1
+    assert len(warnings) == 1 and "step-0000002" in warnings[0] and "damaged" in warnings[0]
+    for w in words:
+        assert w in warnings[0], warnings[0]
+
+
+@pytest.mark.parametrize("where", ["dotdot", "absolute"])
+def test_manifest_names_outside_the_folder_are_refused(tmp_path, where):
+    """A manifest listing a file outside the checkpoint (with its true checksum) must not make loading read it."""
+    ck, newest = _two_checkpoints(tmp_path)
+    secret = tmp_path / "checkpoints" / "secret.txt"
+    secret.write_bytes(b"not the checkpoint's")
+    name = "../secret.txt" if where == "dotdot" else str(secret)
+    _relist(newest, lambda files: files.update({name: _entry(secret.read_bytes())}))
+    _falls_back(ck, "outside the checkpoint folder")
+    with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
+        read_checkpoint(newest)
+
+
+def test_symlink_to_a_file_outside_is_refused(tmp_path):
+    ck, newest = _two_checkpoints(tmp_path)
+    outside = tmp_path / "elsewhere.safetensors"
+    outside.write_bytes((newest / "model.safetensors").read_bytes())  # same bytes: the checksum matches
+    (newest / "model.safetensors").unlink()
+    (newest / "model.safetensors").symlink_to(outside)
+    _falls_back(ck, "model.safetensors", "symlink")
+
+
+def test_symlinked_folder_on_the_way_is_refused(tmp_path):
+    ck, newest = _two_checkpoints(tmp_path)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "secret.txt").write_bytes(b"not the checkpoint's")
+    (newest / "sub").symlink_to(outside)
+    _relist(newest, lambda files: files.update({"sub/secret.txt": _entry(b"not the checkpoint's")}))
+    _falls_back(ck, "sub/secret.txt")
+
+
+def test_fifo_listed_in_the_manifest_is_refused_without_being_opened(tmp_path):
+    """Reading a FIFO would block for ever (nobody writes to it). A watcher opens the write end the
+    moment anyone opens the read end, so a reader that does open it is unblocked and caught."""
+    ck, newest = _two_checkpoints(tmp_path)
+    fifo = newest / "optim.safetensors"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    opened, done = [], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # succeeds only while a reader has it open
+            except OSError:
+                time.sleep(0.001)
+                continue
+            opened.append(True)
+            os.close(fd)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        _falls_back(ck, "optim.safetensors", "not a regular file")
+    finally:
+        done.set()
+        watcher.join()
+    assert not opened, "the FIFO was opened"
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)  # left as it was
+
+
+def test_unlisted_file_is_ignored_and_named(tmp_path):
+    ck, newest = _two_checkpoints(tmp_path)
+    (newest / "stranger.safetensors").write_bytes(b"not read")
+    path, snap, warnings = ck.load_latest()
+    assert path == newest and snap.step == 2
+    assert len(warnings) == 1 and "stranger.safetensors" in warnings[0] and "does not list" in warnings[0]
+    assert read_checkpoint(newest).warnings == warnings
+
+
+def test_unparseable_safetensors_with_a_correct_checksum_falls_back(tmp_path):
+    ck, newest = _two_checkpoints(tmp_path)
+    garbage = b"\x10\x00\x00\x00\x00\x00\x00\x00{this is not js}" + b"\x00" * 32
+    (newest / "model.safetensors").write_bytes(garbage)
+    _relist(newest, lambda files: files.update({"model.safetensors": _entry(garbage)}))
+    _falls_back(ck, "model.safetensors", "cannot be parsed")
+
+
+def test_unparseable_state_with_a_correct_checksum_falls_back(tmp_path):
+    ck, newest = _two_checkpoints(tmp_path)
+    garbage = b"[1, 2"
+    (newest / "state.json").write_bytes(garbage)
+    _relist(newest, lambda files: files.update({"state.json": _entry(garbage)}))
+    _falls_back(ck, "state.json")
+
+
+@pytest.mark.parametrize("key", ["rng", "param_groups", "loader", "tokens"])
+def test_state_without_expected_keys_falls_back(tmp_path, key):
+    """The format's own keys (rng, param_groups, ...) are always required; a trainer also needs tokens and
+    the loader's position, so its Checkpointer requires them."""
+    ck, newest = _two_checkpoints(tmp_path)
+    ck = Checkpointer(ck.root, keep=3, require=("tokens", "loader"))
+    state = json.loads((newest / "state.json").read_text())
+    del state[key]
+    data = json.dumps(state).encode()
+    (newest / "state.json").write_bytes(data)
+    _relist(newest, lambda files: files.update({"state.json": _entry(data)}))
+    _falls_back(ck, "state.json lacks", key)
+
+
+def test_sharded_checkpoint_reads_only_its_listed_shards(tmp_path):
+    """DCP's reader would take every *.safetensors in the shards folder; a stranger there (here a
+    shard with other values under the same keys) must neither be read nor go unmentioned."""
+    m, opt = _trained()
+    ck = Checkpointer(tmp_path / "checkpoints", keep=3)
+    path = ck.save_sharded(1, m, opt, {"tokens": 10, "loader": {}})
+    other, other_opt = _trained(seed=3)
+    other_dir = ck.save_sharded(2, other, other_opt, {"tokens": 20, "loader": {}})
+    (shard,) = (other_dir / "shards").glob("*.safetensors")
+    (path / "shards" / "zz-stranger.safetensors").write_bytes(shard.read_bytes())
+    snap = read_checkpoint(path)
+    assert len(snap.warnings) == 1 and "shards/zz-stranger.safetensors" in snap.warnings[0]
+    fresh, fresh_opt = _trained(seed=1)
+    restore(snap, fresh, fresh_opt)
+    for a, b in zip(m.state_dict().values(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_files_written_have_ordinary_permissions(tmp_path):
+    """write_durable (every rewritten file) and checkpoints: 0666/0777 less the umask, not mkstemp's 0600."""
+    old = os.umask(0o022)
+    try:
+        write_durable(tmp_path / "a.txt", "x")
+        _, newest = _two_checkpoints(tmp_path)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "a.txt").st_mode) == 0o644
+    for p in [newest, *newest.iterdir(), newest.parent / "latest"]:
+        assert stat.S_IMODE(os.stat(p).st_mode) == (0o755 if p.is_dir() else 0o644), p
+    old = os.umask(0o077)
+    try:
+        write_durable(tmp_path / "b.txt", b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "b.txt").st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp left
+
+
+def test_trainer_resume_skips_a_newest_checkpoint_without_loader_state(dataset, tmp_path):
+    """A resume used to end in a KeyError traceback on such a checkpoint; it now falls back, loudly."""
+    cfg = tiny_config(dataset, train__steps=12, train__eval_every=0, train__threads=1, checkpoint__every=6,
+                      checkpoint__keep=3)
+    run = tmp_path / "run"
+    Trainer(cfg, run).fit()
+    newest = run / "checkpoints" / "step-0000012"
+    state = json.loads((newest / "state.json").read_text())
+    del state["loader"]
+    data = json.dumps(state).encode()
+    (newest / "state.json").write_bytes(data)
+    _relist(newest, lambda files: files.update({"state.json": _entry(data)}))
+    with Trainer(cfg, run, resume=True) as trainer:
+        assert trainer.step == 6
+    damaged = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "checkpoint_damaged"]
+    assert len(damaged) == 1 and "step-0000012" in damaged[0]["message"] and "loader" in damaged[0]["message"]
+
+
+def test_run_files_and_exports_have_ordinary_permissions(dataset, tmp_path):
+    """0644 files and 0755 folders under umask 022 (not the 0600 of a mkstemp-style temporary file)."""
+    from leantrain.export.hf import export_hf
+
+    cfg = tiny_config(dataset, train__steps=2, train__eval_every=0, train__threads=1, checkpoint__every=2)
+    old = os.umask(0o022)
+    try:
+        Trainer(cfg, tmp_path / "run").fit()
+        export_hf(tmp_path / "run", tmp_path / "export")
+    finally:
+        os.umask(old)
+    wrong = {}
+    for top in (tmp_path / "run", tmp_path / "export"):
+        for p in [top, *top.rglob("*")]:
+            mode = stat.S_IMODE(os.lstat(p).st_mode)
+            if p.is_file() and mode != 0o644 or p.is_dir() and mode != 0o755:
+                wrong[str(p.relative_to(tmp_path))] = oct(mode)
+    assert wrong == {}
+    assert (tmp_path / "export" / "config.json").is_file() and (tmp_path / "run" / "config.toml").is_file()
