@@ -129,7 +129,7 @@ def test_errors_are_leantrain_errors(tmp_path):
         leantrain.generate(tmp_path, "x", temperature=-1)  # checked before any model is loaded
     with pytest.raises(ConfigError, match="'onnx'"):
         leantrain.export(tmp_path, tmp_path / "out", format="onnx")
-    with pytest.raises(LeantrainError, match="one of the two"):
+    with pytest.raises(LeantrainError, match="one of the three"):
         leantrain.prepare(out=tmp_path / "ds")
 
 

@@ -77,6 +77,25 @@ class Ctx:
         return dst
 
 
+def hf_dataset(c: Ctx, columns: dict, split: str | None = None) -> str:
+    """A `datasets` save_to_disk folder with these columns (a DatasetDict holding only `split` if given)."""
+    import datasets
+
+    ds = datasets.Dataset.from_dict(columns)
+    out = c.tmp / "hfds"
+    (datasets.DatasetDict({split: ds}) if split else ds).save_to_disk(str(out))
+    return str(out)
+
+
+def hf_tokenizer(c: Ctx, config: dict | str) -> str:
+    """A Hugging Face tokenizer folder: the shared dataset's tokenizer.json and this tokenizer_config.json."""
+    d = c.tmp / "hftok"
+    d.mkdir()
+    shutil.copy(c.dataset / "tokenizer.json", d / "tokenizer.json")
+    (d / "tokenizer_config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    return str(d)
+
+
 def llama(**changes) -> dict:
     c = dict(LLAMA)
     for k, v in changes.items():
@@ -85,6 +104,30 @@ def llama(**changes) -> dict:
         else:
             c[k] = v
     return c
+
+
+def lora_config(**changes) -> dict:
+    """adapter_config.json of a rank-2 PEFT LoRA adapter on q_proj of the tiny Llama (LLAMA)."""
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4, "lora_dropout": 0.0,
+            "target_modules": ["q_proj"], "bias": "none", **changes}
+
+
+def lora_weights(module: str = "model.layers.0.self_attn.q_proj") -> dict:
+    import torch
+
+    return {f"base_model.model.{module}.lora_A.weight": torch.zeros(2, 32),
+            f"base_model.model.{module}.lora_B.weight": torch.zeros(32, 2)}
+
+
+def peft_adapter(c: Ctx, config: dict | None, weights: dict | None) -> str:
+    """A PEFT adapter folder with this adapter_config.json and adapter_model.safetensors (each left out if None)."""
+    d = c.tmp / "adapter"
+    d.mkdir()
+    if config is not None:
+        (d / "adapter_config.json").write_text(json.dumps(config))
+    if weights is not None:
+        save_file(weights, str(d / "adapter_model.safetensors"))
+    return str(d)
 
 
 def hf_weights(**shapes) -> dict:
@@ -181,10 +224,34 @@ ROWS: list[Row] = [
     R("energy-deadline-garbage", lambda c: c.train("--energy.deadline=next tuesday"), ("energy.deadline", "ISO")),
     R("energy-carbon-aware-alone", lambda c: c.train("--energy.carbon_aware=true"), ("intensity_csv",)),
     R("energy-meter", lambda c: c.train("--energy.meter=wattmeter"), ("energy.meter",)),
+    R("energy-device-price-negative", lambda c: c.train("--energy.price_per_device_hour=-0.5"),
+      ("energy.price_per_device_hour = -0.5", "-1")),
+    R("energy-device-price-below-minus-one", lambda c: c.train("--energy.price_per_device_hour=-3"),
+      ("energy.price_per_device_hour", "-1 (the catalog's price)")),
+    R("energy-device-price-nan", lambda c: c.train("--energy.price_per_device_hour=nan"),
+      ("energy.price_per_device_hour", "nan")),
+    R("plan-device-price-nan", lambda c: ["plan", "--hardware", "h100", "--energy.price_per_device_hour=nan"],
+      ("energy.price_per_device_hour", "nan")),
+    R("energy-ram-w-negative", lambda c: c.train("--energy.ram_w=-20"), ("energy.ram_w", "-20")),
+    R("energy-ram-w-inf", lambda c: c.train("--energy.ram_w=inf"), ("energy.ram_w", "inf")),
     R("finetune-alpha-nan", lambda c: c.train("--finetune.lora_alpha=nan"), ("finetune.lora_alpha",)),
     R("finetune-dropout-above-1", lambda c: c.train("--finetune.lora_dropout=1.5"), ("finetune.lora_dropout",)),
     R("finetune-rank-negative", lambda c: c.train("--finetune.lora_rank=-4"), ("finetune.lora_rank",)),
     R("parallel-dp-shard-zero", lambda c: c.train("--parallel.dp_shard=0"), ("parallel.dp_shard",)),
+    R("moe-top-k-over-experts", lambda c: c.train("--model.moe_experts=4", "--model.moe_top_k=5"),
+      ("model.moe_top_k = 5", "model.moe_experts = 4")),
+    R("moe-capacity-negative", lambda c: c.train("--model.moe_experts=4", "--model.moe_capacity=-1"),
+      ("model.moe_capacity", "-1")),
+    R("moe-capacity-nan", lambda c: c.train("--model.moe_experts=4", "--model.moe_capacity=nan"),
+      ("model.moe_capacity", "nan")),
+    R("moe-router", lambda c: c.train("--model.moe_experts=4", "--model.moe_router=relu"),
+      ("model.moe_router", "softmax, sigmoid")),
+    R("moe-balance", lambda c: c.train("--model.moe_experts=4", "--model.moe_balance=loss"), ("model.moe_balance",)),
+    R("moe-gpt2", lambda c: c.train("--model.moe_experts=4", "--model.arch=gpt2"), ("moe_experts", "llama only")),
+    R("moe-tp", lambda c: c.train("--model.moe_experts=4", "--parallel.tp=2", "--model.tie_embeddings=false"),
+      ("moe_experts", "parallel.tp = 2")),
+    R("moe-lora", lambda c: c.train("--model.moe_experts=4", "--finetune.lora_rank=4"),
+      ("moe_experts", "finetune.lora_rank")),
     R("parallel-timeout-zero", lambda c: c.train("--parallel.timeout_s=0"), ("parallel.timeout_s",)),
     R("parallel-tp-heads", lambda c: c.train("--parallel.tp=3", "--model.tie_embeddings=false"),
       ("parallel.tp = 3",)),
@@ -194,12 +261,26 @@ ROWS: list[Row] = [
     R("checkpoint-format", lambda c: c.train("--checkpoint.format=zip"), ("checkpoint.format",)),
     R("log-every-zero", lambda c: c.train("--log.every=0"), ("log.every",)),
     R("log-progress", lambda c: c.train("--log.progress=rainbow"), ("log.progress",)),
+    R("log-trackers-unknown", lambda c: c.train("--log.trackers=tensorboard,tensorbord"),
+      ("log.trackers", "'tensorbord'", "tensorboard, mlflow, wandb, trackio")),
+    R("log-trackers-not-names", lambda c: c.train("--log.trackers=[1, 2]"), ("log.trackers", "[1, 2]", "a list of")),
+    R("log-trackers-bad-toml-list", lambda c: c.train("--log.trackers=[wandb"), ("log.trackers", "[wandb")),
+    R("log-trackers-string-in-file",
+      lambda c: c.train(str(c.write("t.toml", '[log]\ntrackers = "wandb"\n'))),
+      ("log.trackers", "'wandb'", 'trackers = ["tensorboard"]')),
     R("model-heads-zero", lambda c: c.train("--model.n_heads=0"), ("model.n_heads", "0")),
     R("model-dim-not-divisible", lambda c: c.train("--model.dim=33"), ("model.dim = 33", "n_heads")),
     R("model-kv-heads", lambda c: c.train("--model.n_kv_heads=3", "--model.n_heads=4"), ("n_kv_heads = 3",)),
     R("model-vocab-zero", lambda c: c.train("--model.vocab_size=0"), ("model.vocab_size",)),
     R("model-norm-eps-zero", lambda c: c.train("--model.norm_eps=0"), ("model.norm_eps",)),
-    R("model-arch", lambda c: c.train("--model.arch=gpt3"), ("model.arch", "llama, gpt2")),
+    R("model-arch", lambda c: c.train("--model.arch=gpt3"), ("model.arch", "llama, gpt2", "qwen3", "phi3")),
+    R("model-sliding-window-llama", lambda c: c.train("--model.sliding_window=8"),
+      ("model.sliding_window = 8", "mistral or phi3")),
+    R("model-sliding-window-negative", lambda c: c.train("--model.arch=mistral", "--model.sliding_window=-1"),
+      ("model.sliding_window",)),
+    R("model-head-dim-gpt2", lambda c: c.train("--model.arch=gpt2", "--model.head_dim=8"),
+      ("model.head_dim = 8", "gpt2")),
+    R("model-head-dim-odd", lambda c: c.train("--model.arch=qwen3", "--model.head_dim=7"), ("head size 7", "odd")),
     R("model-too-big-to-allocate", lambda c: c.train("--model.dim=131072", "--model.n_layers=4096",
                                                      "--model.n_heads=1024", "--model.n_kv_heads=1024"),
       ("cannot be allocated",)),
@@ -223,6 +304,7 @@ ROWS: list[Row] = [
     R("override-value-with-space", lambda c: c.train("--train.device=cuda 0"), ("train.device = 'cuda 0'",)),
     R("plan-gpus-zero", lambda c: ["plan", "--gpus", "0"], ("--gpus",)),
     R("plan-gpus-word", lambda c: ["plan", "--gpus", "two"], ("--gpus", "two")),
+    R("plan-gpus-huge", lambda c: ["plan", "--gpus", str(10**20)], ("--gpus", "1,000,000")),
     R("lr-find-bad-optim", lambda c: ["lr-find", "--optim.beta1=2", "--out", str(c.tmp / "lrf")], ("optim.beta1",)),
     R("lr-find-max-lr-inf", lambda c: ["lr-find", "--max-lr", "inf", "--out", str(c.tmp / "lrf")], ("--max-lr",)),
     R("lr-find-max-lr-nan", lambda c: ["lr-find", "--max-lr", "nan", "--out", str(c.tmp / "lrf")], ("--max-lr",)),
@@ -267,8 +349,18 @@ ROWS: list[Row] = [
     R("init-from-kv-heads", lambda c: c.train_from(c.hf(llama(num_key_value_heads=3))),
       ("num_key_value_heads = 3",)),
     R("init-from-eps-nan", lambda c: c.train_from(c.hf(llama(rms_norm_eps="nan"))), ("rms_norm_eps",)),
-    R("init-from-unsupported", lambda c: c.train_from(c.hf(llama(model_type="mistral"))),
-      ("'mistral'", "not supported")),
+    R("init-from-unsupported", lambda c: c.train_from(c.hf(llama(model_type="gemma"))),
+      ("'gemma'", "not supported", "Llama", "GPT-2", "Mistral", "Qwen2", "Qwen3", "Phi-3")),
+    R("init-from-qwen2-sliding", lambda c: c.train_from(c.hf(llama(model_type="qwen2", use_sliding_window=True))),
+      ("use_sliding_window = True", "not supported")),
+    R("init-from-phi3-partial-rope", lambda c: c.train_from(c.hf(llama(model_type="phi3", partial_rotary_factor=0.5))),
+      ("partial_rotary_factor = 0.5",)),
+    R("init-from-qwen3-odd-head-dim", lambda c: c.train_from(c.hf(llama(model_type="qwen3", head_dim=15))),
+      ("head_dim = 15 is odd",)),
+    R("init-from-mistral-layer-types", lambda c: c.train_from(c.hf(llama(
+        model_type="mistral", layer_types=["sliding_attention"]))), ("layer_types", "not supported")),
+    R("init-from-mistral-window-string", lambda c: c.train_from(c.hf(llama(model_type="mistral", sliding_window="8"))),
+      ("sliding_window = '8'",)),
     R("init-from-rope-scaling", lambda c: c.train_from(c.hf(llama(rope_scaling={"type": "linear"}))),
       ("rope type 'linear'",)),
     R("init-from-huge-vocab", lambda c: c.train_from(c.hf(llama(vocab_size=2**30))),
@@ -295,7 +387,7 @@ ROWS: list[Row] = [
       ("does not exist",)),
     R("prepare-no-input", lambda c: ["data", "prepare", "--out", str(c.tmp / "ds")], ("--builtin",)),
     R("prepare-both-inputs", lambda c: ["data", "prepare", str(c.write("a.txt", "hi")), "--builtin", "stdlib",
-                                        "--out", str(c.tmp / "ds")], ("one of the two",)),
+                                        "--out", str(c.tmp / "ds")], ("one of the three",)),
     R("prepare-val-fraction", lambda c: ["data", "prepare", str(c.write("a.txt", "hello world\n" * 50)), "--out",
                                          str(c.tmp / "ds"), "--val-fraction", "1.5"], ("val_fraction",)),
     R("prepare-val-fraction-nan", lambda c: ["data", "prepare", str(c.write("a.txt", "hello world\n" * 50)),
@@ -336,6 +428,37 @@ ROWS: list[Row] = [
     R("prepare-tokenizer-missing", lambda c: ["data", "prepare", str(c.write("a.txt", "hi")), "--out",
                                               str(c.tmp / "ds"), "--tokenizer", str(c.tmp / "tok.json")],
       ("tok.json",)),
+    R("prepare-hf-missing", lambda c: ["data", "prepare", "--hf-dataset", str(c.tmp / "nope"), "--out",
+                                       str(c.tmp / "ds")], ("nope", "does not exist")),
+    R("prepare-hf-hub-name", lambda c: ["data", "prepare", "--hf-dataset", "org/name", "--out", str(c.tmp / "ds")],
+      ("org/name", "not a local path", "Hub")),
+    R("prepare-hf-not-datasets", lambda c: ["data", "prepare", "--hf-dataset", str(c.write("d/a.txt", "hi").parent),
+                                            "--out", str(c.tmp / "ds")], ("not a datasets folder", "save_to_disk")),
+    R("prepare-hf-field", lambda c: ["data", "prepare", "--hf-dataset", hf_dataset(c, {"content": ["x", "y"]}),
+                                     "--out", str(c.tmp / "ds")], ("'text'", "content", "--text-field")),
+    R("prepare-hf-field-not-text", lambda c: ["data", "prepare", "--hf-dataset", hf_dataset(c, {"n": [1, 2]}),
+                                              "--text-field", "n", "--out", str(c.tmp / "ds")], ("'n'", "not text")),
+    R("prepare-hf-split", lambda c: ["data", "prepare", "--hf-dataset", hf_dataset(c, {"text": ["x"]}, split="train"),
+                                     "--hf-split", "test", "--out", str(c.tmp / "ds")], ("'test'", "--hf-split")),
+    R("prepare-hf-and-paths", lambda c: ["data", "prepare", str(c.write("a.txt", "hi")), "--hf-dataset",
+                                         str(c.tmp), "--out", str(c.tmp / "ds")], ("one of the three",)),
+    R("prepare-hf-include", lambda c: ["data", "prepare", "--hf-dataset", hf_dataset(c, {"text": ["x"]}),
+                                       "--include", "*.py", "--out", str(c.tmp / "ds")], ("--include",)),
+    R("prepare-tokenizer-no-json", lambda c: ["data", "prepare", str(c.write("a.txt", "hi")), "--out",
+                                              str(c.tmp / "ds"), "--tokenizer",
+                                              str(c.write("tok/tokenizer_config.json", "{}").parent)],
+      ("tokenizer.json", "save_pretrained")),
+    R("prepare-tokenizer-empty-folder", lambda c: ["data", "prepare", str(c.write("a.txt", "hi")), "--out",
+                                                   str(c.tmp / "ds"), "--tokenizer",
+                                                   str(c.write("tok/notes.txt", "x").parent)],
+      ("tokenizer.json", "does not exist")),
+    R("prepare-tokenizer-bad-eos", lambda c: ["data", "prepare", str(c.write("a.txt", "hi")), "--out",
+                                              str(c.tmp / "ds"), "--tokenizer",
+                                              hf_tokenizer(c, {"eos_token": "<eos?>"})],
+      ("eos_token", "<eos?>")),
+    R("prepare-tokenizer-config-not-json", lambda c: ["data", "prepare", str(c.write("a.txt", "hi")), "--out",
+                                                      str(c.tmp / "ds"), "--tokenizer", hf_tokenizer(c, "{oops")],
+      ("tokenizer_config.json", "not valid JSON")),
 
     # ---- report --------------------------------------------------------------------------------------------
     R("report-missing-run", lambda c: ["report", str(c.tmp / "nope")], ("not a run directory",)),
@@ -343,6 +466,29 @@ ROWS: list[Row] = [
     R("report-out-folder", lambda c: ["report", str(c.run), "--out", str(c.tmp)], ("is a folder",)),
     R("report-out-no-parent", lambda c: ["report", str(c.run), "--out", str(c.tmp / "a" / "b.html")],
       ("does not exist",)),
+    R("report-out-foreign-file", lambda c: ["report", str(c.run), "--out", str(c.write("notes.html", "mine"))],
+      ("not written by leantrain",), keeps=("notes.html",)),
+
+    # ---- compare -------------------------------------------------------------------------------------------
+    R("compare-no-runs", lambda c: ["compare"], ("RUN_DIR",)),
+    R("compare-one-run", lambda c: ["compare", str(c.run)], ("at least two run directories",)),
+    R("compare-missing-run", lambda c: ["compare", str(c.run), str(c.tmp / "nope")], ("nope", "not a run directory")),
+    R("compare-plain-folder", lambda c: ["compare", str(c.run), str(c.write("x/notes.txt", "hi").parent)],
+      ("not a run directory",)),
+    R("compare-same-run-twice", lambda c: ["compare", str(c.run), str(c.run.parent / ".." / c.run.parent.name /
+                                                                       c.run.name)], ("given twice",)),
+    R("compare-metrics-damaged", lambda c: ["compare", str(c.run), changed_run(c, "metrics.jsonl", "{torn\nxx\n")],
+      ("metrics.jsonl", "no metrics records", "damaged")),
+    R("compare-metrics-empty", lambda c: ["compare", str(c.run), changed_run(c, "metrics.jsonl", "")],
+      ("no metrics records", "not logged a step")),
+    R("compare-out-folder", lambda c: ["compare", str(c.run), c.run_copy().as_posix(), "--out", str(c.tmp)],
+      ("is a folder",)),
+    R("compare-out-foreign-file", lambda c: ["compare", str(c.run), str(c.run_copy()), "--out",
+                                             str(c.write("mine.html", "<html>mine</html>"))],
+      ("not written by leantrain",), keeps=("mine.html",)),
+    R("compare-default-out-foreign", lambda c: (c.write("compare.html", "mine"),  # ./compare.html, not ours
+                                                ["compare", str(c.run), str(c.run_copy())])[1],
+      ("compare.html", "not written by leantrain"), keeps=("compare.html",)),
 
     # ---- generate ------------------------------------------------------------------------------------------
     R("generate-temperature-nan", lambda c: ["generate", str(c.run), "--prompt", "x", "--temperature", "nan"],
@@ -398,6 +544,9 @@ ROWS: list[Row] = [
       ("is the run directory",)),
     R("export-format", lambda c: ["export", str(c.run), "--format", "gguf", "--out", str(c.tmp / "hf")],
       ("--format",)),
+    R("export-moe", lambda c: ["export", changed_run(c, "config.toml", None, lambda t: t.replace(
+        "moe_experts = 0\n", "moe_experts = 4\n")), "--out", str(c.tmp / "hf")],
+      ("mixture-of-experts", "not built yet")),
 
     R("export-overwrite-corpus", lambda c: ["export", str(c.run), "--overwrite", "--out",
                                             str(shutil.copytree(c.dataset, c.tmp / "corpus"))],
@@ -411,6 +560,38 @@ ROWS: list[Row] = [
       ("current folder",), keeps=("notes.txt",)),
     R("export-bad-checkpoint", lambda c: ["export", str(c.run), "--out", str(c.tmp / "hf"), "--checkpoint",
                                           str(c.tmp / "nope")], ("not a folder",)),
+    R("export-dtype-word", lambda c: ["export", str(c.run), "--out", str(c.tmp / "hf"), "--dtype", "int8"],
+      ("--dtype", "int8")),
+    R("export-peft-not-lora", lambda c: ["export", str(c.run), "--format", "peft", "--out", str(c.tmp / "hf")],
+      ("no LoRA adapters", "--format hf")),
+
+    # ---- finetune.adapter (PEFT adapter folders) ------------------------------------------------------------
+    R("adapter-not-folder", lambda c: c.train_from(c.hf(llama(), hf_weights()), "--finetune.adapter=nope"),
+      ("nope", "not a folder")),
+    R("adapter-no-weights", lambda c: c.train_from(c.hf(llama(), hf_weights()), "--finetune.adapter="
+                                                   + peft_adapter(c, lora_config(), None)),
+      ("adapter_model.safetensors",)),
+    R("adapter-no-config", lambda c: c.train_from(c.hf(llama(), hf_weights()), "--finetune.adapter="
+                                                  + peft_adapter(c, None, lora_weights())),
+      ("adapter_config.json",)),
+    R("adapter-unmappable-target", lambda c: c.train_from(c.hf(llama(), hf_weights()), "--finetune.adapter="
+                                                          + peft_adapter(c, lora_config(target_modules=[
+                                                              "q_proj", "embed_tokens"]), lora_weights())),
+      ("embed_tokens", "leantrain can map")),
+    R("adapter-unmappable-tensor", lambda c: c.train_from(c.hf(llama(), hf_weights()), "--finetune.adapter="
+                                                          + peft_adapter(c, lora_config(target_modules=".*"),
+                                                                         lora_weights("model.embed_tokens"))),
+      ("model.embed_tokens", "cannot map")),
+    R("adapter-dora", lambda c: c.train_from(c.hf(llama(), hf_weights()), "--finetune.adapter="
+                                             + peft_adapter(c, lora_config(use_dora=True), lora_weights())),
+      ("use_dora",)),
+    R("adapter-bad-shape", lambda c: c.train_from(c.hf(llama(), hf_weights()), "--finetune.adapter="
+                                                  + peft_adapter(c, lora_config(r=4), lora_weights())),
+      ("r = 4", "does not fit")),
+    R("adapter-rank-contradicts", lambda c: c.train_from(c.hf(llama(), hf_weights()), "--finetune.lora_rank=8",
+                                                         "--finetune.adapter=" + peft_adapter(c, lora_config(),
+                                                                                              lora_weights())),
+      ("finetune.lora_rank = 8", "contradicts")),
 
     # ---- checkpoint consolidate ----------------------------------------------------------------------------
     R("consolidate-missing", lambda c: ["checkpoint", "consolidate", str(c.tmp / "nope"), "--out", str(c.tmp / "o")],
@@ -429,8 +610,7 @@ ROWS: list[Row] = [
       keeps=("proj/notes.txt",)),
     R("memory-too-big", lambda c: c.train("--model.dim=65536", "--model.n_layers=24", "--model.n_heads=512",
                                           "--model.n_kv_heads=512"), ("does not fit", "--force")),
-    R("data-path-missing", lambda c: c.train("--data.path=/nonexistent/ds"), ("/nonexistent/ds",),
-      claims_run_dir=True),
+    R("data-path-missing", lambda c: c.train("--data.path=/nonexistent/ds"), ("/nonexistent/ds",)),
 ]
 
 
@@ -485,7 +665,7 @@ def test_bad_input(row, dataset, trained_run, tmp_path, monkeypatch, capsys):
 
 
 REAL_PROCESS = ["lr-nan", "file-is-folder", "init-from-string-size", "generate-temperature-nan", "plan-gpus-word",
-                "report-missing-run"]
+                "report-missing-run", "compare-one-run", "prepare-hf-field"]
 
 
 @pytest.mark.parametrize("row", [r for r in ROWS if r.id in REAL_PROCESS], ids=lambda r: r.id)

@@ -105,12 +105,3 @@ def test_reference_covers_required_fields():
     checkpoint.every checkpoint.keep data.path log.every""".split()
     assert set(required) <= keys
 
-
-def test_readme_reference_matches_config():
-    from pathlib import Path
-
-    from leantrain.config import reference_markdown
-
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    assert reference_markdown() in readme, "stale README reference: run `leantrain config --reference --markdown`"
-    assert len(describe()) > 40

@@ -152,7 +152,7 @@ def test_import_llama_gives_same_logits(tmp_path, tie, kv, shard):
     fields = model_config_from_hf(tmp_path)
     assert fields | {"rope_theta": 0} == {"arch": "llama", "n_layers": 2, "dim": 64, "n_heads": 4, "n_kv_heads": kv,
                                           "seq_len": 64, "vocab_size": VOCAB, "ffn_dim": 96, "rope_theta": 0,
-                                          "norm_eps": 1e-5, "tie_embeddings": tie}
+                                          "norm_eps": 1e-5, "tie_embeddings": tie, "head_dim": 0, "sliding_window": 0}
     assert fields["rope_theta"] == 5000.0
     x = _ids()
     with torch.no_grad():

@@ -11,6 +11,7 @@ from helpers import tiny_config
 from leantrain import cli
 from leantrain import device as hardware
 from leantrain.config import load_config
+from leantrain.energy.meters import ram_power_w
 from leantrain.errors import ConfigError
 from leantrain.model import Transformer, param_count
 from leantrain.parallel.parallelize import set_attention_kernel
@@ -61,7 +62,10 @@ def test_memory_estimate_within_15_percent_of_measured_peak(dataset, tmp_path, o
     plan_json, metrics = _train_subprocess(dataset, tmp_path / "run", *overrides)
     est = plan_json["estimate"]
     assert set(est) == {"hardware", "strategy", "dtype", "attention", "peak_flops", "peak_memory_bytes",
-                        "step_time_s", "time_s", "mfu_assumed", "energy_kwh", "co2_g", "cost_usd"}
+                        "step_time_s", "time_s", "mfu_assumed", "energy_kwh", "co2_g", "cost_usd",
+                        "mfu_source", "tdp_w", "devices",  # the report names what each prediction rests on
+                        "train_time_s", "eval_time_s", "evals", "ram_w", "device_hours", "price_per_device_hour",
+                        "price_source", "rental_usd", "energy_cost_usd"}  # the cost lines
     assert "params" in plan_json and "flops_per_token" in plan_json  # the trainer's own keys stay
     measured = max(r["peak_mem_bytes"] for r in metrics)
     assert abs(est["peak_memory_bytes"] / measured - 1) < 0.15, (est["peak_memory_bytes"], measured)
@@ -150,7 +154,7 @@ def test_catalog_and_hardware_table_agree():
     assert match_gpu("NVIDIA GeForce RTX 4090").key == "rtx4090"
     assert match_gpu("Some Future GPU") is None
     assert match_gpu("NVIDIA L4").key == "l4"
-    assert match_gpu("NVIDIA L40S") is None  # not an L4: 48 GB and 3x the FLOP/s
+    assert match_gpu("NVIDIA L40S").key == "l40s"  # not an L4: 48 GB and 3x the FLOP/s
     assert match_gpu("NVIDIA A10").key == "a10"
     with pytest.raises(ConfigError, match="unknown hardware 'tpu'"):
         get_hardware("tpu")
@@ -166,4 +170,78 @@ def test_this_cpu_uses_the_probe_and_calibration(dataset):
     # time = tokens x FLOPs per token / (peak x MFU), over steps and evaluations
     assert e.compute_s == pytest.approx(e.tokens_per_step * e.flops_per_token / (4e11 * mfu))
     assert e.time_s > e.step_time_s * cfg.train.steps
-    assert e.energy_kwh == pytest.approx(cpu.tdp_w * e.time_s / 3.6e6)
+    # energy: the CPU's TDP plus the host's memory power, as the energy meter counts them
+    assert e.ram_w == ram_power_w(cpu.memory_bytes) > 0
+    assert e.energy_kwh == pytest.approx((cpu.tdp_w + e.ram_w) * e.time_s / 3.6e6)
+    assert e.price_per_device_hour == 0.0 and e.footprint["rental_usd"] == 0.0  # this CPU has no rental price
+
+
+NEEDED = ("h200", "b200", "mi300x", "l40s", "a100-40gb", "a100-80gb", "h100", "h100-pcie", "rtx4090", "rtx5090",
+          "rtx3090")
+
+
+def test_catalog_covers_current_parts_with_sources():
+    assert set(NEEDED) <= set(hardware.CATALOG)
+    for key, hw in hardware.CATALOG.items():
+        assert hw.kind == "gpu" and hw.peak_bf16 > hw.peak_fp32 > 0 and hw.memory_bytes >= 16e9, key
+        assert 50 <= hw.tdp_w <= 1500 and hw.interconnect and len(hw.spec_source) > 20, key
+        assert 0.1 < hw.price_hour_usd < 20, key
+        assert any(str(y) in hw.price_source for y in range(2024, 2031)), (key, hw.price_source)  # dated
+    for name, key in [("NVIDIA H100 PCIe", "h100-pcie"), ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA B200", "b200"),
+                      ("NVIDIA H200", "h200"), ("AMD Instinct MI300X", "mi300x"), ("NVIDIA L40S", "l40s"),
+                      ("NVIDIA GeForce RTX 5090", "rtx5090"), ("NVIDIA GeForce RTX 3090", "rtx3090")]:
+        assert match_gpu(name).key == key, name
+    assert get_hardware("5090").key == "rtx5090" and get_hardware("3090").key == "rtx3090"
+
+
+def test_plan_cost_is_rental_plus_energy_and_the_price_overrides():
+    cfg = load_config(recipe="tiny", overrides={"train": {"steps": 1000, "eval_every": 250, "eval_steps": 10},
+                                                "energy": {"region": "US-VA", "price_per_kwh": 0.2}})
+    e = plan(cfg, get_hardware("h100"), 8).configured
+    assert e.device_hours == pytest.approx(8 * e.time_s / 3600)
+    assert e.price_per_device_hour == 3.78 and e.price_source.startswith("catalog: Lambda")
+    energy_cost = e.energy_kwh * cfg.energy.pue * 0.2
+    assert e.cost_usd == pytest.approx(e.device_hours * 3.78 + energy_cost)
+    assert e.footprint["rental_usd"] == pytest.approx(e.device_hours * 3.78)
+    own = load_config(recipe="tiny", overrides={"train": {"steps": 1000, "eval_every": 250, "eval_steps": 10},
+                                                "energy": {"price_per_device_hour": 1.25, "price_per_kwh": 0.2}})
+    o = plan(own, get_hardware("h100"), 8).configured
+    assert o.price_per_device_hour == 1.25 and o.price_source == "energy.price_per_device_hour"
+    assert o.cost_usd == pytest.approx(o.device_hours * 1.25 + o.energy_kwh * own.energy.pue * 0.2)
+    free = load_config(recipe="tiny", overrides={"energy": {"price_per_device_hour": 0}})
+    assert plan(free, get_hardware("h100"), 8).configured.footprint["rental_usd"] == 0.0
+    block = e.block()
+    assert block["rental_usd"] == pytest.approx(e.device_hours * 3.78) and block["energy_cost_usd"] > 0
+    assert block["train_time_s"] + block["eval_time_s"] == pytest.approx(block["time_s"])
+
+
+def test_time_splits_into_training_and_evaluation():
+    def est(**train):
+        cfg = load_config(recipe="tiny", overrides={"train": {"steps": 1000, **train}})
+        return plan(cfg, get_hardware("a100-80gb"), 1).configured
+
+    e = est(eval_every=250, eval_steps=10)
+    assert e.evals == 4  # at 250, 500, 750 and the last step
+    assert e.train_s + e.eval_s == pytest.approx(e.time_s) and e.train_s == pytest.approx(e.step_time_s * 1000)
+    assert est(eval_every=300, eval_steps=10).evals == 4  # 300, 600, 900 and 1000
+    assert est(eval_every=0, eval_steps=10).evals == 1  # the end only
+    twice = est(eval_every=250, eval_steps=20)
+    assert twice.eval_s == pytest.approx(2 * e.eval_s) and twice.train_s == pytest.approx(e.train_s)
+    # an evaluation batch is a forward pass: a third of a training step's FLOPs per token
+    per_eval_tokens = 10 * e.layout.micro_batch_size * e.tokens_per_step // (
+        e.layout.micro_batch_size * e.layout.grad_accum_steps)
+    assert e.eval_s == pytest.approx(4 * per_eval_tokens * e.flops_per_token / 3 / (
+        e.hardware.peak(e.layout.dtype) * e.mfu_assumed))
+
+
+def test_plan_text_and_json_show_the_cost_lines(capsys):
+    assert cli.main(["plan", "--recipe", "tiny", "--hardware", "b200", "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "training +" in out and "evaluation (" in out and "rental $" in out and "device-hours x $8.64/h" in out
+    assert "NVLink 5" in out and "rents at $8.64/h" in out
+    assert cli.main(["plan", "--recipe", "tiny", "--hardware", "b200", "--gpus", "8",
+                     "--energy.price_per_device_hour=2", "--json"]) == 0
+    c = json.loads(capsys.readouterr().out)["configured"]
+    assert c["price_per_device_hour"] == 2 and c["rental_usd"] == pytest.approx(c["device_hours"] * 2)
+    assert c["cost_usd"] == pytest.approx(c["rental_usd"] + c["energy_cost_usd"])
+    assert c["train_time_s"] + c["eval_time_s"] == pytest.approx(c["time_s"]) and c["spec_source"]

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from leantrain.dataprep import Prepared
     from leantrain.model import Transformer
     from leantrain.parallel.distributed import Layout
+    from leantrain.report.compare import Comparison
     from leantrain.train.telemetry import Observer
 
 Overrides = Mapping[str, Any] | Sequence[str] | None
@@ -35,10 +36,15 @@ Overrides = Mapping[str, Any] | Sequence[str] | None
 
 def prepare(inputs: str | Path | Sequence[str | Path] = (), out: str | Path = "data/dataset", *,
             builtin: str | None = None, curation: CurationConfig | Mapping[str, Any] | None = None,
-            vocab_size: int = 8192, **options: Any) -> Prepared:
+            vocab_size: int = 8192, hf_dataset: str | Path | None = None, hf_split: str = "train",
+            tokenizer: str | Path | None = None, **options: Any) -> Prepared:
     """Curate documents and write a token dataset to `out`; returns what was made (meta, data card, counts).
 
-    Give files/folders as `inputs` or a built-in corpus as `builtin` ("stdlib"). `curation` is the
+    Give files/folders as `inputs`, a built-in corpus as `builtin` ("stdlib"), or a local Hugging Face
+    `datasets` folder (save_to_disk) or .parquet/.arrow/.json/.jsonl file as `hf_dataset` (split
+    `hf_split`, text from the `text_field` curation setting; streamed, never from the Hub). `tokenizer`
+    reuses a tokenizer.json, a token dataset or a local Hugging Face tokenizer folder instead of
+    training one (its special tokens travel with the dataset). `curation` is the
     `[curation]` config section, or a mapping of its settings ({"profile": "code", "executor": "serial",
     "gopher_quality.min_words": 20}). `options` are `leantrain.dataprep.prepare`'s other keywords
     (format, tokenizer, val_fraction, overwrite, include, exclude, eval_paths, progress, ...).
@@ -49,7 +55,8 @@ def prepare(inputs: str | Path | Sequence[str | Path] = (), out: str | Path = "d
         from leantrain.corpus.pipeline import load_curation
 
         curation = load_curation(None, [f"{k}={json.dumps(v)}" for k, v in curation.items()])
-    return prepare_dataset(inputs, out, builtin=builtin, curation=curation, vocab_size=vocab_size, **options)
+    return prepare_dataset(inputs, out, builtin=builtin, curation=curation, vocab_size=vocab_size,
+                           hf_dataset=hf_dataset, hf_split=hf_split, tokenizer=tokenizer, **options)
 
 
 # ---- config ----------------------------------------------------------------------------
@@ -82,25 +89,35 @@ def load_config(path: str | Path | None = None, *, recipe: str | None = None, ov
 
     `overrides` is a mapping of dotted keys ({"train.steps": 100}), of sections ({"train": {"steps": 100}}),
     or CLI-style strings (["--train.steps=100"]). With `train.init_from` (a Hugging Face folder) the
-    `[model]` section comes from its config.json, except values set explicitly (which must agree).
+    `[model]` section comes from its config.json, except values set explicitly (which must agree); with
+    `finetune.adapter` (a PEFT adapter folder) the LoRA settings come from its adapter_config.json alike.
     """
     from leantrain.config import load_config as resolve
     from leantrain.config import read_toml_file
 
     ov = _nested(overrides)
     cfg = resolve(path, recipe, ov)
-    if not cfg.train.init_from:
-        return cfg
-    from leantrain.model.hf import init_model_fields
+    if cfg.train.init_from:
+        from leantrain.model.hf import init_model_fields
 
-    keys = set(read_toml_file(path).get("model", {})) if path else set()
-    keys |= set(ov.get("model", {}))
-    explicit = {k: getattr(cfg.model, k) for k in keys}
-    ov.setdefault("model", {}).update(init_model_fields(cfg.train.init_from, explicit))
-    try:
-        return resolve(path, recipe, ov)
-    except ConfigError as e:  # a value the HF folder brought in: say where it came from
-        raise ConfigError(f"{e} (the [model] values come from {Path(cfg.train.init_from) / 'config.json'})") from None
+        keys = set(read_toml_file(path).get("model", {})) if path else set()
+        keys |= set(ov.get("model", {}))
+        explicit = {k: getattr(cfg.model, k) for k in keys}
+        ov.setdefault("model", {}).update(init_model_fields(cfg.train.init_from, explicit))
+        try:
+            cfg = resolve(path, recipe, ov)
+        except ConfigError as e:  # a value the HF folder brought in: say where it came from
+            raise ConfigError(f"{e} (the [model] values come from {Path(cfg.train.init_from) / 'config.json'})"
+                              ) from None
+    if cfg.finetune.adapter:
+        from leantrain.model.peft import adapter_fields
+
+        keys = set(read_toml_file(path).get("finetune", {})) if path else set()
+        keys |= set(ov.get("finetune", {}))
+        explicit = {k: getattr(cfg.finetune, k) for k in keys}
+        ov.setdefault("finetune", {}).update(adapter_fields(cfg.finetune.adapter, cfg.model, explicit))
+        cfg = resolve(path, recipe, ov)
+    return cfg
 
 
 # ---- train -----------------------------------------------------------------------------
@@ -144,12 +161,23 @@ def train(config: Config | str | Path, run_dir: str | Path | None = None, *, obs
 
     cfg = config if isinstance(config, Config) else load_config(config)
     run_dir = Path(run_dir) if run_dir is not None else _new_run_dir("run")
+    trackers = None
+    if cfg.log.trackers:  # imports the tracker libraries now: a missing one stops before the run directory exists
+        from leantrain.train.trackers import open_trackers
+
+        trackers = open_trackers(cfg, run_dir)
     try:
-        trainer = Trainer(cfg, run_dir, observers=list(observers), resume=resume, layout=layout, force=force)
+        trainer = Trainer(cfg, run_dir, observers=[*observers, *([trackers] if trackers else [])], resume=resume,
+                          layout=layout, force=force)
+        if trackers is not None:
+            trackers.tell(trainer.observers)  # a tracker's mid-run failure: one event in the log and the terminal
         summary = trainer.fit()
     except OSError as e:  # disk full, permissions: on the run's other files (checkpoint saves say so already)
         raise LeantrainError(f"{e.strerror or e}: {e.filename or run_dir}; check free space and permissions of "
                              f"the run directory {run_dir}, then run the same command again to resume") from None
+    finally:
+        if trackers is not None and trackers.summary is None:  # the run failed: its tracker runs end as failed
+            trackers.close()
     warnings = []
     if trainer.layout.is_rank0:
         try:
@@ -159,6 +187,8 @@ def train(config: Config | str | Path, run_dir: str | Path | None = None, *, obs
         except Exception as e:  # noqa: BLE001 - the run is saved; the report can be rebuilt with `leantrain report`
             warnings.append(f"report.html not written ({type(e).__name__}: {e}); "
                             f"retry with: leantrain report {run_dir}")
+    if trackers is not None:  # after the report, so that it goes along as an artifact
+        warnings += trackers.close(run_dir / "report.html")
     return TrainResult(run_dir=run_dir, step=summary["step"], tokens=summary["tokens"], loss=summary.get("loss"),
                        val_loss=summary.get("val_loss"), stopped=summary.get("stopped"), sample=summary.get("sample"),
                        metrics={k: v for k, v in summary.items() if k not in ("run_dir", "sample")}, warnings=warnings)
@@ -220,12 +250,13 @@ def generate(model: LoadedModel | str | Path, prompt: str, *, max_new_tokens: in
     m = _loaded(model, checkpoint)
     if chat:
         from leantrain.tokens.chat import ChatEncoder
+        from leantrain.tokens.tokenizer import tokenizer_eos
 
         template = m.run_dir / "chat_template.txt"
         if not template.is_file():
             raise LeantrainError(f"--chat: {template} is missing, so this run was not trained on chat data "
                                  "(`leantrain data prepare --format chat`); drop --chat")
-        encoder = ChatEncoder(m.tokenizer, template.read_text())
+        encoder = ChatEncoder(m.tokenizer, template.read_text(), eos=tokenizer_eos(m.run_dir / "tokenizer.json"))
         ids, eos = encoder.encode_prompt(prompt), encoder.eot  # an answer ends at the end-of-text token
     else:
         ids, eos = m.tokenizer.encode(prompt).ids, None
@@ -269,17 +300,48 @@ def evaluate(model: LoadedModel | str | Path, data: str | Path | None = None, *,
     return torch.stack(losses).mean().item()
 
 
+# ---- report and compare ----------------------------------------------------------------
+
+def report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write a run's report.html (into the run directory, or `out`) and return its path. `train` writes it
+    already; call this to rebuild it. A file at `out` that leantrain did not write is never replaced."""
+    from leantrain.report import write_report
+
+    return write_report(run_dir, out)
+
+
+def compare(run_dirs: Sequence[str | Path], out: str | Path | None = "compare.html") -> Comparison:
+    """Line up two or more runs: final and best val loss, tokens, wall time, tokens/s, MFU, energy, CO2e,
+    cost and the config keys that differ (`Comparison.table()` / `.lines()`), and write `out`, an offline
+    page overlaying their loss curves (None: no page). Lines of metrics.jsonl that are not JSON are
+    skipped with a warning in `Comparison.warnings`; a run with no metrics record at all is an error."""
+    from leantrain.report.compare import compare_runs, write_compare
+
+    if isinstance(run_dirs, str | Path):
+        run_dirs = [run_dirs]
+    result = compare_runs(list(run_dirs))
+    if out is not None:
+        write_compare(result, out)
+    return result
+
+
 # ---- export ----------------------------------------------------------------------------
 
 def export(run_dir: str | Path, out: str | Path, *, format: str = "hf", checkpoint: str | Path | None = None,
-           max_shard_size: int | str = "5GB", overwrite: bool = False) -> dict[str, Any]:
+           max_shard_size: int | str = "5GB", overwrite: bool = False, dtype: str | None = None) -> dict[str, Any]:
     """Write a run's newest good (or the given) checkpoint as a Hugging Face folder that transformers'
-    AutoModelForCausalLM / AutoTokenizer load with no custom code; returns a summary (out_dir, files,
-    step, arch, params, warnings). A non-empty `out` is replaced only with `overwrite`, and only if
-    leantrain wrote it."""
+    AutoModelForCausalLM / AutoTokenizer load with no custom code (`format="hf"`; LoRA adapters merged), or a
+    LoRA run's adapters as a PEFT adapter folder (`format="peft"`, for `PeftModel.from_pretrained`); returns a
+    summary (out_dir, files, step, arch, params, dtype, warnings). `dtype` (fp32, bf16, fp16) of the saved
+    weights defaults to bf16 when the run trained in bf16, else fp32. A non-empty `out` is replaced only
+    with `overwrite`, and only if leantrain wrote it."""
     from leantrain.export.hf import export_hf, parse_size
 
-    if format != "hf":
-        raise ConfigError(f"export format {format!r} is not allowed; expected 'hf'")
+    if format not in ("hf", "peft"):
+        raise ConfigError(f"export format {format!r} is not allowed; expected 'hf' or 'peft'")
+    if format == "peft":
+        from leantrain.export.peft import export_peft
+
+        return export_peft(run_dir, out, checkpoint, overwrite, dtype)
     shard = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
-    return export_hf(run_dir, out, checkpoint, shard, overwrite)
+    return export_hf(run_dir, out, checkpoint, shard, overwrite, dtype)

@@ -73,7 +73,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
                              exclude=args.exclude or (), vocab_size=args.vocab_size, tokenizer=args.tokenizer,
                              val_fraction=args.val_fraction, overwrite=args.overwrite,
                              prompt_field=args.prompt_field, response_field=args.response_field,
-                             chat_template=template, progress=progress)
+                             chat_template=template, progress=progress, hf_dataset=args.hf_dataset,
+                             hf_split=args.hf_split)
     except KeyboardInterrupt:
         err_console.print(f"interrupted: the partial output was removed and {args.out} was not changed; run the "
                           "same command again to prepare the dataset", highlight=False, markup=False, soft_wrap=True)
@@ -91,6 +92,10 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
                   f"vocab {meta['vocab_size']}, train {split['train']['tokens']:,} tokens "
                   f"({split['train']['documents']:,} {unit}{trained}), val {split['val']['tokens']:,} tokens "
                   f"({split['val']['documents']:,} {unit})")
+    if meta.get("special_tokens"):  # a Hugging Face tokenizer folder: say what came with it and what train needs
+        named = ", ".join(f"{k.removesuffix('_token')} {v}" for k, v in meta["special_tokens"].items())
+        console.print(f"tokenizer {args.tokenizer} ({named}); train with --model.vocab_size={meta['vocab_size']} "
+                      "or more", highlight=False, markup=False)
     console.print(result.read_stats.summary(), highlight=False, markup=False)
     console.print(f"curation ({result.executor}), data card in {Path(args.out) / 'data_card.md'}:",
                   highlight=False, markup=False)
@@ -208,7 +213,8 @@ def _train_and_report(cfg, run_dir: Path, layout, force: bool = False) -> int:
         est = " (estimate)" if summary["energy_source"] == "estimate" else ""
         saved = f", {summary['co2_saved_g']:.3g} g saved by carbon-aware pauses" if "co2_saved_g" in summary else ""
         console.print(f"energy{est}: {summary['energy_kwh'] * 1000:.3g} Wh, {summary['co2_g']:.3g} g CO2e{saved}, "
-                      f"${summary['cost_usd']:.3g} (source: {summary['energy_source']})")
+                      f"${summary['cost_usd']:.3g} (source: {summary['energy_source']}; counted: "
+                      f"{summary.get('energy_counted', summary['energy_source'])})")
     report = run_dir / "report.html"
     console.print(f"run directory: [bold]{run_dir}[/bold]" + (f" · report: {report}" if report.is_file() else ""))
     if summary["sample"]:
@@ -248,11 +254,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     from leantrain import api
 
     info = api.export(args.run_dir, args.out, format=args.format, checkpoint=args.checkpoint,
-                      max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+                      max_shard_size=args.max_shard_size, overwrite=args.overwrite, dtype=args.dtype)
     for w in info["warnings"]:
         err_console.print(f"[yellow]warning[/yellow]: {w}; used an older checkpoint")
-    console.print(f"exported step {info['step']} of {args.run_dir} ({info['arch']}, {info['params']:,} parameters) "
+    console.print(f"exported step {info['step']} of {args.run_dir} ({info['arch']}, {info['params']:,} parameters, "
+                  f"{info['dtype']}) "
                   f"to [bold]{info['out_dir']}[/bold]: {', '.join(info['files'])}")
+    if args.format == "peft":
+        console.print(f"load it with peft: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
+                      f"{info['base']!r}), {info['out_dir']!r})", markup=False, highlight=False)
+        return 0
     console.print(f"load it with transformers: AutoModelForCausalLM.from_pretrained({info['out_dir']!r})",
                   markup=False, highlight=False)
     return 0
@@ -290,6 +301,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     for w in skipped_lines(args.run_dir):
         err_console.print(f"[yellow]warning[/yellow]: {escape(w)}", highlight=False, soft_wrap=True)
     console.print(f"report written to [bold]{path}[/bold]")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from leantrain import api
+
+    result = api.compare(args.run_dirs, args.out)
+    for w in result.warnings:
+        err_console.print(f"[yellow]warning[/yellow]: {escape(w)}", highlight=False, soft_wrap=True)
+    for line in result.lines():
+        console.print(line, markup=False, highlight=False)
+    console.print(f"page written to [bold]{escape(str(result.page))}[/bold]")
     return 0
 
 
@@ -348,6 +371,86 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's wrapping for prose paragraphs, but indented lines (the examples) stay as typed."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n\n".join("\n".join(indent + line for line in para.splitlines()) if "\n " in para
+                           else super(_HelpFormatter, self)._fill_text(para, width, indent)
+                           for para in text.split("\n\n"))
+
+
+# `--help` of every command ends with these (tests/test_docs.py checks that each command has one).
+_EXAMPLES = {
+    "": """\
+  leantrain data prepare --builtin stdlib --out data/stdlib
+  leantrain train --recipe tiny --run-dir runs/tiny
+  leantrain generate runs/tiny --prompt "def "
+  leantrain COMMAND --help                       # options and examples of one command""",
+    "data": """\
+  leantrain data prepare --builtin stdlib --profile code --out data/stdlib""",
+    "data prepare": """\
+  leantrain data prepare --builtin stdlib --profile code --out data/stdlib
+  leantrain data prepare corpus/ --include '*.jsonl.zst' --profile web --decontaminate evals/ --out data/web
+  leantrain data prepare my_docs/ --tokenizer HF_DIR/tokenizer.json --out data/mine
+  leantrain data prepare --hf-dataset saved_ds/ --hf-split train --text-field content --tokenizer HF_DIR --out data/hf
+  leantrain data prepare --format chat pairs.jsonl --tokenizer HF_DIR/tokenizer.json --out data/chat""",
+    "train": """\
+  leantrain train --recipe tiny --run-dir runs/tiny
+  leantrain train config.toml --train.steps=1000 --precision.dtype=fp32
+  leantrain train --resume runs/tiny                   # continue from the newest good checkpoint
+  leantrain train --init-from HF_DIR --data.path=data/chat --finetune.lora_rank=8 --optim.lr=1e-3
+  torchrun --standalone --nproc-per-node 8 -m leantrain.cli train config.toml --run-dir runs/big""",
+    "export": """\
+  leantrain export runs/tiny --format hf --out hf/my-model
+  leantrain export runs/tiny --out hf/my-model --overwrite --max-shard-size 2GB --dtype fp32
+  leantrain export runs/lora --format peft --out adapters/my-lora      # PeftModel.from_pretrained loads it""",
+    "lr-find": """\
+  leantrain lr-find --recipe tiny --steps 100
+  leantrain lr-find config.toml --optim.name=muon --min-lr 1e-4 --max-lr 1""",
+    "generate": """\
+  leantrain generate runs/tiny --prompt "def " --max-new-tokens 80
+  leantrain generate runs/chat --chat --prompt "Write a haiku about GPUs" --temperature 0""",
+    "checkpoint": """\
+  leantrain checkpoint consolidate runs/big/checkpoints/step-0001000 --out full-step-1000""",
+    "checkpoint consolidate": """\
+  leantrain checkpoint consolidate runs/big/checkpoints/step-0001000 --out full-step-1000""",
+    "plan": """\
+  leantrain plan --recipe small
+  leantrain plan config.toml --hardware h100 --gpus 8 --energy.region=US-VA
+  leantrain plan --recipe tiny --json""",
+    "report": """\
+  leantrain report runs/tiny                       # writes runs/tiny/report.html
+  leantrain report runs/tiny --out tiny-report.html""",
+    "compare": """\
+  leantrain compare runs/tiny runs/tiny-muon       # a table here, loss curves in ./compare.html
+  leantrain compare runs/a runs/b runs/c --out ab-c.html""",
+    "config": """\
+  leantrain config --recipe tiny                   # the resolved config as TOML
+  leantrain config config.toml --train.steps=50
+  leantrain config --recipes
+  leantrain config --reference""",
+}
+
+
+def commands(parser: argparse.ArgumentParser, path: str = "") -> list[tuple[str, argparse.ArgumentParser]]:
+    """(command path, parser) of the parser and every command below it: "", "data", "data prepare", ..."""
+    found = [(path, parser)]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                found += commands(child, f"{path} {name}".strip())
+    return found
+
+
+def _add_examples(parser: argparse.ArgumentParser) -> None:
+    """Give every command's --help its examples (a command without any shows none; the test catches it)."""
+    for path, command in commands(parser):
+        command.formatter_class = _HelpFormatter
+        if path in _EXAMPLES:
+            command.epilog = "examples:\n" + _EXAMPLES[path]
+
+
 def build_parser() -> argparse.ArgumentParser:
     from leantrain import __version__
 
@@ -364,9 +467,17 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--builtin", choices=BUILTIN_CORPORA, help="use a built-in corpus instead of files")
     prep.add_argument("--out", required=True, help="dataset folder to write")
     prep.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default 8192)")
-    prep.add_argument("--tokenizer", help="reuse this tokenizer.json instead of training one")
+    prep.add_argument("--tokenizer", metavar="PATH",
+                      help="reuse a tokenizer instead of training one: a tokenizer.json, a token dataset folder, or a "
+                      "local Hugging Face tokenizer folder (tokenizer.json + tokenizer_config.json: its special "
+                      "tokens go with it)")
+    prep.add_argument("--hf-dataset", metavar="PATH",
+                      help="read a local Hugging Face datasets folder (save_to_disk) or .parquet/.arrow/.json/.jsonl "
+                      "file through `datasets`, streamed; never the Hub (needs the hf extra)")
+    prep.add_argument("--hf-split", default="train", help="split of --hf-dataset to read (default train)")
     prep.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out (0.02)")
-    prep.add_argument("--text-field", default=None, help="field of .jsonl records holding the text (default text)")
+    prep.add_argument("--text-field", default=None,
+                      help="field of .jsonl/parquet records or --hf-dataset rows holding the text (default text)")
     prep.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     prep.add_argument("--profile", choices=("none", "code", "web"), default=None,
                       help="curation: none (default: exact and near dedup only), code (source-code filters, PII "
@@ -414,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pause while the grid is dirtier than energy.deadline allows (sets energy.carbon_aware; "
                        "needs energy.intensity_csv and energy.deadline)")
     train.add_argument("--init-from", metavar="HF_DIR",
-                       help="start from a local Hugging Face Llama or GPT-2 folder (sets train.init_from and "
+                       help="start from a local Hugging Face Llama, Mistral, Qwen2, Qwen3, Phi-3 or GPT-2 folder (sets "
+                       "train.init_from and "
                        "the [model] section from its config.json)")
     train.add_argument("--force", action="store_true",
                        help="start even when the planner estimates that the model does not fit in the memory "
@@ -424,12 +536,16 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Write the newest good checkpoint of a run as a folder that "
                          "transformers' AutoModelForCausalLM and AutoTokenizer load with no custom code.")
     exp.add_argument("run_dir", help="run directory written by `leantrain train`")
-    exp.add_argument("--format", choices=["hf"], default="hf", help="output format (hf: safetensors + config)")
+    exp.add_argument("--format", choices=["hf", "peft"], default="hf",
+                     help="hf: safetensors + config, LoRA adapters merged; peft: a LoRA run's adapters as a PEFT "
+                     "adapter folder (adapter_config.json + adapter_model.safetensors)")
     exp.add_argument("--out", required=True, help="folder to write")
     exp.add_argument("--checkpoint", help="a specific checkpoint folder instead of the newest")
     exp.add_argument("--max-shard-size", default="5GB", help="split weights into files of at most this size (5GB)")
     exp.add_argument("--overwrite", action="store_true",
                      help="replace an earlier export in --out (only a folder `leantrain export` wrote)")
+    exp.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
+                     help="dtype of the saved weights (default: bf16 when the run trained in bf16, else fp32)")
 
     lrf = sub.add_parser("lr-find", help="sweep the learning rate over a short run and suggest one",
                          description="Raise the lr exponentially each step (Smith 2017), stop on divergence, "
@@ -467,7 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "and recommend the fastest that fits. Overrides as for train (--section.field=value).")
     pl.add_argument("config", nargs="?", help="TOML config file")
     pl.add_argument("--recipe", help="named recipe (default: tiny when no config is given)")
-    pl.add_argument("--hardware", help="h100, h200, a100-80gb, a100-40gb, l4, rtx4090 or cpu (default: this machine)")
+    pl.add_argument("--hardware", help="h200, b200, h100, h100-pcie, mi300x, a100-80gb, a100-40gb, l40s, l4, a10, "
+                    "rtx5090, rtx4090, rtx3090 or cpu (default: this machine)")
     pl.add_argument("--gpus", type=int, default=1, help="devices (processes) to plan for (default 1)")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
 
@@ -477,12 +594,22 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir", help="run directory written by `leantrain train`")
     rep.add_argument("--out", help="write the page here instead of RUN_DIR/report.html")
 
+    cmp_ = sub.add_parser("compare", help="compare two or more runs: a table and their loss curves on one page",
+                          description="Print final and best val loss, tokens, wall time, tokens/s, MFU, energy, "
+                          "CO2e, cost and the config keys that differ for each run, and write an offline page "
+                          "overlaying their loss curves.")
+    cmp_.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="two or more run directories")
+    cmp_.add_argument("--out", default="compare.html",
+                      help="the page to write (default ./compare.html; a file leantrain did not write is never "
+                      "replaced)")
+
     cfg = sub.add_parser("config", help="show the resolved config or the config reference")
     cfg.add_argument("config", nargs="?", help="TOML config file")
     cfg.add_argument("--recipe")
     cfg.add_argument("--reference", action="store_true", help="list every field with default and allowed values")
-    cfg.add_argument("--markdown", action="store_true", help="with --reference: as the README's table")
+    cfg.add_argument("--markdown", action="store_true", help="with --reference: the page docs/configuration.md")
     cfg.add_argument("--recipes", action="store_true", help="list the shipped recipes")
+    _add_examples(p)
     return p
 
 
@@ -532,6 +659,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "report":
             return cmd_report(args)
+        if args.command == "compare":
+            return cmd_compare(args)
         if args.command == "export":
             return cmd_export(args)
         if args.command == "checkpoint" and args.checkpoint_command == "consolidate":

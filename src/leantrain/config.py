@@ -38,6 +38,11 @@ def _key(f: dataclasses.Field) -> str:
     return f.metadata.get("key") or f.name
 
 
+# model.arch values; all but gpt2 are the Llama block with the differences model/transformer.py names
+ARCHS = ("llama", "gpt2", "mistral", "qwen2", "qwen3", "phi3")
+SLIDING_WINDOW_ARCHS = ("mistral", "phi3")
+
+
 @dataclass
 class ModelConfig:
     n_layers: int = _f(4, "transformer blocks", min=1, max=4096)
@@ -54,8 +59,38 @@ class ModelConfig:
     tie_embeddings: bool = _f(True, "share the input embedding with the output projection")
     init_std: float = _f(0.02, "std of the normal init; residual projections get std/sqrt(2*n_layers)",
                          min=0.0, max=10.0, min_exclusive=True)
-    arch: str = _f("llama", "block layout: llama (RMSNorm, RoPE, SwiGLU, no biases) or gpt2 (LayerNorm, learned "
-                   "positions, GELU MLP, biases; ffn_dim 0 means 4*dim)", choices=("llama", "gpt2"))
+    arch: str = _f("llama", "block layout: llama (RMSNorm, RoPE, SwiGLU, no biases), gpt2 (LayerNorm, learned "
+                   "positions, GELU MLP, biases; ffn_dim 0 means 4*dim), or llama plus: mistral (sliding_window), "
+                   "qwen2 (q/k/v biases), qwen3 (RMSNorm of each q and k head), phi3 (fused HF checkpoint "
+                   "layout, sliding_window)", choices=ARCHS)
+    head_dim: int = _f(0, "width of one attention head; 0 means dim / n_heads (Qwen3 checkpoints set it apart)",
+                       min=0, max=65536)
+    sliding_window: int = _f(0, "mistral, phi3: each token attends to itself and the sliding_window - 1 before it; "
+                             "0 (or >= seq_len) is plain causal attention", min=0, max=2**24)
+    # mixture-of-experts feed-forward (model/moe.py, docs/moe.md); moe_experts = 0 keeps every block dense
+    moe_experts: int = _f(0, "routed experts per MoE layer; 0 means a dense model (llama arch only)", min=0,
+                          max=4096)
+    moe_top_k: int = _f(2, "experts each token is sent to (at most moe_experts)", min=1, max=4096)
+    moe_hidden: int = _f(0, "SwiGLU width of one expert; 0 means the dense width / (moe_top_k + "
+                         "moe_shared_experts) rounded up to a multiple of 8: the dense model's active FLOPs", min=0,
+                         max=2**20)
+    moe_every: int = _f(1, "every moe_every-th block is MoE (layers moe_every-1, 2*moe_every-1, ...); the rest "
+                        "stay dense", min=1, max=4096)
+    moe_shared_experts: int = _f(0, "experts every token goes through besides the routed ones", min=0, max=64)
+    moe_router: str = _f("softmax", "gate function of the router scores: softmax (Mixtral) or sigmoid "
+                         "(DeepSeek-V3); with top_k > 1 the chosen gates are normalised to sum to 1",
+                         choices=("softmax", "sigmoid"))
+    moe_balance: str = _f("aux", "load balancing: aux (Switch auxiliary loss), bias (DeepSeek-V3 loss-free "
+                          "per-expert bias, updated once per step) or none", choices=("aux", "bias", "none"))
+    moe_aux_weight: float = _f(0.01, "weight of the Switch load-balancing loss (moe_balance = aux)", min=0.0,
+                               max=100.0)
+    moe_z_weight: float = _f(0.001, "weight of the router z-loss (mean squared logsumexp of the logits)",
+                             min=0.0, max=100.0)
+    moe_bias_rate: float = _f(0.01, "moe_balance = bias: step of the per-expert bias towards balance per "
+                              "optimizer step (DeepSeek-V3 used 0.001 over a far longer run)", min=0.0, max=10.0)
+    moe_capacity: float = _f(0.0, "capacity factor: each expert takes at most ceil(factor * tokens * top_k / "
+                             "experts) tokens per micro-batch in training, the rest are dropped; 0 means "
+                             "dropless", min=0.0, max=1024.0)
 
 
 @dataclass
@@ -87,14 +122,16 @@ class TrainConfig:
     ac_every: int = _f(2, "selective activation checkpointing wraps every ac_every-th block", min=1, max=4096)
     sample_tokens: int = _f(200, "tokens generated as a sample at the end; 0 skips it", min=0,
                             max=10**6)
-    sample_prompt: str = _f("def ", "prompt of the end-of-run sample")
-    init_from: str = _f("", "start from the weights of a local Hugging Face model folder (Llama or GPT-2); "
+    sample_prompt: str = _f("def ", "prompt of the end-of-run sample; on chat data the user turn (left at def, the "
+                            "first validation example's prompt)")
+    init_from: str = _f("", "start from the weights of a local Hugging Face model folder (Llama, Mistral, Qwen2, "
+                        "Qwen3, Phi-3 or GPT-2); "
                         "empty starts from random init")
 
 
 @dataclass
 class OptimConfig:
-    name: str = _f("adamw", "optimizer (README: Optimizers says when to use which)",
+    name: str = _f("adamw", "optimizer (docs/optimizers.md says when to use which)",
                    choices=("adamw", "lamb", "lion", "muon", "schedule_free_adamw"))
     lr: float = _f(3e-3, "peak learning rate", min=0.0, min_exclusive=True)
     weight_decay: float = _f(0.1, "decoupled weight decay (not applied to norms, biases, embeddings)", min=0.0)
@@ -167,6 +204,10 @@ class GuardConfig:
                           max=10**6)
 
 
+# log.trackers values: the experiment trackers leantrain can also write to (train/trackers.py)
+TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio")
+
+
 @dataclass
 class LogConfig:
     every: int = _f(10, "steps between metrics lines", min=1, max=10**12)
@@ -174,6 +215,10 @@ class LogConfig:
                                 min=0, max=10**12)
     progress: str = _f("auto", "terminal output: auto (bar on a TTY, lines otherwise), bar, lines, none",
                        choices=("auto", "bar", "lines", "none"))
+    trackers: tuple = _f((), "experiment trackers that also get every metrics line, the config and the report "
+                         "(docs/tracking.md; pip install 'leantrain[track]'); on the command line a comma list: "
+                         "--log.trackers=tensorboard,mlflow", choices=TRACKERS,
+                         allowed="a list of " + ", ".join(TRACKERS))
 
 
 @dataclass
@@ -185,9 +230,14 @@ class EnergyConfig:
     pue: float = _f(1.2, "power usage effectiveness, facility / device energy (1.2: a modern data centre; "
                     "1.0 for a desktop)", min=1.0, max=10.0)
     price_per_kwh: float = _f(0.15, "electricity price, USD per kWh of facility energy", min=0.0)
-    price_per_device_hour: float = _f(0.0, "rental price, USD per device-hour (one device per process)", min=0.0)
+    price_per_device_hour: float = _f(-1.0, "rental price, USD per device-hour (one device per process); -1 takes "
+                                      "the hardware catalog's listed price of the GPU (0 on a CPU or an unlisted GPU); "
+                                      "0 for hardware you own", min=-1.0,
+                                      allowed="-1 (the catalog's price) or a finite number >= 0")
     tdp_w: float = _f(0.0, "estimate meter: device power at full load in W; 0 takes the GPU's power limit or "
                       "3.5 W per CPU thread", min=0.0, max=10**6)
+    ram_w: float = _f(0.0, "memory (RAM) power in W, added to every meter but RAPL with a DRAM zone; 0 estimates it "
+                      "as CodeCarbon does (5 W per DIMM, DIMMs guessed from installed memory)", min=0.0, max=10**5)
     rapl_root: str = _f("/sys/class/powercap", "where the RAPL powercap sysfs tree is")
     intensity_csv: str = _f("", "hourly carbon intensity CSV (timestamp_utc,g_per_kwh); empty uses the region's "
                             "yearly average")
@@ -207,6 +257,9 @@ class FinetuneConfig:
                            "output, or globs), or all-linear (every linear of the blocks)")
     freeze: str = _f("", "comma list of parameter-name prefixes or globs kept frozen (e.g. tok_embeddings,layers.0); "
                      "with LoRA every base weight is frozen anyway")
+    adapter: str = _f("", "start the LoRA adapters from a local PEFT adapter folder (adapter_config.json + "
+                      "adapter_model.safetensors) on the train.init_from model; sets lora_rank, lora_alpha, "
+                      "lora_dropout and lora_targets from it")
 
 
 @dataclass
@@ -264,7 +317,8 @@ class Config:
 
         `[parallel]` is left out: the layout of a job does not change its numbers (the global batch is
         layout-independent), so resuming at another world size is not a config change. `[energy]` is left
-        out too: metering, prices and carbon-aware pauses never change the training numbers. Only values
+        out too: metering, prices and carbon-aware pauses never change the training numbers, nor do the
+        experiment trackers (`log.trackers`) that watch them. Only values
         that differ from their defaults count, so a new leantrain version that adds fields (at defaults
         that keep the old behaviour) does not make old checkpoints look like another config.
         """
@@ -272,6 +326,7 @@ class Config:
         sections = {name: {k: v for k, v in values.items() if v != defaults[name][k]}
                     for name, values in self.to_dict().items()
                     if name not in ("parallel", "energy", "curation")}
+        sections["log"].pop("trackers", None)
         blob = json.dumps(sections, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -330,14 +385,16 @@ def _bound(v: float | None) -> str | None:
 
 
 def _ftype(f: dataclasses.Field) -> type:
-    return {"int": int, "float": float, "bool": bool, "str": str}[f.type if isinstance(f.type, str)
-                                                                  else f.type.__name__]
+    return {"int": int, "float": float, "bool": bool, "str": str, "tuple": tuple}[f.type if isinstance(f.type, str)
+                                                                                  else f.type.__name__]
 
 
 def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
     """Check one value against its field; return it in the field's type."""
     key, want = f"{section}.{_key(f)}", _ftype(f)
     bad = ConfigError(f"config: {key} = {value!r} is not allowed; expected {_allowed(f)}")
+    if want is tuple:
+        return _coerce_names(key, f, value)
     if want is bool:
         if not isinstance(value, bool):
             raise bad
@@ -363,6 +420,19 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
     return value
 
 
+def _coerce_names(key: str, f: dataclasses.Field, value: Any) -> tuple:
+    """A list field (log.trackers): a TOML list of allowed names, kept in order, each once."""
+    choices = f.metadata["choices"]
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"config: {key} = {value!r} is not allowed; expected {_allowed(f)} (in TOML: "
+                          f"{_key(f)} = [\"{choices[0]}\"]; on the command line: --{key}={','.join(choices[:2])})")
+    for v in value:
+        if v not in choices:
+            raise ConfigError(f"config: {key} = {list(value)!r}: {v!r} is not a tracker leantrain knows; "
+                              f"allowed: {', '.join(choices)}")
+    return tuple(dict.fromkeys(value))
+
+
 _TRUE, _FALSE = ("true", "1"), ("false", "0")
 
 
@@ -376,6 +446,13 @@ def _parse_cli_value(f: dataclasses.Field | None, text: str) -> Any:
     if f is None:  # an unknown key: `_merge` names it
         return text
     want = _ftype(f)
+    if want is tuple:  # a comma list (--log.trackers=tensorboard,mlflow; empty: none) or a TOML list
+        if text.strip().startswith("["):
+            try:
+                return tomllib.loads(f"v = {text.strip()}")["v"]
+            except tomllib.TOMLDecodeError:
+                return text
+        return tuple(word.strip() for word in text.split(",") if word.strip())
     if want is str:
         if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
             try:
@@ -441,12 +518,19 @@ def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
 
 def _check_relations(cfg: Config) -> None:
     m = cfg.model
-    if m.dim % m.n_heads:
+    if m.arch == "gpt2" and m.head_dim:
+        raise ConfigError(f"config: model.head_dim = {m.head_dim} is not allowed with model.arch = gpt2 (its heads "
+                          "are dim / n_heads wide); set head_dim = 0")
+    if not m.head_dim and m.dim % m.n_heads:
         raise ConfigError(f"config: model.dim = {m.dim} does not divide by model.n_heads = {m.n_heads}; "
-                          "pick n_heads that divides dim")
-    if m.arch == "llama" and (m.dim // m.n_heads) % 2:
-        raise ConfigError(f"config: head size model.dim/model.n_heads = {m.dim // m.n_heads} is odd; "
-                          "rotary embeddings need an even head size")
+                          "pick n_heads that divides dim, or set model.head_dim")
+    if m.arch != "gpt2" and (m.head_dim or m.dim // m.n_heads) % 2:
+        raise ConfigError(f"config: head size {m.head_dim or m.dim // m.n_heads} (model.head_dim, or model.dim/"
+                          "model.n_heads) is odd; rotary embeddings need an even head size")
+    if m.sliding_window and m.arch not in SLIDING_WINDOW_ARCHS:
+        raise ConfigError(f"config: model.sliding_window = {m.sliding_window} needs model.arch = "
+                          f"{' or '.join(SLIDING_WINDOW_ARCHS)} (model.arch = {m.arch} attends to every earlier "
+                          "position); set sliding_window = 0 or change the arch")
     if m.n_heads % m.n_kv_heads:
         raise ConfigError(f"config: model.n_heads = {m.n_heads} does not divide by model.n_kv_heads = "
                           f"{m.n_kv_heads}; pick n_kv_heads that divides n_heads")
@@ -477,7 +561,27 @@ def _check_relations(cfg: Config) -> None:
     if cfg.finetune.lora_rank and (cfg.parallel.tp > 1 or cfg.precision.fp8):
         raise ConfigError("config: finetune.lora_rank > 0 does not combine with parallel.tp > 1 or precision.fp8 "
                           "yet; set parallel.tp = 1 and precision.fp8 = false for LoRA")
+    _check_moe(cfg)
     _check_sizes_and_more(cfg)
+
+
+def _check_moe(cfg: Config) -> None:
+    """What a mixture-of-experts model cannot be combined with yet (docs/moe.md says what comes later)."""
+    m = cfg.model
+    if not m.moe_experts:
+        return
+    if m.moe_top_k > m.moe_experts:
+        raise ConfigError(f"config: model.moe_top_k = {m.moe_top_k} is more than model.moe_experts = "
+                          f"{m.moe_experts}; a token cannot go to more experts than there are: lower moe_top_k")
+    if m.arch != "llama":
+        raise ConfigError(f"config: model.moe_experts > 0 supports model.arch = llama only, not {m.arch}; "
+                          "set arch = llama or moe_experts = 0")
+    if cfg.parallel.tp > 1:
+        raise ConfigError(f"config: model.moe_experts > 0 does not combine with parallel.tp = {cfg.parallel.tp} yet; "
+                          "set parallel.tp = 1 (data parallelism and FSDP work)")
+    if cfg.finetune.lora_rank or cfg.precision.fp8 or cfg.train.init_from:
+        raise ConfigError("config: model.moe_experts > 0 does not combine with finetune.lora_rank, precision.fp8 or "
+                          "train.init_from yet; turn those off or train a dense model")
 
 
 # no machine leantrain plans for holds more parameters than this (40 TB of fp32 weights alone)
@@ -490,9 +594,9 @@ def _check_sizes_and_more(cfg: Config) -> None:
     allocate, a guard that could never test for spikes, a deadline that does not parse."""
     m = cfg.model
     ffn = m.ffn_dim or (4 * m.dim if m.arch == "gpt2" else 8 * m.dim // 3)
-    kv = m.n_kv_heads * (m.dim // m.n_heads)
+    head = m.head_dim or m.dim // m.n_heads
     params = m.vocab_size * m.dim * (1 if m.tie_embeddings else 2) + m.n_layers * (
-        2 * m.dim * m.dim + 2 * m.dim * kv + 3 * m.dim * ffn)
+        2 * m.dim * m.n_heads * head + 2 * m.dim * m.n_kv_heads * head + 3 * m.dim * ffn)
     if params > MAX_PARAMS:
         raise ConfigError(f"config: model of about {params:.3g} parameters (n_layers = {m.n_layers}, dim = {m.dim}, "
                           f"vocab_size = {m.vocab_size}, ffn_dim = {ffn}) cannot be allocated; allowed is at most "
@@ -509,6 +613,10 @@ def _check_sizes_and_more(cfg: Config) -> None:
     if g.min_history > g.window:
         raise ConfigError(f"config: guard.min_history = {g.min_history} is more than guard.window = {g.window}, so "
                           "the spike test would never run; set min_history <= window")
+    price = cfg.energy.price_per_device_hour
+    if price < 0 and price != -1:
+        raise ConfigError(f"config: energy.price_per_device_hour = {price} is not allowed; give a price >= 0 (USD per "
+                          "device-hour) or -1 for the hardware catalog's price")
     if cfg.energy.deadline:
         text = cfg.energy.deadline.strip().replace("Z", "+00:00").replace("z", "+00:00")
         try:
@@ -559,6 +667,8 @@ def _toml_value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, str):
         return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, tuple | list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return repr(v)
 
 
@@ -575,15 +685,47 @@ def to_toml(cfg: Config) -> str:
     return "\n".join(lines)
 
 
+REFERENCE_COMMAND = "leantrain config --reference --markdown > docs/configuration.md"
+
+_REFERENCE_INTRO = """\
+One TOML file with the sections below ({sections}); resolution order, later wins: defaults <
+`--recipe` < the TOML file < `--section.field=value`. `[curation.<step>]` tables set the fields of one
+curation step ([data.md](data.md)). Unknown keys, wrong types, NaN or infinite numbers and out-of-range values
+(each field's range is in the tables; sizes have sane upper bounds, and a model over 10^13 parameters is
+refused as unallocatable) are one-line errors naming the key, the value and what is allowed, before any
+folder is made. An override is read as its field's type, never guessed: `--data.path=2024-06-01` is a path
+(TOML would read a date), `--optim.lr=1` a float, a bool takes `true`/`false`/`1`/`0`, and a string is taken
+as typed (spaces and `=` included; one pair of surrounding quotes is removed). A config file that is a
+folder, not UTF-8, unreadable or not TOML says which. `leantrain config [CONFIG] [--recipe NAME]` prints the
+resolved config; `leantrain config --recipes` lists the shipped recipes."""
+
+# The docs pages that explain each section, linked under its heading in the reference.
+_SECTION_PAGES = {
+    "model": ("training.md",), "data": ("data.md",), "train": ("training.md",), "optim": ("optimizers.md",),
+    "parallel": ("scaling.md",), "precision": ("performance.md",), "checkpoint": ("fault-tolerance.md",),
+    "guard": ("fault-tolerance.md",), "log": ("training.md", "tracking.md"), "finetune": ("finetune.md",),
+    "energy": ("energy.md",), "curation": ("data.md",),
+}
+
+
 def reference_markdown() -> str:
-    """The config reference table of the README."""
-    rows = ["| key | default | allowed | meaning |", "| --- | --- | --- | --- |"]
-    rows += [f"| `{k}` | `{d!r}` | {a} | {h} |" for k, d, a, h in describe()]
-    return "\n".join(rows) + "\n"
+    """docs/configuration.md, generated from the dataclasses so it cannot drift (tests/test_docs.py checks)."""
+    lines = ["# Configuration reference", "",
+             f"<!-- generated from src/leantrain/config.py: regenerate with `{REFERENCE_COMMAND}` -->", "",
+             _REFERENCE_INTRO.format(sections=" ".join(f"`[{s}]`" for s in _SECTION_TYPES)), ""]
+    fields = describe()
+    for section in _SECTION_TYPES:
+        pages = " and ".join(f"[{page}]({page})" for page in _SECTION_PAGES.get(section, ()))
+        lines += [f"## [{section}]", ""] + ([f"Explained in {pages}.", ""] if pages else [])
+        lines += ["| key | default | allowed | meaning |", "| --- | --- | --- | --- |"]
+        rows = [(k, d, a, h.replace("|", r"\|")) for k, d, a, h in fields if k.startswith(section + ".")]
+        lines += [f"| `{k}` | `{d!r}` | {a} | {h} |" for k, d, a, h in rows]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def describe() -> list[tuple[str, Any, str, str]]:
-    """(key, default, allowed, help) for every field: the config reference in the README and CLI."""
+    """(key, default, allowed, help) for every field: docs/configuration.md and `leantrain config --reference`."""
     rows = []
     for section, cls in _SECTION_TYPES.items():
         for f in dataclasses.fields(cls):

@@ -1,6 +1,7 @@
 """Raw documents -> curated documents -> token dataset: the one data path, above `corpus` and `tokens`.
 
-`prepare` reads the inputs (files and folders, the built-in corpus, or chat records), runs the
+`prepare` reads the inputs (files and folders, the built-in corpus, a local Hugging Face `datasets`
+folder or file, or chat records), runs the
 curation pipeline that the `[curation]` config section asks for (dedup in every profile), spills
 the curated documents to a temporary jsonl file next to the output, builds the token dataset (plain
 or chat with loss masks) from that spill, and writes the data card into the dataset folder before
@@ -32,6 +33,7 @@ from leantrain.corpus.steps import Executor
 from leantrain.errors import DataError
 from leantrain.files import fresh_sibling, remove_stale_temps
 from leantrain.tokens.prepare import Progress, check_out_dir, prepare_dataset
+from leantrain.tokens.tokenizer import load_tokenizer
 
 FORMATS = ("text", "chat")
 
@@ -120,18 +122,22 @@ def prepare(inputs: Sequence[str | Path] = (), out: str | Path = "data/dataset",
             tokenizer: str | Path | None = None, val_fraction: float = 0.02, shard_tokens: int = 50_000_000,
             overwrite: bool = False, prompt_field: str = "prompt", response_field: str = "response",
             chat_template: str | None = None, progress: Progress | None = None,
-            executor: Executor | None = None, plot: bool = True) -> Prepared:
-    """Build a curated token dataset in `out` from files/folders `inputs` or the built-in corpus `builtin`.
+            executor: Executor | None = None, plot: bool = True, hf_dataset: str | Path | None = None,
+            hf_split: str = "train") -> Prepared:
+    """Build a curated token dataset in `out` from files/folders `inputs`, the built-in corpus `builtin`
+    or a local Hugging Face `datasets` folder or data file `hf_dataset` (split `hf_split`).
 
     `curation` is the `[curation]` config section (profile, dedup, PII, language, executor, reader
-    safety); `format="chat"` reads prompt/response .jsonl records and writes loss masks. Every
-    check (paths, settings, the text field of jsonl files) happens before any folder is written.
+    safety, text_field); `format="chat"` reads prompt/response records and writes loss masks. Every
+    check (paths, settings, the text field of jsonl files and datasets) happens before any folder is written.
     """
     cur = curation if curation is not None else CurationConfig()
     out = Path(out)
     inputs = [inputs] if isinstance(inputs, str | Path) else list(inputs)
-    if bool(builtin) == bool(inputs):
-        raise DataError("give input files/folders or --builtin stdlib (one of the two)")
+    if sum(map(bool, (builtin, inputs, hf_dataset))) != 1:
+        raise DataError("give input files/folders, --builtin stdlib or --hf-dataset PATH (one of the three)")
+    if hf_dataset and (include or exclude):
+        raise DataError("--include/--exclude pick files inside input folders; they do not apply to --hf-dataset")
     if format not in FORMATS:
         raise DataError(f"format {format!r} is not allowed; choose one of {', '.join(FORMATS)}")
     if builtin and (include or exclude):
@@ -143,14 +149,32 @@ def prepare(inputs: Sequence[str | Path] = (), out: str | Path = "data/dataset",
 
         split_template(chat_template or DEFAULT_TEMPLATE)
     plan = plan_for(cur, eval_paths)
+    if tokenizer is not None:
+        load_tokenizer(tokenizer)  # a missing or broken tokenizer fails before the curation work
     stats = ReadStats()
     documents: Callable[[], Iterable[Any]]
-    if builtin:
+    if hf_dataset:
+        from leantrain.corpus.hf import read_hf_chat, read_hf_dataset
+
+        if format == "chat":  # opens the dataset and checks its fields before any work
+            read_hf_chat(hf_dataset, prompt_field, response_field, hf_split)
+
+            def documents():
+                return read_hf_chat(hf_dataset, prompt_field, response_field, hf_split, stats)
+            fields: dict[str, Any] = {"prompt_field": prompt_field, "response_field": response_field}
+        else:
+            read_hf_dataset(hf_dataset, cur.text_field, hf_split)
+
+            def documents():
+                return read_hf_dataset(hf_dataset, cur.text_field, hf_split, stats)
+            fields = {"text_field": cur.text_field}
+        provenance: dict[str, Any] = {"hf_dataset": str(Path(hf_dataset).resolve()), "hf_split": hf_split, **fields}
+    elif builtin:
         read_builtin(builtin)  # checks the name before any work
 
         def documents():
             return read_builtin(builtin, stats=stats)
-        provenance: dict[str, Any] = {"builtin": builtin}
+        provenance = {"builtin": builtin}
     elif format == "chat":
         read_chat_documents(inputs, prompt_field, response_field, follow_symlinks=cur.follow_symlinks)
 

@@ -52,6 +52,10 @@ class Hardware:
     match: tuple[str, ...] = ()  # substrings of torch.cuda.get_device_name that mean this device
     source: str = "datasheet"
     bf16_fast: bool = True  # bf16 compute pays off (every catalog GPU; CPUs with AMX / AVX-512 BF16)
+    interconnect: str = ""  # the link between devices of a node, in words
+    spec_source: str = ""  # the datasheet the figures above come from
+    price_hour_usd: float = 0.0  # on-demand rental per device-hour (0: owned, or no listed price)
+    price_source: str = ""  # where and when that price was listed
 
     def peak(self, dtype: str) -> float:
         return self.peak_bf16 if dtype == "bf16" else self.peak_fp32

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 # Events worth a line in the terminal; the rest are only in events.jsonl.
 _SHOWN = {"resume", "restart", "checkpoint_damaged", "checkpoint_failed", "config_changed", "preempted",
           "checkpoint", "skip", "rollback", "diverged", "grad_warning", "compiled", "compile_failed", "fp8",
-          "energy", "pause", "unpause", "carbon_saved"}
+          "energy", "pause", "unpause", "carbon_saved", "tracker_failed"}
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -64,8 +64,14 @@ class TrainDisplay:
             if "parallel" in e:
                 p = e["parallel"]
                 ranks = f" · {p['world_size']} ranks ({p['strategy']})"
-            self.console.print(f"model {e['params'] / 1e6:.2f}M params · {e['device']} · {e['dtype']} · "
+            active = f" ({e['active_params'] / 1e6:.2f}M active)" if "active_params" in e else ""  # MoE
+            self.console.print(f"model {e['params'] / 1e6:.2f}M params{active} · {e['device']} · {e['dtype']} · "
                                f"{e['threads']} threads{ranks} · {self.total} steps")
+            if "finetune" in e:  # as PEFT's print_trainable_parameters: what the optimizer actually moves
+                ft = e["finetune"]
+                self.console.print(f"trainable params: {ft['trainable_params']:,} || all params: "
+                                   f"{ft['total_params']:,} || trainable%: "
+                                   f"{100 * ft['trainable_params'] / max(ft['total_params'], 1):.4f}")
             if self.mode == "bar":
                 self.progress = Progress(
                     TextColumn("[bold blue]train"), BarColumn(), MofNCompleteColumn(),

@@ -7,7 +7,9 @@ of the input and the config, so two runs over the same data give the same card.
 
 from __future__ import annotations
 
+import bisect
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -18,16 +20,43 @@ FORMAT = "leantrain-data-card/1"
 MAX_CLUSTERS = 1000  # per dedup step in the json; the markdown shows fewer
 
 
-def log2_histogram(values: list[int]) -> dict[str, list[int]]:
-    """Counts in bins [0, 1), [1, 2), [2, 4), [4, 8), ...: lengths span orders of magnitude."""
+MAX_BINS = 30
+
+
+def length_edges(*groups: list[int]) -> list[int]:
+    """Integer bin edges [e0, e1), [e1, e2), ... shared by `groups` (chars in and out share an axis).
+
+    As many bins as the data supports (the fewer of Sturges' 1 + log2 n and sqrt n, never more than the
+    integers in range, at most MAX_BINS), starting at the smallest length, so a handful of documents gives
+    a handful of bars and no run of empty ones; widths are whole numbers, equal when the lengths span
+    less than 100x, and growing geometrically beyond (lengths often span orders of magnitude)."""
+    values = [v for g in groups for v in g]
     if not values:
-        return {"edges": [0, 1], "counts": [0]}
-    top = max(values).bit_length()
-    edges = [0] + [1 << i for i in range(top + 1)]
+        return [0, 1]
+    lo, hi = min(values), max(values)
+    n = max(len(g) for g in groups)  # documents per histogram, not summed over the groups
+    bins = max(1, min(MAX_BINS, 1 + math.ceil(math.log2(n)), math.ceil(math.sqrt(n)), hi - lo + 1))
+    base = max(lo, 1)
+    if hi / base >= 100:
+        ratio = ((hi + 1) / base) ** (1 / bins)
+        edges = sorted({round(base * ratio ** i) for i in range(bins)} | {hi + 1})
+        return [0, *edges] if lo == 0 else edges
+    width = math.ceil((hi - lo + 1) / bins)
+    return list(range(lo, hi + 1, width)) + [lo + width * math.ceil((hi - lo + 1) / width)]
+
+
+def histogram(values: list[int], edges: list[int] | None = None) -> dict[str, list[int]]:
+    """Counts of `values` in the half-open integer bins of `edges` (default: `length_edges(values)`)."""
+    edges = edges or length_edges(values)
     counts = [0] * (len(edges) - 1)
     for v in values:
-        counts[v.bit_length()] += 1
+        counts[min(max(bisect.bisect_right(edges, v) - 1, 0), len(counts) - 1)] += 1
     return {"edges": edges, "counts": counts}
+
+
+def bin_label(lo: int, hi: int) -> str:
+    """The integers of bin [lo, hi): "7", or "8-15"."""
+    return f"{lo:,}" if hi - lo == 1 else f"{lo:,}-{hi - 1:,}"
 
 
 def _describe(values: list[int]) -> dict[str, float]:
@@ -81,6 +110,7 @@ def build_card(pipe: Any, plan: Any, meta: dict[str, Any], doc_tokens: list[int]
     bytes_total = splits["train"]["bytes"] + splits["val"]["bytes"]
     docs_total = splits["train"]["documents"] + splits["val"]["documents"]
     prov = meta.get("provenance", {})
+    chars = length_edges(pipe.lengths["in"], pipe.lengths["out"])  # one axis for characters in and out
     card = {
         "format": FORMAT,
         "profile": plan.profile,
@@ -99,8 +129,8 @@ def build_card(pipe: Any, plan: Any, meta: dict[str, Any], doc_tokens: list[int]
             "tokens_per_document": _describe(doc_tokens),
             # eot ids are not counted here: these are the document's own tokens
         },
-        "lengths": {"chars_in": log2_histogram(pipe.lengths["in"]), "chars_out": log2_histogram(pipe.lengths["out"]),
-                    "tokens_out": log2_histogram(doc_tokens)},
+        "lengths": {"chars_in": histogram(pipe.lengths["in"], chars),
+                    "chars_out": histogram(pipe.lengths["out"], chars), "tokens_out": histogram(doc_tokens)},
         "settings": plan.settings,
         "notes": list(plan.notes),
         "timing": {"seconds_by_step": timing, "pipeline_seconds": round(pipe.seconds, 3), "executor": executor,
@@ -128,6 +158,21 @@ def summary_lines(card: dict[str, Any]) -> list[str]:
 def _md_escape(text: str, limit: int = 160) -> str:
     text = " ".join(text.split())[:limit]
     return text.replace("|", "\\|").replace("`", "'")
+
+
+def length_tables(hists: dict[str, dict[str, list[int]]]) -> list[str]:
+    """The length histograms as markdown tables: characters in and out share bins, tokens have their own."""
+    out = []
+    for title, keys in (("characters per document", ("chars_in", "chars_out")), ("tokens per document",
+                                                                               ("tokens_out",))):
+        edges = hists[keys[0]]["edges"]
+        out += [f"| {title} | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
+                "| --- |" + " ---: |" * len(keys)]
+        for i in range(len(edges) - 1):
+            out.append(f"| {bin_label(edges[i], edges[i + 1])} | "
+                       + " | ".join(f"{hists[k]['counts'][i]:,}" for k in keys) + " |")
+        out.append("")
+    return out
 
 
 def to_markdown(card: dict[str, Any]) -> str:
@@ -176,16 +221,7 @@ def to_markdown(card: dict[str, Any]) -> str:
             f"Train {t['train_tokens']:,} tokens, val {t['val_tokens']:,} tokens, {t['documents']:,} documents.",
             (f"Tokens per document: mean {tpd.get('mean')}, median {tpd.get('median')}, p90 {tpd.get('p90')}, "
              f"max {tpd.get('max')}." if tpd.get("count") else ""),
-            "", "## Lengths", "", "| length bin | chars in | chars out | tokens out |", "| --- | ---: | ---: | ---: |"]
-    hists = card["lengths"]
-    n = max(len(h["counts"]) for h in hists.values())
-    for i in range(n):
-        lo = 0 if i == 0 else 1 << (i - 1)
-        hi = 1 << i
-        cells = [h["counts"][i] if i < len(h["counts"]) else 0 for h in
-                 (hists["chars_in"], hists["chars_out"], hists["tokens_out"])]
-        if any(cells):
-            out.append(f"| [{lo:,}, {hi:,}) | " + " | ".join(f"{c:,}" for c in cells) + " |")
+            "", "## Lengths", "", *length_tables(card["lengths"])]
     if card["notes"]:
         out += ["", "## Notes", ""] + [f"- {n}" for n in card["notes"]]
     out += ["", "## Settings", "", "```json", json.dumps(card["settings"], indent=1, sort_keys=True), "```", ""]
@@ -202,17 +238,21 @@ def plot_lengths(card: dict[str, Any], path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return False
     hists = card["lengths"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, keys, title in ((axes[0], ("chars_in", "chars_out"), "characters per document"),
                             (axes[1], ("tokens_out",), "tokens per document")):
-        for key in keys:
-            h = hists[key]
-            ax.bar(range(len(h["counts"])), h["counts"], alpha=0.6, label=key.replace("_", " "))
-        labels = [f"<{1 << i}" for i in range(max(len(hists[k]["counts"]) for k in keys))]
-        ax.set_xticks(range(len(labels)), labels, rotation=60, fontsize=7)
+        edges = hists[keys[0]]["edges"]
+        n = len(edges) - 1
+        width = 0.8 / len(keys)
+        for j, key in enumerate(keys):  # side by side, one bar per bin: every bar is a bin that has integers
+            ax.bar([i + (j - (len(keys) - 1) / 2) * width for i in range(n)], hists[key]["counts"], width=width,
+                   label=key.replace("_", " "))
+        ax.set_xticks(range(n), [bin_label(edges[i], edges[i + 1]) for i in range(n)], rotation=60, fontsize=7)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # documents are counted in whole numbers
         ax.set_title(title)
         ax.set_ylabel("documents")
         ax.legend()

@@ -31,6 +31,8 @@ file can crash a run (every skip or repair is counted in a `ReadStats`, never si
   bounded. JSON nested too deeply to parse is a bad line (`deep_json`), never a crash.
 - A jsonl file whose first records are JSON objects without the text field is an error that
   names the fields they have and `--text-field`, before any work starts.
+- Hugging Face `datasets` folders and files have their own reader, `corpus/hf.py` (same documents,
+  same counts), because they go through the optional `datasets` library.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ class ReadStats:
     truncated: int = 0  # compressed files that ended early (the part before the damage is kept)
     unreadable: int = 0  # files that could not be decoded at all (corrupt archive, bad parquet, no such column)
     long_lines: int = 0  # jsonl records skipped / text lines cut for being longer than max_line_bytes
-    bad_records: int = 0  # parquet rows whose text is null or not a string
+    bad_records: int = 0  # parquet / HF dataset rows whose text is null or not a string
     special: int = 0  # FIFOs, devices, sockets (or symlinks to them): never opened
     symlinks_out: int = 0  # symlinks leading out of their input folder (or broken), not followed
     too_large: int = 0  # files read whole that exceed max_file_bytes
@@ -107,7 +109,7 @@ class ReadStats:
         if self.hidden:
             text += f", {self.hidden} hidden files/folders"
         for name, what in (("excluded", "excluded by globs"), ("unreadable", "unreadable"),
-                           ("bad_records", "bad parquet rows"), ("special", "FIFOs/devices/sockets"),
+                           ("bad_records", "bad parquet/dataset rows"), ("special", "FIFOs/devices/sockets"),
                            ("symlinks_out", "symlinks out of their folder"), ("too_large", "too large"),
                            ("deep_json", "too deeply nested json lines")):
             if getattr(self, name):

@@ -23,8 +23,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from leantrain.energy.carbon import IntensitySeries, intensity
-from leantrain.energy.cost import footprint
+from leantrain.energy.carbon import IntensitySeries, region_info
+from leantrain.energy.cost import device_hour_price, footprint
 from leantrain.energy.meters import Meter, open_meter
 
 _TOTALS = ("energy_j", "co2_g", "co2_immediate_g", "cost_usd", "device_s", "paused_s")
@@ -60,7 +60,10 @@ class EnergyAccountant:
         self.enabled = cfg.meter != "off"
         self.clock = clock or utc_now
         self.series = IntensitySeries.from_csv(cfg.intensity_csv) if cfg.intensity_csv else None
-        self.yearly = intensity(cfg.region)  # an unknown region fails here, before training starts
+        self.region = region_info(cfg.region)  # an unknown region fails here, before training starts
+        self.yearly = self.region.g_per_kwh
+        self.price_per_device_hour, self.price_from = device_hour_price(cfg.price_per_device_hour,
+                                                                        *_listed_price(device))
         self.processes = max(1, world_size)
         self.hosts = max(1, math.ceil(world_size / max(1, local_world_size)))
         self.totals = dict.fromkeys(_TOTALS, 0.0)
@@ -75,7 +78,7 @@ class EnergyAccountant:
         if meter is None:
             dev_type, index, uuid, name = _device_facts(device)
             meter, self.fallbacks = open_meter(cfg.meter, dev_type, index, rapl_root=cfg.rapl_root,
-                                               tdp_w=cfg.tdp_w, gpu_uuid=uuid, gpu_name=name)
+                                               tdp_w=cfg.tdp_w, gpu_uuid=uuid, gpu_name=name, ram_w=cfg.ram_w)
         self.meter = meter
         self._proc_j, self._host_j = self.meter.read()
         self._wall = time.monotonic()
@@ -94,6 +97,13 @@ class EnergyAccountant:
     def source(self) -> str:
         return self.meter.source if self.meter is not None else "off"
 
+    @property
+    def counted(self) -> str:
+        """What the energy figure covers, e.g. "CPU (estimate from TDP and utilisation) + RAM 20 W (...)"."""
+        if self.meter is None:
+            return "nothing (energy.meter = off)"
+        return getattr(self.meter, "counted", self.meter.source)
+
     def intensity_at(self, t: datetime) -> float:
         return self.series.at(t) if self.series is not None else self.yearly
 
@@ -108,7 +118,7 @@ class EnergyAccountant:
         dt = wall - self._wall
         mid = self._time + (now - self._time) / 2
         fp = footprint(joules / 3.6e6, region=self.cfg.region, pue=self.cfg.pue, price_per_kwh=self.cfg.price_per_kwh,
-                       device_hours=dt * self.processes / 3600, price_per_device_hour=self.cfg.price_per_device_hour,
+                       device_hours=dt * self.processes / 3600, price_per_device_hour=self.price_per_device_hour,
                        intensity_g_per_kwh=self.intensity_at(mid))
         t = self.totals
         t["energy_j"] += joules
@@ -149,16 +159,18 @@ class EnergyAccountant:
 
     def describe(self) -> dict[str, Any]:
         """The `energy` event: what measures, how it is scaled, where CO2 and price come from."""
-        out: dict[str, Any] = {"source": self.source, "estimate": self.source == "estimate"}
+        out: dict[str, Any] = {"source": self.source, "estimate": self.source == "estimate", "counted": self.counted}
         if self.meter is not None:
             out["meter"] = self.meter.describe()
         if self.fallbacks:
             out["fallback"] = self.fallbacks
         out.update(processes=self.processes, hosts=self.hosts, region=self.cfg.region, pue=self.cfg.pue,
+                   price_per_device_hour=self.price_per_device_hour, price_from=self.price_from,
                    intensity=f"hourly series {self.cfg.intensity_csv}" if self.series is not None
-                   else f"{self.yearly:g} g/kWh yearly average")
+                   else f"{self.yearly:g} g/kWh yearly average ({self.region.source_text})")
         if self.source == "estimate":
-            out["message"] = "no readable power meter; energy, CO2 and cost are estimates from TDP and utilisation"
+            out["message"] = ("no readable power meter; energy, CO2 and cost are estimates from TDP and utilisation"
+                              " (plus memory power)")
         return out
 
     def summary(self) -> dict[str, Any]:
@@ -168,7 +180,8 @@ class EnergyAccountant:
         self._advance()
         t = self.totals
         return {"energy_j": _sig(t["energy_j"]), "energy_kwh": _sig(t["energy_j"] / 3.6e6),
-                "co2_g": _sig(t["co2_g"]), "cost_usd": _sig(t["cost_usd"]), "energy_source": self.source}
+                "co2_g": _sig(t["co2_g"]), "cost_usd": _sig(t["cost_usd"]), "energy_source": self.source,
+                "energy_counted": self.counted}
 
     def state_dict(self) -> dict[str, Any]:
         self._advance()
@@ -185,6 +198,16 @@ class EnergyAccountant:
         self._stop.set()
         if self._poller is not None:
             self._poller.join()
+
+
+def _listed_price(device: Any) -> tuple[float, str]:
+    """(USD per device-hour, source) the hardware catalog lists for a CUDA device; (0, "") otherwise."""
+    if not str(device).startswith("cuda"):
+        return 0.0, ""
+    from leantrain.device import match_gpu
+
+    hw = match_gpu(_device_facts(device)[3])
+    return (hw.price_hour_usd, hw.price_source) if hw is not None else (0.0, "")
 
 
 def _device_facts(device: Any) -> tuple[str, int, str | None, str]:

@@ -1,7 +1,8 @@
 """Grid carbon intensity: the shipped yearly table and optional hourly series.
 
-The table (grid_intensity.csv, next to this file) holds rounded yearly averages per country, some US
-states and Canadian provinces, and the major cloud regions, with its sources and year in its header.
+The table (grid_intensity.csv, next to this file) holds yearly averages per country, some US states and
+Canadian provinces, and the major cloud regions; every row names its source (a key of grid_sources.csv,
+which cites it and says whether it counts lifecycle or direct emissions) and the year it is for.
 Yearly averages hide a factor of two or more between the clean and dirty hours of a day; an hourly
 series (`energy.intensity_csv`: timestamp_utc,g_per_kwh) gives the time-varying figure, which is also
 the forecast that carbon-aware scheduling plans on.
@@ -21,6 +22,7 @@ from pathlib import Path
 from leantrain.errors import ConfigError
 
 TABLE = "grid_intensity.csv"
+SOURCES = "grid_sources.csv"
 
 
 @dataclass(frozen=True)
@@ -30,18 +32,36 @@ class Region:
     kind: str  # aggregate, country, subnational, cloud
     name: str
     grid: str  # the grid region a cloud region takes its value from; "" for a grid itself
+    source: str = ""  # a key of grid_sources.csv (a cloud region's is its grid's)
+    year: int = 0  # the year the figure is for
+
+    @property
+    def source_text(self) -> str:
+        """e.g. "ember, 2023, lifecycle": where the figure comes from, in a line."""
+        counts = sources().get(self.source, {}).get("counts", "")
+        return ", ".join(x for x in (self.source, str(self.year), counts) if x)
+
+
+def _rows(name: str) -> list[dict[str, str]]:
+    text = resources.files("leantrain.energy").joinpath(name).read_text()
+    return list(csv.DictReader(line for line in text.splitlines() if line and not line.startswith("#")))
+
+
+@functools.cache
+def sources() -> dict[str, dict[str, str]]:
+    """The citations of the table's sources: key -> {"counts": lifecycle|direct, "citation": ...}."""
+    return {r["source"]: {"counts": r["counts"], "citation": r["citation"]} for r in _rows(SOURCES)}
 
 
 @functools.cache
 def _table() -> dict[str, Region]:
-    text = resources.files("leantrain.energy").joinpath(TABLE).read_text()
-    rows = list(csv.DictReader(line for line in text.splitlines() if line and not line.startswith("#")))
-    values = {r["region"].lower(): float(r["g_per_kwh"]) for r in rows if r["g_per_kwh"]}
+    rows = _rows(TABLE)
+    grids = {r["region"].lower(): r for r in rows if r["g_per_kwh"]}
     out = {}
     for r in rows:
-        grid = r["grid"]
-        value = values[grid.lower()] if grid else values[r["region"].lower()]
-        out[r["region"].lower()] = Region(r["region"], value, r["kind"], r["name"], grid)
+        own = grids[r["grid"].lower()] if r["grid"] else grids[r["region"].lower()]
+        out[r["region"].lower()] = Region(r["region"], float(own["g_per_kwh"]), r["kind"], r["name"], r["grid"],
+                                          own["source"], int(own["year"] or 0))
     return out
 
 

@@ -16,9 +16,22 @@ def footprint(energy_kwh: float, *, region: str, pue: float, price_per_kwh: floa
     """
     g = intensity(region) if intensity_g_per_kwh is None else float(intensity_g_per_kwh)
     facility_kwh = energy_kwh * pue
+    energy_cost, rental = facility_kwh * price_per_kwh, device_hours * price_per_device_hour
     return {
         "facility_kwh": facility_kwh,
         "co2_g": facility_kwh * g,
-        "cost_usd": facility_kwh * price_per_kwh + device_hours * price_per_device_hour,
+        "cost_usd": energy_cost + rental,
+        "energy_cost_usd": energy_cost,
+        "rental_usd": rental,
         "intensity_g_per_kwh": g,
     }
+
+
+def device_hour_price(configured: float, listed: float = 0.0, listed_from: str = "") -> tuple[float, str]:
+    """(USD per device-hour, where it came from): `energy.price_per_device_hour` when it is >= 0, else (-1)
+    the hardware catalog's listed price of the device (`listed`, from `listed_from`), else 0."""
+    if configured >= 0:
+        return float(configured), "energy.price_per_device_hour"
+    if listed > 0:
+        return float(listed), f"catalog: {listed_from}" if listed_from else "catalog"
+    return 0.0, "no listed price; set energy.price_per_device_hour"

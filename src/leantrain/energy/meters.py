@@ -17,7 +17,15 @@ Three sources, best first:
           The process part (TDP x (1 - f_idle) x u) is this process's; the idle floor is the host's.
     GPU:  P = TDP, the whole time: energy.tdp_w, or NVML's power limit, or the board power of a
           known GPU (else 300 W) -- an upper bound, since training keeps a GPU near its limit.
-  Memory, disks and network are not included. Every figure from it is labelled "estimate".
+  Disks and network are not included. Every figure from it is labelled "estimate".
+
+Memory (RAM) power is added to every meter but RAPL with a DRAM zone (which measures it), as CodeCarbon
+3.3.2 counts it (codecarbon/external/ram.py, `RAM._calculate_ram_power`, tracking_mode "machine"): the
+DIMMs are guessed from the host's installed memory (GB of 2^30 bytes: <= 2 -> 1, <= 16 -> 2, <= 64 -> 4,
+<= 128 -> 8, larger -> ceil(GB / the largest of 128/64/32/16/8/4 GB that is <= GB/8), at most 32),
+5 W each on x86 (1.5 W on ARM), the 5th-8th DIMM at 90%, the 9th-16th at 80%, the rest at 70%, at least
+2 DIMMs' worth on x86 (3 W on ARM). It draws the whole time, so it is a per-host part. `energy.ram_w`
+replaces the rule with a figure of your own.
 
 A meter's `read()` returns (process joules, host joules), cumulative: the accountant scales the
 first by the number of processes of the job and the second by the number of hosts.
@@ -25,7 +33,9 @@ first by the number of processes of the job and the second by the number of host
 
 from __future__ import annotations
 
+import math
 import os
+import platform
 import re
 import threading
 import time
@@ -38,11 +48,54 @@ from leantrain.errors import ConfigError
 CPU_W_PER_THREAD = 3.5
 CPU_IDLE_FRACTION = 0.2
 GPU_DEFAULT_W = 300.0
-# board power (W) of GPUs the estimate may meet without NVML
-GPU_TDP_W = {"H200": 700.0, "H100": 700.0, "A100": 400.0, "L40S": 350.0, "L4": 72.0, "A10": 150.0,
-             "RTX 4090": 450.0, "RTX 3090": 350.0, "V100": 300.0, "T4": 70.0}
+# board power (W) of GPUs the estimate may meet without NVML; more specific names first (substring match)
+GPU_TDP_W = {"B200": 1000.0, "H200": 700.0, "H100 PCIe": 350.0, "H100": 700.0, "MI300X": 750.0, "A100": 400.0,
+             "L40S": 350.0, "L4": 72.0, "A10": 150.0, "RTX 5090": 575.0, "RTX 4090": 450.0, "RTX 3090": 350.0,
+             "V100": 300.0, "T4": 70.0}
 
 _ZONE = re.compile(r"^intel-rapl:(\d+)(?::(\d+))?$")
+
+RAM_W_PER_DIMM_X86 = 5.0  # CodeCarbon 3.3.2 RAM_SLOT_POWER_X86
+RAM_W_PER_DIMM_ARM = 1.5
+RAM_RULE = "CodeCarbon 3.3.2 rule: 5 W per DIMM (x86), DIMMs guessed from installed memory"
+
+
+def dimm_count(total_gb: float) -> int:
+    """DIMMs CodeCarbon 3.3.2 assumes for `total_gb` of installed memory (`RAM._estimate_dimm_count`)."""
+    if total_gb <= 2:
+        return 1
+    if total_gb <= 16:
+        return 2
+    if total_gb <= 64:
+        return 4
+    if total_gb <= 128:
+        return 8
+    for size in (128, 64, 32, 16, 8, 4):
+        if size <= total_gb / 8:
+            return min(math.ceil(total_gb / size), 32)
+    return 8
+
+
+def ram_power_w(total_bytes: float, arm: bool = False) -> float:
+    """Memory power in W of a host with `total_bytes` installed, by CodeCarbon 3.3.2's rule (module docstring)."""
+    n = dimm_count(total_bytes / 2**30)
+    per = RAM_W_PER_DIMM_ARM if arm else RAM_W_PER_DIMM_X86
+    tiers = ((4, 1.0), (4, 0.9), (8, 0.8), (math.inf, 0.7))  # DIMMs at each marginal power
+    watts, left = 0.0, n
+    for count, factor in tiers:
+        take = min(left, count)
+        watts += per * factor * take
+        left -= take
+    return max(3.0 if arm else 2 * per, watts)
+
+
+def host_memory_bytes() -> float:
+    """Installed memory of this host (MemTotal, what psutil.virtual_memory().total reports)."""
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def is_arm() -> bool:
+    return any(a in platform.machine().lower() for a in ("arm", "aarch"))
 
 
 class MeterUnavailable(Exception):
@@ -112,6 +165,14 @@ class RaplMeter:
                 self._total_uj += delta
                 self._last[i] = raw
             return 0.0, self._total_uj / 1e6
+
+    @property
+    def has_dram(self) -> bool:
+        return any(name.endswith("(dram)") for _, name, _ in self.domains)
+
+    @property
+    def counted(self) -> str:
+        return "CPU packages + DRAM (RAPL)" if self.has_dram else "CPU packages (RAPL)"
 
     def describe(self) -> dict[str, Any]:
         return {"domains": [name for _, name, _ in self.domains], "scope": "host (all processes on the sockets)"}
@@ -192,6 +253,8 @@ class NvmlMeter:
                 self._last_w, self._last_t = w, t
             return self._total_j, 0.0
 
+    counted = "GPU (NVML)"
+
     def describe(self) -> dict[str, Any]:
         return {"gpu": self.index, "mode": self.mode, "scope": "this process's GPU"}
 
@@ -230,6 +293,10 @@ class EstimateMeter:
             self._host_j += self.tdp_w * CPU_IDLE_FRACTION * wall
         return self._proc_j, self._host_j
 
+    @property
+    def counted(self) -> str:
+        return "GPU (estimate at TDP)" if self.device_type == "cuda" else "CPU (estimate from TDP and utilisation)"
+
     def describe(self) -> dict[str, Any]:
         if self.device_type == "cuda":
             formula = "P = TDP while training (upper bound)"
@@ -239,12 +306,49 @@ class EstimateMeter:
         return {"tdp_w": self.tdp_w, "tdp_from": self.tdp_from, "formula": formula}
 
 
-Meter = RaplMeter | NvmlMeter | EstimateMeter
+class WithRam:
+    """A meter plus the host's memory power: `ram_w` x wall time since opening, added to the host part."""
+
+    def __init__(self, inner: RaplMeter | NvmlMeter | EstimateMeter, ram_w: float, ram_from: str,
+                 clock: Callable[[], float] = time.monotonic):
+        self.inner, self.ram_w, self.ram_from, self.clock = inner, ram_w, ram_from, clock
+        self.source, self.poll_s = inner.source, inner.poll_s
+        self._t0 = clock()
+
+    @property
+    def counted(self) -> str:
+        return f"{self.inner.counted} + RAM {self.ram_w:g} W ({self.ram_from})"
+
+    def ram_j(self) -> float:
+        return self.ram_w * max(self.clock() - self._t0, 0.0)
+
+    def read(self) -> tuple[float, float]:
+        proc, host = self.inner.read()
+        return proc, host + self.ram_j()
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.inner.describe(), "ram_w": self.ram_w, "ram_from": self.ram_from}
+
+
+Meter = RaplMeter | NvmlMeter | EstimateMeter | WithRam
+
+
+def with_ram(meter: RaplMeter | NvmlMeter | EstimateMeter, ram_w: float = 0.0) -> Meter:
+    """`meter` with the host's memory power added (`ram_w`, or 0 for CodeCarbon's rule), unless it is
+    RAPL with a DRAM zone, which measures memory already."""
+    if isinstance(meter, RaplMeter) and meter.has_dram:
+        return meter
+    if ram_w:
+        return WithRam(meter, ram_w, "energy.ram_w")
+    total = host_memory_bytes()
+    return WithRam(meter, ram_power_w(total, is_arm()), f"{RAM_RULE}; {total / 2**30:.1f} GB here")
 
 
 def open_meter(kind: str, device_type: str = "cpu", device_index: int = 0, *, rapl_root: str = "/sys/class/powercap",
-               tdp_w: float = 0.0, gpu_uuid: str | None = None, gpu_name: str = "") -> tuple[Meter, list[str]]:
-    """The meter for `kind` (auto, rapl, nvml, estimate) on this device, and why better ones were passed over.
+               tdp_w: float = 0.0, gpu_uuid: str | None = None, gpu_name: str = "",
+               ram_w: float = 0.0) -> tuple[Meter, list[str]]:
+    """The meter for `kind` (auto, rapl, nvml, estimate) on this device, with memory power added
+    (`with_ram`), and why better ones were passed over.
 
     `auto` reads the device that trains: on a GPU, NVML; on the CPU, RAPL; else it estimates. An explicit
     kind that cannot be read is a ConfigError, since the user asked for a measurement.
@@ -255,12 +359,12 @@ def open_meter(kind: str, device_type: str = "cpu", device_index: int = 0, *, ra
     for t in tries:
         try:
             if t == "rapl":
-                return RaplMeter(rapl_root), reasons
-            return NvmlMeter(device_index, gpu_uuid), reasons
+                return with_ram(RaplMeter(rapl_root), ram_w), reasons
+            return with_ram(NvmlMeter(device_index, gpu_uuid), ram_w), reasons
         except MeterUnavailable as e:
             if kind != "auto":
                 raise ConfigError(f"config: energy.meter = {kind!r} but {e}; fix that or set energy.meter = auto "
                                   "(falls back to an estimate)") from None
             reasons.append(f"{t}: {e}")
     limit = nvml_power_limit_w(device_index, gpu_uuid) if device_type == "cuda" and not tdp_w else None
-    return EstimateMeter(device_type, tdp_w, gpu_name=gpu_name, gpu_limit_w=limit), reasons
+    return with_ram(EstimateMeter(device_type, tdp_w, gpu_name=gpu_name, gpu_limit_w=limit), ram_w), reasons

@@ -1,9 +1,13 @@
 """Export a run as a Hugging Face folder that `transformers` loads with no custom code.
 
 `AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)` read what this
-writes: config.json (LlamaForCausalLM, or GPT2LMHeadModel for `arch = "gpt2"`), safetensors weights
+writes: config.json (the transformers class of `model.arch`: LlamaForCausalLM, MistralForCausalLM,
+Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM or GPT2LMHeadModel), safetensors weights
 (sharded with an index past `max_shard_bytes`), tokenizer.json + tokenizer_config.json, and
 generation_config.json. The name and layout mapping (shared with `train.init_from`) is model/hf.py.
+Weights are saved in the `dtype` asked for (bf16 by default for a run trained in bf16), and a run on
+chat data gets a Jinja `chat_template` in tokenizer_config.json (tokens/chat.py's `jinja_template`).
+export/peft.py writes LoRA adapters in PEFT's layout with the helpers here.
 """
 
 from __future__ import annotations
@@ -13,17 +17,20 @@ import json
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from leantrain.config import load_config
 from leantrain.errors import CheckpointError, ConfigError, LeantrainError
 from leantrain.files import fresh_sibling, swap_in, write_durable
 from leantrain.model.hf import hf_config, to_hf
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EXPORT_MARKER = ".leantrain-export.json"  # written into every export folder
 
 
@@ -100,38 +107,56 @@ def check_export_target(out: Path, run_dir: str | Path, overwrite: bool) -> None
                               "--overwrite will not replace it; pick another folder or empty it yourself")
 
 
-def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Path | None = None,
-              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> dict[str, Any]:
-    """Write a run's newest good (or the given) checkpoint as a transformers model folder; returns a summary.
+def default_dtype(run_dir: str | Path, cfg: Any) -> str:
+    """bf16 when the run trained in bf16 (plan.json holds the dtype `auto` resolved to), else fp32."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return "bf16" if json.loads((Path(run_dir) / "plan.json").read_text()).get("dtype") == "bfloat16" else "fp32"
+    return "bf16" if cfg.precision.dtype == "bf16" else "fp32"
 
-    The folder is built under a temporary name next to `out_dir` and renamed when whole, so a crash
-    never leaves a half-written export; a non-empty `out_dir` is replaced only with `overwrite`.
-    """
-    from leantrain.tokens.tokenizer import eot_id
-    from leantrain.train.runs import load_trained
 
-    out = Path(out_dir)
-    check_export_target(out, run_dir, overwrite)
-    model, tok, cfg, step, warnings = load_trained(run_dir, checkpoint)
-    eot = eot_id(tok, where=f"{run_dir}/tokenizer.json")
+def check_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not allowed; expected one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def write_hf_folder(folder: Path, state: dict[str, Tensor], tok: Any, cfg: Any, run_dir: str | Path, dtype: str,
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+    """Weights (leantrain `state`, cast to `dtype`), config.json, generation_config.json and the tokenizer
+    files (with the run's chat template, when it trained on chat data) into the existing `folder`."""
+    from leantrain.tokens.chat import jinja_template
+    from leantrain.tokens.tokenizer import eot_id, hf_tokenizer_config, special_tokens
+
+    torch_dtype = check_dtype(dtype)
+    # a run on a Hugging Face tokenizer keeps its tokenizer_config.json (special tokens, chat markers)
+    hf_tok = hf_tokenizer_config(Path(run_dir) / "tokenizer.json") or {}
+    specials = special_tokens(hf_tok)
+    eot = eot_id(tok, where=f"{run_dir}/tokenizer.json", eos=specials.get("eos_token"))
     eot_token = tok.id_to_token(eot)
+    bos = tok.token_to_id(specials["bos_token"]) if "bos_token" in specials else None
+    bos = eot if bos is None else bos
+    chat = Path(run_dir) / "chat_template.txt"  # a chat run: transformers' apply_chat_template gives its ids
+    template = {"chat_template": jinja_template(chat.read_text(), eot_token)} if chat.is_file() else {}
+    state = {k: v.detach().cpu().to(torch_dtype) for k, v in state.items()}
+    files = write_safetensors(to_hf(state, cfg.model), folder, max_shard_bytes)
+    config = {**hf_config(cfg.model, eot), "bos_token_id": bos, "torch_dtype": str(torch_dtype).removeprefix("torch.")}
+    write_durable(folder / "config.json", json.dumps(config, indent=2), sync_dir=False)
+    write_durable(folder / "generation_config.json", json.dumps(
+        {"bos_token_id": bos, "eos_token_id": eot, "pad_token_id": eot}, indent=2), sync_dir=False)
+    write_durable(folder / "tokenizer.json", tok.to_str(pretty=True), sync_dir=False)
+    write_durable(folder / "tokenizer_config.json", json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eot_token, "eos_token": eot_token,
+         "pad_token": eot_token, "clean_up_tokenization_spaces": False, **hf_tok,
+         "model_max_length": cfg.model.seq_len, **template}, indent=2), sync_dir=False)
+    return [*files, "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+
+
+def publish(out: Path, fill: Callable[[Path], list[str]]) -> list[str]:
+    """Build an export under a temporary name next to `out` with `fill(folder)` and rename it into place when
+    whole, so a crash never leaves a half-written export; returns fill's file names."""
     tmp = fresh_sibling(out)
     try:
-        state = {k: v.detach().to(torch.float32).cpu() for k, v in model.state_dict().items()}
-        files = write_safetensors(to_hf(state, cfg.model), tmp, max_shard_bytes)
-        write_durable(tmp / "config.json", json.dumps(hf_config(cfg.model, eot), indent=2), sync_dir=False)
-        write_durable(tmp / "generation_config.json", json.dumps(
-            {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}, indent=2), sync_dir=False)
-        write_durable(tmp / "tokenizer.json", tok.to_str(pretty=True), sync_dir=False)
-        write_durable(tmp / "tokenizer_config.json", json.dumps(
-            {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eot_token, "eos_token": eot_token,
-             "pad_token": eot_token, "model_max_length": cfg.model.seq_len, "clean_up_tokenization_spaces": False},
-            indent=2), sync_dir=False)
-        files += ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
-        # the mark that lets a later --overwrite replace this folder (and nothing leantrain did not write)
-        write_durable(tmp / EXPORT_MARKER, json.dumps({"leantrain_export": 1, "format": "hf", "step": step,
-                                                       "run_dir": str(Path(run_dir).resolve())}, indent=1),
-                      sync_dir=False)
+        files = fill(tmp)
         swap_in(tmp, out)
     except OSError as e:  # a full disk, a file-size limit: the partial export goes, --out stays as it was
         shutil.rmtree(tmp, ignore_errors=True)
@@ -140,5 +165,44 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Path |
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"out_dir": str(out), "step": step, "arch": cfg.model.arch, "files": sorted(files),
+    return files
+
+
+def mark_export(folder: Path, kind: str, step: int, run_dir: str | Path) -> None:
+    """The mark that lets a later --overwrite replace this folder (and nothing leantrain did not write)."""
+    write_durable(folder / EXPORT_MARKER, json.dumps({"leantrain_export": 1, "format": kind, "step": step,
+                                                      "run_dir": str(Path(run_dir).resolve())}, indent=1),
+                  sync_dir=False)
+
+
+def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Path | None = None,
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
+              dtype: str | None = None) -> dict[str, Any]:
+    """Write a run's newest good (or the given) checkpoint as a transformers model folder; returns a summary.
+
+    The folder is built under a temporary name next to `out_dir` and renamed when whole, so a crash
+    never leaves a half-written export; a non-empty `out_dir` is replaced only with `overwrite`. `dtype`
+    (fp32, bf16, fp16) is that of the saved weights; None: bf16 when the run trained in bf16, else fp32.
+    """
+    from leantrain.train.runs import load_trained
+
+    out = Path(out_dir)
+    if dtype is not None:
+        check_dtype(dtype)
+    run_cfg = Path(run_dir) / "config.toml"
+    experts = load_config(run_cfg).model.moe_experts if run_cfg.is_file() else 0
+    if experts:  # issue 17: the Mixtral / Qwen2-MoE layouts come later
+        raise ConfigError(f"{run_dir} is a mixture-of-experts model (model.moe_experts = {experts}) and Hugging Face "
+                          "export of MoE models is not built yet; use the run through leantrain (generate, API)")
+    check_export_target(out, run_dir, overwrite)
+    model, tok, cfg, step, warnings = load_trained(run_dir, checkpoint)
+    dtype = dtype or default_dtype(run_dir, cfg)
+
+    def fill(folder: Path) -> list[str]:
+        files = write_hf_folder(folder, model.state_dict(), tok, cfg, run_dir, dtype, max_shard_bytes)
+        mark_export(folder, "hf", step, run_dir)
+        return files
+
+    files = publish(out, fill)
+    return {"out_dir": str(out), "step": step, "arch": cfg.model.arch, "files": sorted(files), "dtype": dtype,
             "params": sum(p.numel() for p in model.parameters()), "warnings": warnings}

@@ -3,7 +3,9 @@
 `to_hf` maps leantrain's state dict to HF names and layouts; import checks a folder's tensors
 against `to_hf` of a freshly built model (names and shapes) before `from_hf` maps them back, so every
 mismatch is reported by its HF name. leantrain's RoPE uses HF's rotate-half layout, so Llama's q/k
-projections need no permutation either way. Only safetensors are read: pickled `pytorch_model.bin`
+projections need no permutation either way. Mistral, Qwen2 and Qwen3 use Llama's tensor names (plus
+Qwen2's q/k/v biases and Qwen3's q_norm/k_norm); Phi-3 fuses q/k/v into `qkv_proj` and gate/up into
+`gate_up_proj`, split here on import and fused on export. Only safetensors are read: pickled `pytorch_model.bin`
 files could run code. It lives with the model (not in export/) because training reads it too
 (`train.init_from`); export/hf.py writes the folders.
 """
@@ -19,22 +21,38 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from leantrain.config import ModelConfig
+from leantrain.config import SLIDING_WINDOW_ARCHS, ModelConfig
 from leantrain.errors import CheckpointError, ConfigError
-from leantrain.model.flops import ffn_hidden_dim
+from leantrain.model.flops import ffn_hidden_dim, head_size
 
-SUPPORTED = "Llama (LlamaForCausalLM) and GPT-2 (GPT2LMHeadModel)"
+# model_type of config.json -> (model.arch, the transformers class export names, HF defaults of fields a
+# config.json may leave out: what transformers would assume in their place)
+_FAMILY: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama": ("llama", "LlamaForCausalLM", {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6}),
+    "mistral": ("mistral", "MistralForCausalLM", {"max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
+                                                  "sliding_window": 4096}),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM", {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6}),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM", {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+                                            "head_dim": 128}),
+    "phi3": ("phi3", "Phi3ForCausalLM", {"max_position_embeddings": 4096, "rms_norm_eps": 1e-5}),
+}
+SUPPORTED = ("Llama (LlamaForCausalLM), GPT-2 (GPT2LMHeadModel), Mistral (MistralForCausalLM), Qwen2 "
+             "(Qwen2ForCausalLM), Qwen3 (Qwen3ForCausalLM) and Phi-3 (Phi3ForCausalLM)")
 # [model] fields that decide the weights' shapes or the function they compute: an explicit value must agree
 # with the checkpoint. seq_len (a window, not a shape, except GPT-2's position table) and init_std may differ.
 LOCKED_FIELDS = ("arch", "n_layers", "dim", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "rope_theta",
-                 "norm_eps", "tie_embeddings")
+                 "norm_eps", "tie_embeddings", "head_dim", "sliding_window")
 # buffers some HF versions saved next to the weights; they are functions of the config
 _IGNORED = re.compile(r".*(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
 _LLAMA_NAMES = {
     "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
     "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
     "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attention.q_norm": "self_attn.q_norm", "attention.k_norm": "self_attn.k_norm",
 }
+# Phi-3 stores q, k, v as one qkv_proj and gate, up as one gate_up_proj, concatenated along the output rows
+_PHI3_FUSED = {"self_attn.qkv_proj": ("attention.wq", "attention.wk", "attention.wv"),
+               "mlp.gate_up_proj": ("feed_forward.w1", "feed_forward.w3")}
 _GPT2_NAMES = {"attention.wo": "attn.c_proj", "feed_forward.w1": "mlp.c_fc", "feed_forward.w2": "mlp.c_proj",
                "attention_norm": "ln_1", "ffn_norm": "ln_2"}
 
@@ -110,14 +128,58 @@ def _rope_theta(c: dict[str, Any], where: Path) -> float:
             raise HFFormatError(f"{where}: {key} = {p!r} is not allowed; expected an object or null")
         kind = p.get("rope_type", p.get("type", "default"))
         if kind != "default":
-            raise HFFormatError(f"{where}: rope type {kind!r} is not supported; leantrain's RoPE is the default "
-                                "(unscaled) kind")
+            raise HFFormatError(f"{where}: {key} has rope type {kind!r}, which is not supported; leantrain's RoPE "
+                                "is the default (unscaled) kind")
+    partial = params.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise HFFormatError(f"{where}: partial_rotary_factor = {partial!r} is not supported; leantrain rotates "
+                            "the whole head (1.0)")
     theta = params.get("rope_theta", c.get("rope_theta", 10000.0))
     return _positive({"rope_theta": theta}, "rope_theta", where, 10000.0)
 
 
+def _llama_family(c: dict[str, Any], kind: str, where: Path) -> dict[str, Any]:
+    """[model] fields of a Llama, Mistral, Qwen2, Qwen3 or Phi-3 config.json; refuses, in one line naming the
+    field, whatever these models would compute differently from leantrain's block of that arch."""
+    arch, _, defaults = _FAMILY[kind]
+    c = defaults | c
+    heads, dim = _size(c, "num_attention_heads", where), _size(c, "hidden_size", where)
+    wanted = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "use_sliding_window": False}
+    problems = [f"{k} = {c[k]!r}" for k, ok in wanted.items() if k in c and c[k] != ok]
+    layer_types = c.get("layer_types") or []
+    if not isinstance(layer_types, list) or any(t != "full_attention" for t in layer_types):
+        problems.append(f"layer_types = {str(layer_types)[:60]}")
+    if problems:
+        raise HFFormatError(f"{where}: {', '.join(problems)} is not supported; leantrain's {kind} has SiLU gates, "
+                            "no biases but Qwen2's q/k/v ones, and the same attention in every layer")
+    head_dim = c.get("head_dim")
+    if head_dim is not None:
+        head_dim = _size(c, "head_dim", where)
+        if not dim % heads and head_dim == dim // heads:
+            head_dim = None  # the usual width: leave model.head_dim at 0
+    elif dim % heads:
+        raise HFFormatError(f"{where}: hidden_size = {dim} does not divide by num_attention_heads = {heads} and "
+                            "there is no head_dim; the config is inconsistent (re-save the model with save_pretrained)")
+    if (head_dim or dim // heads) % 2:
+        raise HFFormatError(f"{where}: head_dim = {head_dim or dim // heads} is odd; rotary embeddings need an even "
+                            "head size, so leantrain cannot express this model")
+    window = c.get("sliding_window") if arch in SLIDING_WINDOW_ARCHS else None
+    fields = {
+        "arch": arch, "n_layers": _size(c, "num_hidden_layers", where), "dim": dim, "n_heads": heads,
+        "n_kv_heads": _size(c, "num_key_value_heads", where, heads),
+        "seq_len": _size(c, "max_position_embeddings", where, low=2), "vocab_size": _size(c, "vocab_size", where),
+        "ffn_dim": _size(c, "intermediate_size", where), "rope_theta": _rope_theta(c, where),
+        "norm_eps": _positive(c, "rms_norm_eps", where, 1e-6),
+        "tie_embeddings": bool(c.get("tie_word_embeddings", False)), "head_dim": head_dim or 0,
+        "sliding_window": 0 if window is None else _size(c, "sliding_window", where)}
+    if heads % fields["n_kv_heads"]:
+        raise HFFormatError(f"{where}: num_attention_heads = {heads} does not divide by num_key_value_heads = "
+                            f"{fields['n_kv_heads']}; the config is inconsistent (re-save it with save_pretrained)")
+    return fields
+
+
 def model_config_from_hf(hf_dir: str | Path) -> dict[str, Any]:
-    """The [model] fields that rebuild the architecture of a local HF Llama or GPT-2 folder.
+    """The [model] fields that rebuild the architecture of a local HF folder (`SUPPORTED` names the kinds).
 
     seq_len is the checkpoint's position limit; a shorter training window is fine (`--model.seq_len`).
     Anything leantrain's model would compute differently (biases, activations, scaled RoPE) is refused.
@@ -125,23 +187,8 @@ def model_config_from_hf(hf_dir: str | Path) -> dict[str, Any]:
     c = read_hf_config(hf_dir)
     where = Path(hf_dir) / "config.json"
     kind = c.get("model_type")
-    if kind == "llama":
-        heads, dim = _size(c, "num_attention_heads", where), _size(c, "hidden_size", where)
-        problems = [f"{k} = {c[k]!r}" for k, ok in (("hidden_act", "silu"), ("attention_bias", False),
-                                                     ("mlp_bias", False)) if k in c and c[k] != ok]
-        if c.get("head_dim") not in (None, dim // heads):
-            problems.append(f"head_dim = {c['head_dim']} (leantrain needs hidden_size / num_attention_heads)")
-        if problems:
-            raise HFFormatError(f"{where}: {', '.join(problems)} is not supported; leantrain's Llama has SiLU "
-                                "gates, no biases and head_dim = hidden_size / num_attention_heads")
-        return _check_heads({
-            "arch": "llama", "n_layers": _size(c, "num_hidden_layers", where), "dim": dim, "n_heads": heads,
-            "n_kv_heads": _size(c, "num_key_value_heads", where, heads),
-            "seq_len": _size(c, "max_position_embeddings", where, low=2), "vocab_size": _size(c, "vocab_size", where),
-            "ffn_dim": _size(c, "intermediate_size", where), "rope_theta": _rope_theta(c, where),
-            "norm_eps": _positive(c, "rms_norm_eps", where, 1e-6),
-            "tie_embeddings": bool(c.get("tie_word_embeddings", False))},
-            ("hidden_size", "num_attention_heads", "num_key_value_heads"), where)
+    if kind in _FAMILY:
+        return _llama_family(c, kind, where)
     if kind == "gpt2":
         act = c.get("activation_function", "gelu_new")
         problems = [f"activation_function = {act!r}"] if act not in ("gelu_new", "gelu_pytorch_tanh") else []
@@ -157,7 +204,8 @@ def model_config_from_hf(hf_dir: str | Path) -> dict[str, Any]:
             "n_kv_heads": heads, "seq_len": _size(c, "n_positions", where, 1024, low=2),
             "vocab_size": _size(c, "vocab_size", where, 50257), "ffn_dim": _size(c, "n_inner", where, 4 * dim),
             "rope_theta": ModelConfig.rope_theta, "norm_eps": _positive(c, "layer_norm_epsilon", where, 1e-5),
-            "tie_embeddings": bool(c.get("tie_word_embeddings", True))}, ("n_embd", "n_head", "n_head"), where)
+            "tie_embeddings": bool(c.get("tie_word_embeddings", True)), "head_dim": 0, "sliding_window": 0},
+            ("n_embd", "n_head", "n_head"), where)
     arch = ", ".join(map(str, c.get("architectures") or [])) if isinstance(c.get("architectures"), list) else ""
     arch = arch or "unknown"
     raise HFFormatError(f"{where}: architecture {kind!r} ({arch}) is not supported; leantrain imports {SUPPORTED}")
@@ -181,7 +229,8 @@ def init_model_fields(hf_dir: str | Path, explicit: dict[str, Any]) -> dict[str,
 
 
 def hf_config(cfg: ModelConfig, eot_id: int) -> dict[str, Any]:
-    """config.json for transformers: LlamaForCausalLM, or GPT2LMHeadModel for arch gpt2."""
+    """config.json for transformers: GPT2LMHeadModel for arch gpt2, else the Llama-family class of the arch
+    (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM)."""
     if cfg.arch == "gpt2":
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": cfg.n_layers,
                 "n_embd": cfg.dim, "n_head": cfg.n_heads, "n_inner": ffn_hidden_dim(cfg), "n_positions": cfg.seq_len,
@@ -190,19 +239,27 @@ def hf_config(cfg: ModelConfig, eot_id: int) -> dict[str, Any]:
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "scale_attn_weights": True,
                 "initializer_range": cfg.init_std, "bos_token_id": eot_id, "eos_token_id": eot_id,
                 "torch_dtype": "float32"}
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": cfg.n_layers,
-            "hidden_size": cfg.dim, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-            "head_dim": cfg.dim // cfg.n_heads, "intermediate_size": ffn_hidden_dim(cfg), "vocab_size": cfg.vocab_size,
-            "max_position_embeddings": cfg.seq_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-            "rope_scaling": None, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-            "attention_dropout": 0.0, "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std,
-            "bos_token_id": eot_id, "eos_token_id": eot_id, "torch_dtype": "float32"}
+    family = {"architectures": [_FAMILY[cfg.arch][1]], "model_type": cfg.arch, "num_hidden_layers": cfg.n_layers,
+              "hidden_size": cfg.dim, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+              "head_dim": head_size(cfg), "intermediate_size": ffn_hidden_dim(cfg), "vocab_size": cfg.vocab_size,
+              "max_position_embeddings": cfg.seq_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+              "rope_scaling": None, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+              "attention_dropout": 0.0, "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std,
+              "bos_token_id": eot_id, "eos_token_id": eot_id, "torch_dtype": "float32"}
+    if cfg.arch in SLIDING_WINDOW_ARCHS:  # null: full causal attention (Mistral's default would be 4096)
+        family["sliding_window"] = cfg.sliding_window or None
+    if cfg.arch in ("qwen2", "qwen3"):
+        family |= {"use_sliding_window": False, "sliding_window": None}
+    if cfg.arch == "phi3":  # Phi-3's default pad id (32000) must lie inside the vocabulary
+        family["pad_token_id"] = eot_id
+    return family
 
 
 # ---- state dicts ---------------------------------------------------------------------------------
 
 def to_hf(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    """leantrain state dict -> HF state dict (names, GPT-2's fused and transposed Conv1D layouts).
+    """leantrain state dict -> HF state dict (names, GPT-2's fused and transposed Conv1D layouts, Phi-3's fused
+    qkv_proj and gate_up_proj).
 
     A tied output projection is left out, as transformers saves it.
     """
@@ -224,6 +281,12 @@ def to_hf(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
                     parts = [state[f"layers.{i}.attention.{w}.{leaf}"] for w in ("wq", "wk", "wv")]
                     fused = torch.cat(parts, dim=0)
                     out[f"{prefix}attn.c_attn.{leaf}"] = fused.t() if leaf == "weight" else fused
+                continue
+            fused_into = _phi3_fused_into(module) if cfg.arch == "phi3" else None
+            if fused_into:
+                hf_module, parts = fused_into
+                if module == parts[0]:
+                    out[f"{prefix}{hf_module}.{leaf}"] = torch.cat([state[f"layers.{i}.{p}.{leaf}"] for p in parts])
                 continue
             hf_t = t.t() if gpt2 and leaf == "weight" and module.split(".")[0] in ("attention", "feed_forward") else t
             out[f"{prefix}{table[module]}.{leaf}"] = hf_t
@@ -249,22 +312,35 @@ def from_hf(hf: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
         out["norm.weight"], out["norm.bias"] = hf[f"{root}ln_f.weight"], hf[f"{root}ln_f.bias"]
     else:
         out["norm.weight"] = hf["model.norm.weight"]
-    leaves = ("weight", "bias") if gpt2 else ("weight",)
-    kv = cfg.n_kv_heads * (cfg.dim // cfg.n_heads)
+    q, kv = cfg.n_heads * head_size(cfg), cfg.n_kv_heads * head_size(cfg)
     for i in range(cfg.n_layers):
         prefix = f"{root}{'h' if gpt2 else 'layers'}.{i}."
         for module, hf_module in table.items():
-            for leaf in leaves:
-                t = hf[f"{prefix}{hf_module}.{leaf}"]
+            for leaf in ("weight", "bias"):  # the Llama family's tensors present (load_hf_weights checked them)
+                key = f"{prefix}{hf_module}.{leaf}"
+                if key not in hf and not gpt2:
+                    continue
+                t = hf[key]
                 linear = leaf == "weight" and module.split(".")[0] in ("attention", "feed_forward")
                 out[f"layers.{i}.{module}.{leaf}"] = t.t() if gpt2 and linear else t
+        if cfg.arch == "phi3":
+            for hf_module, parts in _PHI3_FUSED.items():
+                fused = hf[f"{prefix}{hf_module}.weight"]
+                sizes = [q, kv, kv] if len(parts) == 3 else [fused.size(0) // 2] * 2
+                for p, part in zip(parts, fused.split(sizes), strict=True):
+                    out[f"layers.{i}.{p}.weight"] = part
         if gpt2:
-            for leaf in leaves:
+            for leaf in ("weight", "bias"):
                 fused = hf[f"{prefix}attn.c_attn.{leaf}"]
                 fused = fused.t() if leaf == "weight" else fused
-                for w, part in zip(("wq", "wk", "wv"), fused.split([cfg.dim, kv, kv]), strict=True):
+                for w, part in zip(("wq", "wk", "wv"), fused.split([q, kv, kv]), strict=True):
                     out[f"layers.{i}.attention.{w}.{leaf}"] = part
     return out
+
+
+def _phi3_fused_into(module: str) -> tuple[str, tuple[str, ...]] | None:
+    """The Phi-3 fused tensor a leantrain linear is part of (its HF name and all its parts), or None."""
+    return next(((name, parts) for name, parts in _PHI3_FUSED.items() if module in parts), None)
 
 
 # ---- reading and writing safetensors folders ------------------------------------------------------

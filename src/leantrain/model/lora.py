@@ -186,4 +186,5 @@ def apply_finetune(model: nn.Module, cfg: FinetuneConfig) -> dict[str, int] | No
     frozen = freeze(model, cfg.freeze) if cfg.freeze.strip() else []
     wrapped = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets) \
         if cfg.lora_rank else []
-    return {"lora_modules": len(wrapped), "frozen_params": len(frozen), "trainable_params": trainable_params(model)}
+    return {"lora_modules": len(wrapped), "frozen_params": len(frozen), "trainable_params": trainable_params(model),
+            "total_params": sum(p.numel() for p in model.parameters())}

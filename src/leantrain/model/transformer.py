@@ -9,6 +9,13 @@ so FSDP and activation checkpointing can wrap one block at a time.
 embeddings (`pos_embeddings`) instead of RoPE, biases on every linear, and a GELU(tanh) MLP whose
 up and down projections are `w1` and `w2` (no `w3`). The Llama path is unchanged by it.
 
+The other archs are the Llama block plus one difference each, switched on in `__init__` so that the
+Llama path runs no extra op: `mistral` and `phi3` may attend through a sliding window (a band mask,
+in training and in cached decoding; a window >= seq_len is plain causal attention), `qwen2` adds
+biases to wq/wk/wv, `qwen3` RMS-normalises each query and key head before RoPE (`q_norm`, `k_norm`).
+`head_dim` may set the head width apart from dim / n_heads (wq: dim -> n_heads * head_dim). phi3
+differs from mistral only in its Hugging Face checkpoint layout (model/hf.py).
+
 This file knows nothing of devices, precision or parallelism: it runs unchanged on CPU or GPU,
 in fp32 or under autocast, and `parallel/` wraps it from outside.
 """
@@ -22,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from leantrain.config import ModelConfig
-from leantrain.model.flops import ffn_hidden_dim
+from leantrain.model.flops import ffn_hidden_dim, head_size, is_moe_layer
+from leantrain.model.moe import MoEFeedForward
 
 LOSS_CHUNK_ELEMENTS = 1 << 22  # logits scored per slice in the loss: 16 MB in float32
 
@@ -69,17 +77,29 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def matmul_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def window_mask(T: int, S: int, window: int, device: torch.device) -> Tensor:
+    """Which keys each query may see [T, S] (True: attend): query t sits at position S - T + t and sees
+    the keys j with 0 <= position - j < window, i.e. itself and the window - 1 before it (HF's rule)."""
+    d = torch.arange(S - T, S, device=device)[:, None] - torch.arange(S, device=device)
+    return (d >= 0) & (d < window)
+
+
+def matmul_attention(q: Tensor, k: Tensor, v: Tensor, window: int = 0) -> Tensor:
     """Causal attention as two batched matmuls around a softmax, for q [B, H, T, D] and k, v [B, H, S, D].
 
     It materialises the [T, S] scores, so it is only for short contexts; there, in bf16 on CPU,
-    it ran forward+backward about 2x faster than SDPA's flash kernel (bench notes in README).
+    it ran forward+backward about 2x faster than SDPA's flash kernel (bench notes in docs/performance.md).
     The softmax runs in the scores' dtype; PyTorch accumulates it in float32 internally.
     S > T (cached decoding) means the queries are the last T of S positions: the causal mask is
-    aligned bottom-right. In training S == T and the mask is the usual triu(1).
+    aligned bottom-right. In training S == T and the mask is the usual triu(1). A sliding `window`
+    shorter than S masks the keys out of reach as well (`window_mask`).
     """
     T, S = q.size(-2), k.size(-2)
-    mask = torch.full((T, S), float("-inf"), device=q.device, dtype=q.dtype).triu(S - T + 1)
+    if window and window < S:
+        mask = torch.zeros(T, S, device=q.device, dtype=q.dtype).masked_fill_(
+            ~window_mask(T, S, window, q.device), float("-inf"))
+    else:
+        mask = torch.full((T, S), float("-inf"), device=q.device, dtype=q.dtype).triu(S - T + 1)
     scores = torch.baddbmm(mask, q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), alpha=q.size(-1) ** -0.5)
     return (torch.softmax(scores, dim=-1) @ v.flatten(0, 1)).view_as(q)
 
@@ -140,12 +160,17 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
-        self.head_dim = cfg.dim // cfg.n_heads
-        bias = cfg.arch == "gpt2"
+        self.head_dim = head_size(cfg)
+        bias = cfg.arch in ("gpt2", "qwen2")  # qwen2: q, k, v biases, none on wo
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=bias)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=bias)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=bias)
-        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=bias)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=cfg.arch == "gpt2")
+        self.qk_norm = cfg.arch == "qwen3"
+        if self.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps), RMSNorm(self.head_dim, cfg.norm_eps)
+        # 0 unless a window is shorter than the longest sequence the model sees: then the plain causal path
+        self.window = cfg.sliding_window if 0 < cfg.sliding_window < cfg.seq_len else 0
 
     def forward(self, x: Tensor, rope: Tensor | None, kv: LayerKV | None = None) -> Tensor:
         """rope None (GPT-2): positions were already added to the input embeddings. With `kv` the
@@ -153,6 +178,8 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -164,7 +191,10 @@ class Attention(nn.Module):
             if self.n_kv_heads != self.n_heads:
                 group = self.n_heads // self.n_kv_heads
                 k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-            y = matmul_attention(q.to(v.dtype), k.to(v.dtype), v)
+            y = matmul_attention(q.to(v.dtype), k.to(v.dtype), v, self.window)
+        elif self.window and self.window < T:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, T, self.window, q.device),
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
@@ -178,7 +208,10 @@ class Attention(nn.Module):
             if self.n_kv_heads != self.n_heads:
                 group = self.n_heads // self.n_kv_heads
                 k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-            return matmul_attention(q.to(v.dtype), k.to(v.dtype), v)
+            return matmul_attention(q.to(v.dtype), k.to(v.dtype), v, self.window)
+        if self.window and self.window < S:  # keys beyond the window are masked out, the cache keeps them
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, S, self.window, q.device),
+                                                  enable_gqa=self.n_kv_heads != self.n_heads)
         # one new query sees every key; a block of queries after cached ones needs a bottom-right causal mask
         mask = None if T == 1 or S == T else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=S == T and T > 1,
@@ -213,13 +246,14 @@ class GeluMLP(nn.Module):
 class Block(nn.Module):
     """One pre-norm residual block; the unit FSDP and activation checkpointing wrap."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, moe: bool = False) -> None:
         super().__init__()
         self.attention_norm = make_norm(cfg)
         self.attention = Attention(cfg)
         self.ffn_norm = make_norm(cfg)
         mlp = GeluMLP if cfg.arch == "gpt2" else FeedForward
-        self.feed_forward = mlp(cfg.dim, ffn_hidden_dim(cfg))
+        # moe: routed experts in place of the dense feed-forward (model/moe.py), same name, same call
+        self.feed_forward = MoEFeedForward(cfg) if moe else mlp(cfg.dim, ffn_hidden_dim(cfg))
 
     def forward(self, x: Tensor, rope: Tensor | None, kv: LayerKV | None = None) -> Tensor:
         x = x + self.attention(self.attention_norm(x), rope, kv)
@@ -240,11 +274,11 @@ class Transformer(nn.Module):
             self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
             if cfg.arch == "gpt2":
                 self.pos_embeddings = nn.Embedding(cfg.seq_len, cfg.dim)
-            self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+            self.layers = nn.ModuleList(Block(cfg, is_moe_layer(cfg, i)) for i in range(cfg.n_layers))
             self.norm = make_norm(cfg)
             self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
             # Not persistent: it is a function of the config, rebuilt by init_weights, never saved.
-            rope = None if cfg.arch == "gpt2" else torch.empty(2, cfg.seq_len, cfg.dim // cfg.n_heads // 2)
+            rope = None if cfg.arch == "gpt2" else torch.empty(2, cfg.seq_len, head_size(cfg) // 2)
             self.register_buffer("rope", rope, persistent=False)
         self.to_empty(device=device)
         self.init_weights()
@@ -257,7 +291,8 @@ class Transformer(nn.Module):
         into the residual stream (`wo`, `w2`) get init_std/sqrt(2*n_layers) so the stream's
         variance does not grow with depth (GPT-2); norms start at 1. Also re-ties the output
         projection, because `to_empty` gives every module a fresh tensor. GPT-2 adds, after these
-        draws: position embeddings normal(0, init_std), all biases zero.
+        draws: position embeddings normal(0, init_std), all biases zero; qwen2 zeroes its q/k/v biases
+        and qwen3 sets its q/k norms to 1, also after the draws, so the other archs' draws match Llama's.
         """
         std, cfg = self.cfg.init_std, self.cfg
         residual_std = std / math.sqrt(2 * cfg.n_layers)
@@ -268,7 +303,13 @@ class Transformer(nn.Module):
             layer.attention_norm.reset_parameters()
             layer.ffn_norm.reset_parameters()
             attn, ff = layer.attention, layer.feed_forward
-            for linear in (attn.wq, attn.wk, attn.wv, ff.w1, *([ff.w3] if cfg.arch == "llama" else [])):
+            if isinstance(ff, MoEFeedForward):  # the attention's draws as below, then the experts' own
+                for linear in (attn.wq, attn.wk, attn.wv):
+                    nn.init.normal_(linear.weight, mean=0.0, std=std)
+                nn.init.normal_(attn.wo.weight, mean=0.0, std=residual_std)
+                ff.reset_parameters(std, residual_std)
+                continue
+            for linear in (attn.wq, attn.wk, attn.wv, ff.w1, *([ff.w3] if cfg.arch != "gpt2" else [])):
                 nn.init.normal_(linear.weight, mean=0.0, std=std)
             for linear in (attn.wo, ff.w2):
                 nn.init.normal_(linear.weight, mean=0.0, std=residual_std)
@@ -282,7 +323,15 @@ class Transformer(nn.Module):
                                layer.feed_forward.w1, layer.feed_forward.w2):
                     nn.init.zeros_(linear.bias)
         else:
-            self.rope = rope_tables(cfg.dim // cfg.n_heads, cfg.seq_len, cfg.rope_theta, device=self.rope.device)
+            self.rope = rope_tables(head_size(cfg), cfg.seq_len, cfg.rope_theta, device=self.rope.device)
+        for layer in self.layers if cfg.arch in ("qwen2", "qwen3") else ():
+            attn = layer.attention
+            if cfg.arch == "qwen2":
+                for linear in (attn.wq, attn.wk, attn.wv):
+                    nn.init.zeros_(linear.bias)
+            else:
+                attn.q_norm.reset_parameters()
+                attn.k_norm.reset_parameters()
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, reduction: str = "mean",
                 cache: KVCache | None = None) -> Tensor:

@@ -35,7 +35,8 @@ __all__ = ["CATALOG", "INTER_NODE_BYTES_S", "Hardware", "get_hardware", "hardwar
 INTER_NODE_BYTES_S = 50e9
 CPU_WATTS_PER_THREAD = 3.5  # as leantrain.energy's estimate meter: Cloud Carbon Footprint's per-vCPU maximum
 
-ALIASES = {"h100-sxm": "h100", "a100": "a100-80gb", "4090": "rtx4090", "rtx-4090": "rtx4090",
+ALIASES = {"h100-sxm": "h100", "a100": "a100-80gb", "4090": "rtx4090", "rtx-4090": "rtx4090", "5090": "rtx5090",
+           "rtx-5090": "rtx5090", "3090": "rtx3090", "rtx-3090": "rtx3090", "h200-sxm": "h200", "b200-sxm": "b200",
            "this-cpu": "cpu", "this_cpu": "cpu"}
 
 
@@ -63,10 +64,12 @@ def this_cpu(tdp_w: float = 0.0, peaks: dict[str, float] | None = None) -> Hardw
 
 def hardware_for(info: DeviceInfo, tdp_w: float = 0.0) -> Hardware:
     """The planner's device for a process described by `describe_device`: its catalog row on a GPU (an
-    unknown GPU is planned as an A100 80GB, as its MFU peak is), this CPU with the measured peak on a CPU."""
+    unknown GPU is planned as an A100 80GB, as its MFU peak is, but without the A100's rental price, as the
+    run's energy account charges none), this CPU with the measured peak on a CPU."""
     if info.device.type == "cpu":
         return this_cpu(tdp_w, peaks={"bf16": info.peak_flops, "fp32": info.peak_flops})
-    hw = info.hardware or dataclasses.replace(CATALOG[DEFAULT_GPU], name=f"{info.name} (as A100 80GB)")
+    hw = info.hardware or dataclasses.replace(CATALOG[DEFAULT_GPU], name=f"{info.name} (as A100 80GB)",
+                                              price_hour_usd=0.0, price_source="")
     hw = dataclasses.replace(hw, bf16_fast=info.bf16_fast)
     return dataclasses.replace(hw, tdp_w=tdp_w) if tdp_w else hw
 

@@ -29,13 +29,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from leantrain.config import ModelConfig
-from leantrain.model.flops import ffn_hidden_dim, param_count
+from leantrain.model.flops import ffn_hidden_dim, head_size, param_count
 
 LOSS_CHUNK_ELEMENTS = 1 << 22  # as model/transformer.py: logits scored per slice
 # A CPU process's peak RSS = CPU_RUNTIME_BYTES (torch, leantrain, the dataset and tokenizer, thread pools)
 # + CPU_ALLOCATOR_FACTOR x the modelled tensors (glibc malloc keeps freed chunks of earlier phases mapped).
 # Least-squares fit to 7 measured runs, from the tests' 2x64 model to the small recipe (bench/plan_accuracy.py
-# --runtime; README "What will my run cost?"): worst error 7%.
+# --runtime; docs/plan.md): worst error 7%.
 CPU_RUNTIME_BYTES = 320 * 1024**2
 CPU_ALLOCATOR_FACTOR = 1.4
 
@@ -96,8 +96,8 @@ def _outside_blocks(m: ModelConfig) -> int:
 
 
 def block_matmul_params(m: ModelConfig) -> int:
-    kv_dim = m.n_kv_heads * (m.dim // m.n_heads)
-    return 2 * m.dim * m.dim + 2 * m.dim * kv_dim + (2 if m.arch == "gpt2" else 3) * m.dim * ffn_hidden_dim(m)
+    q_dim, kv_dim = m.n_heads * head_size(m), m.n_kv_heads * head_size(m)
+    return 2 * m.dim * q_dim + 2 * m.dim * kv_dim + (2 if m.arch == "gpt2" else 3) * m.dim * ffn_hidden_dim(m)
 
 
 # optimizer state bytes per parameter (fp32 states): AdamW/LAMB exp_avg + exp_avg_sq, Lion one momentum,
@@ -108,7 +108,7 @@ OPTIMIZER_BYTES = {"adamw": 8, "lamb": 8, "lion": 4, "schedule_free_adamw": 8, "
 def block_activation_bytes(m: ModelConfig, dtype: str, attention: str, tp: int = 1) -> float:
     """Bytes autograd saves per token in one block (see the module docstring)."""
     d, f, h = m.dim, ffn_hidden_dim(m), m.n_heads
-    kv_dim = m.n_kv_heads * (d // h)
+    q_dim, kv_dim = h * head_size(m), m.n_kv_heads * head_size(m)
     a = 2 if dtype == "bf16" else 4
     gpt2 = m.arch == "gpt2"
     # fp32 residual stream: RMSNorm keeps its input and output (+ rstd); LayerNorm its input (+ mean, rstd)
@@ -118,10 +118,12 @@ def block_activation_bytes(m: ModelConfig, dtype: str, attention: str, tp: int =
     up = 1 if gpt2 else 2
     inputs = (3 * 2 * d + up * 2 * d) if dtype == "bf16" else (4 * d + 4 * d)
     if attention == "matmul":  # q, k, v (GQA repeated to all heads), and the probabilities
-        attn = 3 * a * d + a * h * m.seq_len
+        attn = 3 * a * q_dim + a * h * m.seq_len
     else:  # q, k, v and the fp32 logsumexp (the output is wo's input, counted below)
-        attn = a * d + 2 * a * kv_dim + 4 * h
-    wo_in = a * d
+        attn = a * q_dim + 2 * a * kv_dim + 4 * h
+    if m.arch == "qwen3":  # the per-head q/k norms keep their inputs and outputs
+        attn += 2 * a * (q_dim + kv_dim)
+    wo_in = a * q_dim
     ffn = (2 if gpt2 else 4) * a * f  # SwiGLU: w1 out, w3 out, silu(w1 out), w2 input; GELU: w1 out, w2 input
     return norms + inputs + (attn + wo_in + ffn) / tp
 

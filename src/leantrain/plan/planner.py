@@ -6,8 +6,12 @@ holds the MFU this project's own runs reached per device kind and dtype (written
 `python bench/plan_accuracy.py --calibrate`); the entry nearest in FLOPs per token is used. GPUs
 without a measured entry get the table's documented default. Communication is a rough model on top:
 data-parallel collectives overlap with compute (a step takes the longer of the two), tensor-parallel
-all-reduces do not. Energy is the devices' TDP x time (device power only, before PUE); CO2e and cost
-come from leantrain.energy.cost.footprint with the config's [energy] section.
+all-reduces do not. Time is split into training (steps x step time) and evaluation (the evaluations
+train.eval_every calls for, each train.eval_steps forward passes). Energy is the devices' TDP x time, plus
+on a CPU the host's memory power as the energy meter counts it (CodeCarbon's rule, or energy.ram_w), before
+PUE; a GPU host's memory is not known to the plan and not counted. CO2e and cost come from
+leantrain.energy.cost.footprint with the config's [energy] section: cost = facility kWh x price per kWh +
+device-hours x rental price (energy.price_per_device_hour, or with -1 the catalog's listed price).
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from typing import Any
 
 from leantrain.config import Config, ModelConfig
 from leantrain.device import DeviceInfo, choose_attention, choose_dtype
+from leantrain.energy.cost import device_hour_price
 from leantrain.errors import ConfigError
-from leantrain.model.flops import flops_per_token, param_count
+from leantrain.model.flops import active_param_count, flops_per_token, param_count
 from leantrain.plan.catalog import INTER_NODE_BYTES_S, Hardware, hardware_for
 from leantrain.plan.memory import Layout, estimate_memory, layout_dict, wrapped_blocks
 
@@ -52,6 +57,14 @@ class Estimate:
     co2_g: float
     cost_usd: float
     footprint: dict[str, Any] = field(default_factory=dict)
+    train_s: float = 0.0  # steps x step time
+    eval_s: float = 0.0  # the evaluations' forward passes
+    evals: int = 0
+    device_hours: float = 0.0
+    price_per_device_hour: float = 0.0
+    price_source: str = ""
+    ram_w: float = 0.0  # host memory power counted in energy_kwh
+    active_params: int = 0  # parameters one token computes with (MoE: top_k experts); params when dense
 
     @property
     def fits(self) -> bool:
@@ -69,12 +82,20 @@ class Estimate:
             "peak_memory_bytes": int(self.memory["total"]), "step_time_s": self.step_time_s, "time_s": self.time_s,
             "mfu_assumed": self.mfu_assumed, "energy_kwh": self.energy_kwh, "co2_g": self.co2_g,
             "cost_usd": self.cost_usd,
+            # what the prediction rests on, for the report's predicted-vs-measured table
+            "mfu_source": self.mfu_source, "tdp_w": self.hardware.tdp_w, "devices": self.layout.devices,
+            "train_time_s": self.train_s, "eval_time_s": self.eval_s, "evals": self.evals, "ram_w": self.ram_w,
+            "device_hours": self.device_hours, "price_per_device_hour": self.price_per_device_hour,
+            "price_source": self.price_source, "rental_usd": self.footprint.get("rental_usd", 0.0),
+            "energy_cost_usd": self.footprint.get("energy_cost_usd", 0.0),
         }
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.block(), "hardware_key": self.hardware.key, "devices": self.layout.devices,
+                "interconnect": self.hardware.interconnect, "spec_source": self.hardware.spec_source,
                 "layout": layout_dict(self.layout), "fits": self.fits, "usable_bytes": self.usable_bytes,
-                "memory": self.memory, "params": self.params, "flops_per_token": self.flops_per_token,
+                "memory": self.memory, "params": self.params, "active_params": self.active_params or self.params,
+                "flops_per_token": self.flops_per_token,
                 "tokens_per_step": self.tokens_per_step, "steps": self.steps, "compute_s": self.compute_s,
                 "comm_s": self.comm_s, "mfu_source": self.mfu_source, "footprint": self.footprint}
 
@@ -152,13 +173,23 @@ def candidate_layouts(cfg: Config, hw: Hardware, devices: int, global_batch: int
 
 # ---- one estimate --------------------------------------------------------------------------
 
-def _footprint(cfg: Config, energy_kwh: float, device_hours: float) -> dict[str, Any]:
+def _footprint(cfg: Config, energy_kwh: float, device_hours: float, price: float) -> dict[str, Any]:
     """CO2e and cost exactly as the trainer accounts them (leantrain.energy, the [energy] section)."""
     from leantrain.energy.cost import footprint
 
     e = cfg.energy
     return footprint(energy_kwh, region=e.region, pue=e.pue, price_per_kwh=e.price_per_kwh,
-                     device_hours=device_hours, price_per_device_hour=e.price_per_device_hour)
+                     device_hours=device_hours, price_per_device_hour=price)
+
+
+def host_ram_w(cfg: Config, hw: Hardware) -> float:
+    """Memory power the energy meter adds on this hardware: on a CPU the host's (energy.ram_w or CodeCarbon's
+    rule on its installed memory); on a GPU 0, since the plan does not know the host."""
+    from leantrain.energy.meters import is_arm, ram_power_w
+
+    if hw.kind != "cpu":
+        return 0.0
+    return cfg.energy.ram_w or ram_power_w(hw.memory_bytes, is_arm())
 
 
 def estimate(cfg: Config, hw: Hardware, layout: Layout, calibration: dict[str, Any] | None = None) -> Estimate:
@@ -179,12 +210,20 @@ def estimate(cfg: Config, hw: Hardware, layout: Layout, calibration: dict[str, A
     step_s = max(compute_s, comm_s) + tp_s
     evals = len(range(t.eval_every, t.steps, t.eval_every)) + 1 if t.eval_every else 1
     eval_tokens = evals * t.eval_steps * layout.micro_batch_size * dp * m.seq_len
-    time_s = step_s * t.steps + eval_tokens * fpt / 3 / (peak_all * mfu)
-    energy_kwh = hw.tdp_w * layout.devices * time_s / 3.6e6
-    fp = _footprint(cfg, energy_kwh, layout.devices * time_s / 3600)
+    train_s = step_s * t.steps
+    eval_s = eval_tokens * fpt / 3 / (peak_all * mfu)  # forward only: a third of a training step's FLOPs
+    time_s = train_s + eval_s
+    ram_w = host_ram_w(cfg, hw)
+    energy_kwh = (hw.tdp_w * layout.devices + ram_w) * time_s / 3.6e6
+    price, price_source = device_hour_price(cfg.energy.price_per_device_hour, hw.price_hour_usd, hw.price_source)
+    device_hours = layout.devices * time_s / 3600
+    fp = _footprint(cfg, energy_kwh, device_hours, price)
     usable = hw.memory_bytes * (CPU_USABLE if hw.kind == "cpu" else GPU_USABLE)
     return Estimate(hw, layout, mem, usable, param_count(m), fpt, tokens_per_step, t.steps, step_s, compute_s,
-                    comm_s + tp_s, time_s, mfu, mfu_source, energy_kwh, fp["co2_g"], fp["cost_usd"], fp)
+                    comm_s + tp_s, time_s, mfu, mfu_source, energy_kwh, fp["co2_g"], fp["cost_usd"], fp,
+                    train_s=train_s, eval_s=eval_s, evals=evals, device_hours=device_hours,
+                    price_per_device_hour=price, price_source=price_source, ram_w=ram_w,
+                    active_params=active_param_count(m))
 
 
 def _comm_seconds(m: ModelConfig, hw: Hardware, layout: Layout) -> tuple[float, float]:
@@ -237,8 +276,8 @@ def _rank_key(e: Estimate) -> tuple:
 
 def plan(cfg: Config, hw: Hardware, devices: int = 1) -> Plan:
     """Estimate the config as written and search the layouts on `devices` for the fastest that fits."""
-    if devices < 1:
-        raise ConfigError(f"--gpus {devices}: the device count must be at least 1")
+    if not 1 <= devices <= 1_000_000:  # the largest clusters have ~10^5 devices; more is a typo
+        raise ConfigError(f"--gpus {devices}: the device count must be between 1 and 1,000,000")
     calibration = load_calibration()
     notes = []
     try:
@@ -339,12 +378,17 @@ def _estimate_lines(e: Estimate) -> list[str]:
             + ("fits" if e.fits else "DOES NOT FIT"),
             f"    {parts} (peak at the {mem['peak_phase']} phase)",
             f"  step {_dur(e.step_time_s)} (compute {_dur(e.compute_s)}, exposed communication "
-            f"{_dur(max(0.0, e.step_time_s - e.compute_s))}) x {e.steps:,} steps = {_dur(e.time_s)} "
+            f"{_dur(max(0.0, e.step_time_s - e.compute_s))}) x {e.steps:,} steps = {_dur(e.train_s)} training "
+            f"+ {_dur(e.eval_s)} evaluation ({e.evals:,} evals) = {_dur(e.time_s)} "
             f"at MFU {e.mfu_assumed:.0%} ({e.mfu_source})",
-            f"  energy {e.energy_kwh:.3g} kWh (devices; {fp.get('facility_kwh', 0):.3g} kWh facility), "
-            f"{_co2(e.co2_g)} CO2e at {where}, cost ${e.cost_usd:,.2f}" if e.cost_usd >= 1 else
-            f"  energy {e.energy_kwh:.3g} kWh (devices; {fp.get('facility_kwh', 0):.3g} kWh facility), "
-            f"{_co2(e.co2_g)} CO2e at {where}, cost ${e.cost_usd:.2g}"]
+            f"  energy {e.energy_kwh:.3g} kWh (devices" + (f" + {e.ram_w:g} W host memory" if e.ram_w else "")
+            + f"; {fp.get('facility_kwh', 0):.3g} kWh facility), {_co2(e.co2_g)} CO2e at {where}",
+            f"  cost {_usd(e.cost_usd)} = rental {_usd(fp.get('rental_usd', 0.0))} ({e.device_hours:,.3g} device-hours "
+            f"x ${e.price_per_device_hour:g}/h, {e.price_source}) + electricity {_usd(fp.get('energy_cost_usd', 0.0))}"]
+
+
+def _usd(x: float) -> str:
+    return f"${x:,.2f}" if x >= 1 else f"${x:.2g}"
 
 
 def _co2(g: float) -> str:
@@ -360,11 +404,16 @@ def describe(p: Plan) -> list[str]:
     if any_e is None:
         return [p.advice]
     hw = any_e.hardware
-    lines = [f"model: {any_e.params / 1e6:,.1f}M parameters, {any_e.flops_per_token / 1e6:,.1f} MFLOP per token, "
+    active = any_e.active_params or any_e.params
+    moe = f" ({active / 1e6:,.1f}M active per token)" if active != any_e.params else ""
+    lines = [f"model: {any_e.params / 1e6:,.1f}M parameters{moe}, "
+             f"{any_e.flops_per_token / 1e6:,.1f} MFLOP per token, "
              f"{any_e.steps:,} steps x {any_e.tokens_per_step:,} tokens = "
              f"{any_e.steps * any_e.tokens_per_step:,} tokens",
              f"hardware: {hw.name} x {any_e.layout.devices}: peak {hw.peak(any_e.layout.dtype) / 1e12:.3g} TFLOP/s "
-             f"{any_e.layout.dtype}, {_mem(hw.memory_bytes)} memory, {hw.tdp_w:.0f} W each", ""]
+             f"{any_e.layout.dtype}, {_mem(hw.memory_bytes)} memory, {hw.tdp_w:.0f} W each"
+             + (f", {hw.interconnect}" if hw.interconnect else "")
+             + (f", rents at ${hw.price_hour_usd:g}/h" if hw.price_hour_usd else ""), ""]
     if p.configured is not None:
         lines += [f"as configured ({_layout_text(p.configured)}):", *_estimate_lines(p.configured), ""]
     lines.append("per strategy (fastest layout that fits, else the smallest):")

@@ -1,32 +1,88 @@
-"""Line charts as inline SVG, written by hand: no JavaScript, no CDN, so a report opens anywhere offline."""
+"""Line charts as inline SVG, written by hand: no JavaScript, no CDN, so a report opens anywhere offline.
+
+Axis ticks are round numbers (1, 2, 5 x 10^k) and their labels carry as many digits as it takes to keep
+them distinct, so a loss that moves between 4.0001 and 4.0002 gets five ticks with five different labels,
+not five "4"s; a constant series gets a band around its value instead of a collapsed axis.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from html import escape
 
-COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+          "#17becf")
+LEGEND_W = 110  # px per legend entry
 
 
-def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """About n round tick values covering [lo, hi] (1, 2, 5 x 10^k steps)."""
+def _band(lo: float, hi: float, integer: bool) -> tuple[float, float]:
+    """[lo, hi] ordered, with a constant (or a span below float resolution) widened to a band around it."""
+    lo, hi = min(lo, hi), max(lo, hi)
+    scale = max(abs(lo), abs(hi))
+    if hi - lo <= scale * 1e-9:  # constant, or differences no pixel could show
+        pad = abs(lo) * 0.1 if lo else 1.0
+        pad = max(pad, 1.0) if integer else pad
+        lo, hi = lo - pad, hi + pad
+    return lo, hi
+
+
+def nice_ticks(lo: float, hi: float, n: int = 5, *, integer: bool = False) -> list[float]:
+    """About n round tick values (steps of 1, 2, 5 x 10^k) from at or below `lo` to at or above `hi`.
+
+    Ticks are k x step (no accumulated float error), rounded to the step's decimals; `integer` keeps the
+    step at 1 or more (optimizer steps on an x axis). Non-finite bounds give no ticks."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return []
-    if hi <= lo:
-        hi = lo + (abs(lo) or 1.0)
-    raw = (hi - lo) / max(1, n)
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
-    start = math.floor(lo / step) * step
-    ticks, t = [], start
-    while t <= hi + step * 1e-9:
-        ticks.append(round(t, 12))
-        t += step
+    lo, hi = _band(lo, hi, integer)
+    raw = hi / max(1, n) - lo / max(1, n)  # no overflow at +-1e308
+    mag = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw * (1 - 1e-6))
+    if integer:
+        step = max(step, 1.0)
+    decimals = max(0, 1 - math.floor(math.log10(step)))
+    ticks = []
+    for k in range(math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9) + 1):
+        t = round(k * step, decimals) if decimals < 300 else k * step
+        if math.isfinite(t) and (not ticks or t != ticks[-1]):
+            ticks.append(t + 0.0)  # no -0.0
     return ticks
 
 
+def _decimals(x: float) -> int:
+    """Decimals that show a difference of x."""
+    return max(0, math.ceil(-math.log10(x) - 1e-9)) if x > 0 else 0
+
+
+def tick_labels(ticks: list[float]) -> list[str]:
+    """Short labels (0.25, 4.00012, 6300, 12.5k, 1.2M, 2.5e-4), all distinct when the ticks are."""
+    if not ticks:
+        return []
+    top = max(abs(t) for t in ticks)
+    gaps = [b - a for a, b in zip(ticks, ticks[1:], strict=False) if b != a]
+    step = min(gaps) if gaps else (top or 1.0)
+
+    def one(t: float, extra: int) -> str:
+        if abs(t) <= step * 1e-9:
+            return "0"
+        if top >= 1e15 or top < 1e-2:  # a common power of ten: 0.5e-3, 1.0e-3
+            e = math.floor(math.log10(top))
+            return f"{t / 10 ** e:.{_decimals(step / 10 ** e) + extra}f}e{e}"
+        if top >= 1e4:
+            e3 = 3 * math.floor(math.log10(top) / 3)
+            suffix = {3: "k", 6: "M", 9: "G", 12: "T"}[e3]
+            return f"{t / 10 ** e3:.{_decimals(step / 10 ** e3) + extra}f}{suffix}"
+        return f"{t:.{_decimals(step) + extra}f}"
+
+    for extra in range(0, 17):
+        labels = [one(t, extra) for t in ticks]
+        if len(set(labels)) == len(labels):
+            return labels
+    return labels
+
+
 def fmt(v: float) -> str:
-    """A short tick label: 1.2k, 3.4M, 0.05."""
+    """A short number: 1.2k, 3.4M, 0.05."""
     a = abs(v)
     for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if a >= div:
@@ -34,15 +90,42 @@ def fmt(v: float) -> str:
     return f"{v:.3g}"
 
 
-def line_chart(series: dict[str, list[tuple[float, float]]], *, title: str, x_label: str = "step",
-               y_label: str = "", width: int = 540, height: int = 260, markers: list[tuple[float, str]] = ()) -> str:
-    """An SVG line chart of named (x, y) series; `markers` are labelled vertical lines (events).
+def _log_labels(ticks: list[float]) -> list[str]:
+    """Labels of ticks on a log10 axis: 1e-3 at whole decades, else the value with enough digits."""
+    if all(float(t).is_integer() for t in ticks):
+        return [f"1e{int(t)}" for t in ticks]
+    for digits in range(2, 17):
+        labels = [f"{10 ** t:.{digits}g}" for t in ticks]
+        if len(set(labels)) == len(labels):
+            return labels
+    return labels
 
-    Non-finite points are dropped; a series of one point is drawn as a dot.
-    """
-    clean = {k: [(x, y) for x, y in pts if math.isfinite(x) and math.isfinite(y)] for k, pts in series.items()}
+
+def _short(name: str, keep: int = 16) -> str:
+    """A legend entry that fits its slot: the start and end of a long name (run names end in their time)."""
+    return name if len(name) <= keep else name[:keep // 2 - 1] + "…" + name[-(keep // 2):]
+
+
+def line_chart(series: dict[str, list[tuple[float, float]]], *, title: str, x_label: str = "step",
+               y_label: str = "", width: int = 540, height: int = 260, markers: Iterable[tuple[float, str]] = (),
+               dots: Iterable[str] = (), log_y: bool = False, integer_x: bool = True) -> str:
+    """An SVG line chart of named (x, y) series; `markers` are labelled vertical lines (events); series
+    named in `dots` are drawn as points (evaluations); `log_y` plots positive values on a log10 axis.
+
+    Non-finite points (and, on a log axis, values <= 0) are dropped; a series of one point is a dot."""
+    dots = set(dots)
+
+    def keep(y: float) -> bool:
+        return math.isfinite(y) and (y > 0 or not log_y)
+
+    clean = {k: [(x, math.log10(y) if log_y else y) for x, y in pts if math.isfinite(x) and keep(y)]
+             for k, pts in series.items()}
     clean = {k: v for k, v in clean.items() if v}
     left, right, top, bottom = 62, 14, 30, 40
+    per_row = max(1, (width - left - right) // LEGEND_W)
+    legend_rows = math.ceil(len(clean) / per_row) if len(clean) > 2 else 0  # two fit beside the title
+    top += 15 * legend_rows  # many series: legend rows under the title
+    height += 15 * legend_rows
     pw, ph = width - left - right, height - top - bottom
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
            f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}">',
@@ -53,11 +136,10 @@ def line_chart(series: dict[str, list[tuple[float, float]]], *, title: str, x_la
         return "".join(out)
     xs = [x for pts in clean.values() for x, _ in pts]
     ys = [y for pts in clean.values() for _, y in pts]
-    xt, yt = nice_ticks(min(xs), max(xs)), nice_ticks(min(ys), max(ys))
+    xt = nice_ticks(min(xs), max(xs), integer=integer_x and all(float(x).is_integer() for x in xs))
+    yt = nice_ticks(min(ys), max(ys), integer=log_y and max(ys) - min(ys) >= 1)
     x0, x1 = min(xt[0], min(xs)), max(xt[-1], max(xs))
     y0, y1 = min(yt[0], min(ys)), max(yt[-1], max(ys))
-    x1 = x1 if x1 > x0 else x0 + 1
-    y1 = y1 if y1 > y0 else y0 + 1
 
     def px(x: float) -> float:
         return left + (x - x0) / (x1 - x0) * pw
@@ -65,31 +147,38 @@ def line_chart(series: dict[str, list[tuple[float, float]]], *, title: str, x_la
     def py(y: float) -> float:
         return top + ph - (y - y0) / (y1 - y0) * ph
 
-    for t in yt:
+    for t, label in zip(yt, _log_labels(yt) if log_y else tick_labels(yt), strict=True):
         out.append(f'<line x1="{left}" x2="{left + pw}" y1="{py(t):.1f}" y2="{py(t):.1f}" stroke="#e5e5e5"/>'
-                   f'<text x="{left - 6}" y="{py(t) + 4:.1f}" font-size="11" text-anchor="end">{fmt(t)}</text>')
-    for t in xt:
+                   f'<text x="{left - 6}" y="{py(t) + 4:.1f}" font-size="11" text-anchor="end">{label}</text>')
+    for t, label in zip(xt, tick_labels(xt), strict=True):
         out.append(f'<line x1="{px(t):.1f}" x2="{px(t):.1f}" y1="{top}" y2="{top + ph}" stroke="#f0f0f0"/>'
-                   f'<text x="{px(t):.1f}" y="{top + ph + 16}" font-size="11" text-anchor="middle">{fmt(t)}</text>')
+                   f'<text x="{px(t):.1f}" y="{top + ph + 16}" font-size="11" text-anchor="middle">{label}</text>')
     out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
     out.append(f'<text x="{left + pw / 2}" y="{height - 6}" font-size="11" text-anchor="middle">'
                f'{escape(x_label)}</text>')
     if y_label:
         out.append(f'<text x="12" y="{top + ph / 2}" font-size="11" text-anchor="middle" '
-                   f'transform="rotate(-90 12 {top + ph / 2})">{escape(y_label)}</text>')
+                   f'transform="rotate(-90 12 {top + ph / 2})">{escape(y_label + (" (log)" if log_y else ""))}</text>')
     for x, label in markers:
         if x0 <= x <= x1:
             out.append(f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{top}" y2="{top + ph}" stroke="#aaa" '
                        f'stroke-dasharray="3 3"><title>{escape(label)}</title></line>')
     for i, (name, pts) in enumerate(clean.items()):
         color = COLORS[i % len(COLORS)]
-        if len(pts) == 1:
-            out.append(f'<circle cx="{px(pts[0][0]):.1f}" cy="{py(pts[0][1]):.1f}" r="3" fill="{color}"/>')
+        if name in dots or len(pts) == 1:
+            if len(pts) > 1:
+                d = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
+                out.append(f'<polyline points="{d}" fill="none" stroke="{color}" stroke-width="1" '
+                           'stroke-dasharray="4 3"/>')
+            out.extend(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" fill="{color}"/>' for x, y in pts)
         else:
             d = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
             out.append(f'<polyline points="{d}" fill="none" stroke="{color}" stroke-width="1.8"/>')
-        lx = width - right - 110 * (len(clean) - i) + 14  # legend in the title row, right-aligned as a whole
-        out.append(f'<rect x="{lx - 14}" y="{12}" width="10" height="3" fill="{color}"/>'
-                   f'<text x="{lx}" y="{17}" font-size="11">{escape(name)}</text>')
+        if legend_rows:
+            lx, ly = left + LEGEND_W * (i % per_row) + 14, 32 + 15 * (i // per_row)
+        else:  # in the title row, right-aligned as a whole
+            lx, ly = width - right - LEGEND_W * (len(clean) - i) + 14, 17
+        out.append(f'<rect x="{lx - 14}" y="{ly - 5}" width="10" height="3" fill="{color}"/>'
+                   f'<text x="{lx}" y="{ly}" font-size="11">{escape(_short(name))}<title>{escape(name)}</title></text>')
     out.append("</svg>")
     return "".join(out)

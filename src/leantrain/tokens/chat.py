@@ -41,10 +41,10 @@ from leantrain.errors import DataError
 from leantrain.files import fresh_sibling, swap_in, write_durable
 from leantrain.tokens.dataset import FORMAT, META, ShardWriter, dtype_for_vocab
 from leantrain.tokens.prepare import Progress, check_out_dir, leantrain_version, split_hash
-from leantrain.tokens.tokenizer import EOT, eot_id, load_tokenizer, train_tokenizer
+from leantrain.tokens.tokenizer import EOT, copy_hf_config, eot_id, load_tokenizer, train_tokenizer
 
-__all__ = ["DEFAULT_TEMPLATE", "ChatEncoder", "ChatExample", "examples_from_documents", "prepare_chat_dataset",
-           "read_chat", "split_template", "write_chat_dataset"]
+__all__ = ["DEFAULT_TEMPLATE", "SYSTEM_TEMPLATE", "ChatEncoder", "ChatExample", "examples_from_documents",
+           "jinja_template", "prepare_chat_dataset", "read_chat", "split_template", "write_chat_dataset"]
 
 DEFAULT_TEMPLATE = "<|user|>\n{prompt}\n<|assistant|>\n{response}<|endoftext|>"
 _BATCH = 512
@@ -61,6 +61,32 @@ def examples_from_documents(docs: Iterable[Document]) -> Iterable[ChatExample]:
         yield ChatExample(d.id, *parts)
 
 
+# how a system message is rendered in a conversation; training examples (prompt/response pairs) have none
+SYSTEM_TEMPLATE = "<|system|>\n{system}\n"
+
+
+def _jinja_str(text: str) -> str:
+    """A Jinja string literal holding `text` exactly."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def jinja_template(template: str = DEFAULT_TEMPLATE, eos_token: str = EOT) -> str:
+    """The Hugging Face `chat_template` (Jinja) of a leantrain template, rendering messages as
+    `ChatEncoder.encode_conversation` encodes them, so `tokenizer.apply_chat_template` gives the ids the
+    model trained on (see docs/finetune.md for the one seam where they can differ: custom templates whose
+    pieces end in a space, since transformers tokenizes the rendered text whole)."""
+    head, middle, _ = (_jinja_str(p) for p in split_template(template))
+    tail = _jinja_str(split_template(template)[2].removesuffix(EOT) + eos_token)
+    sys_head, sys_tail = (_jinja_str(p) for p in SYSTEM_TEMPLATE.split("{system}"))
+    return ("{%- for message in messages -%}"
+            f"{{%- if message['role'] == 'system' -%}}{{{{ {sys_head} + message['content'] + {sys_tail} }}}}"
+            f"{{%- elif message['role'] == 'user' -%}}{{{{ {head} + message['content'] }}}}"
+            f"{{%- elif message['role'] == 'assistant' -%}}{{{{ {middle} + message['content'] + {tail} }}}}"
+            "{%- else -%}{{ raise_exception('roles are system, user and assistant') }}"
+            "{%- endif -%}{%- endfor -%}"
+            f"{{%- if add_generation_prompt -%}}{{{{ {middle} }}}}{{%- endif -%}}")
+
+
 def split_template(template: str) -> tuple[str, str, str]:
     """(head, middle, tail) of `head{prompt}middle{response}tail`."""
     if template.count("{prompt}") != 1 or template.count("{response}") != 1 or \
@@ -74,9 +100,9 @@ def split_template(template: str) -> tuple[str, str, str]:
 class ChatEncoder:
     """Encodes examples to (ids, mask) with one tokenizer and template; see the module docstring."""
 
-    def __init__(self, tok: Tokenizer, template: str = DEFAULT_TEMPLATE) -> None:
+    def __init__(self, tok: Tokenizer, template: str = DEFAULT_TEMPLATE, eos: str | None = None) -> None:
         self.tok, self.template = tok, template
-        self.eot = eot_id(tok)
+        self.eot = eot_id(tok, eos=eos)  # `eos`: a Hugging Face tokenizer's own end token (tokenizer_eos)
         head, middle, tail = split_template(template)
         # a closing <|endoftext|> means the tokenizer's end token, whatever it is called (</s> in an
         # imported Llama tokenizer); every example ends with it, so it always ends a document
@@ -107,6 +133,28 @@ class ChatEncoder:
     def encode_prompt(self, prompt: str) -> list[int]:
         """The ids a fine-tuned model gets before it answers: head, prompt, middle."""
         return np.concatenate([self.head, self._texts([prompt])[0], self.middle]).tolist()
+
+    def encode_conversation(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False
+                            ) -> list[int]:
+        """OpenAI-style messages -> ids, the rule the exported `chat_template` (`jinja_template`) renders: a
+        user turn is head + text, an assistant turn middle + text + tail + end token, a system turn
+        `SYSTEM_TEMPLATE`; `add_generation_prompt` ends with middle. One user + one assistant turn gives
+        exactly the ids of a trained example (`encode`), a user turn + generation prompt `encode_prompt`'s."""
+        self.tok.encode_special_tokens = False
+        sys_head, sys_tail = (np.array(self.tok.encode(t, add_special_tokens=False).ids, dtype=np.int64)
+                              for t in SYSTEM_TEMPLATE.split("{system}"))
+        parts: list[np.ndarray] = []
+        for i, m in enumerate(messages):
+            role, text = m.get("role"), m.get("content")
+            if role not in ("system", "user", "assistant") or not isinstance(text, str):
+                raise DataError(f"message {i} has role {role!r} and content of type {type(text).__name__}; "
+                                "expected role system, user or assistant and a string content")
+            ids = self._texts([text])[0]
+            parts += {"system": [sys_head, ids, sys_tail], "user": [self.head, ids],
+                      "assistant": [self.middle, ids, self.tail]}[role]
+        if add_generation_prompt:
+            parts.append(self.middle)
+        return np.concatenate([np.zeros(0, dtype=np.int64), *parts]).tolist()
 
 
 class _SplitWriter:
@@ -171,7 +219,8 @@ def write_chat_dataset(examples: Callable[[], Iterable[ChatExample]], out_dir: s
             tok = train_tokenizer((head + e.prompt + middle + e.response for e in examples()), vocab_size)
             tok_info = {"tokenizer": "trained", "requested_vocab_size": vocab_size}
         tok.save(str(tmp / "tokenizer.json"))
-        encoder = ChatEncoder(tok, template)
+        specials = copy_hf_config(tokenizer_path, tmp) if tokenizer_path is not None else {}
+        encoder = ChatEncoder(tok, template, eos=specials.get("eos_token"))
         dtype = dtype_for_vocab(tok.get_vocab_size())
         train, val = _SplitWriter(tmp / "train", dtype, shard_tokens), _SplitWriter(tmp / "val", dtype, shard_tokens)
         held_train: tuple | None = None  # (hash, ids, mask, bytes) of the lowest-hash train example
@@ -216,6 +265,7 @@ def write_chat_dataset(examples: Callable[[], Iterable[ChatExample]], out_dir: s
         meta = {
             "format": FORMAT, "vocab_size": tok.get_vocab_size(), "eot_id": encoder.eot, "dtype": dtype.name,
             "tokenizer": "tokenizer.json", "splits": splits, "chat_template": template,
+            **({"special_tokens": specials} if specials else {}),
             "provenance": {
                 **(provenance or {}),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

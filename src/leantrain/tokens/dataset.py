@@ -3,7 +3,9 @@
 Layout (format 1):
 
     meta.json         format, vocab_size, eot_id, dtype, tokenizer, splits{train,val}, provenance
+                      (+ special_tokens when the tokenizer came from a Hugging Face folder)
     tokenizer.json
+    tokenizer_config.json   only with a Hugging Face tokenizer: its special tokens, chat template
     train/000000.bin  raw little-endian tokens, every document followed by the end-of-text id
     val/000000.bin
     train/mask/000000.bin   chat data only (`tokens/chat.py`): one uint8 per token, 1 where the loss
@@ -26,7 +28,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from leantrain.errors import DataError
-from leantrain.tokens.tokenizer import eot_id, load_tokenizer
+from leantrain.tokens.tokenizer import eot_id, load_tokenizer, tokenizer_eos
 
 FORMAT = 1
 SPLITS = ("train", "val")
@@ -179,7 +181,7 @@ class TokenDataset:
         if n != self.vocab_size:
             raise DataError(f"{self.path}: meta.json says vocab_size {self.vocab_size} but the tokenizer has {n}; "
                             f"{hint}")
-        if eot_id(tok) != self.eot_id:
+        if eot_id(tok, eos=tokenizer_eos(self.path / self.meta["tokenizer"])) != self.eot_id:
             raise DataError(f"{self.path}: meta.json eot_id {self.eot_id} does not match the tokenizer; {hint}")
 
     def _check_split(self, split: str, hint: str) -> None:

@@ -30,14 +30,15 @@ from leantrain.corpus.readers import Document
 from leantrain.errors import DataError
 from leantrain.files import fresh_sibling, swap_in, write_durable
 from leantrain.tokens.dataset import FORMAT, META, ShardWriter, dtype_for_vocab
-from leantrain.tokens.tokenizer import eot_id, load_tokenizer, train_tokenizer
+from leantrain.tokens.tokenizer import HF_CONFIG, copy_hf_config, eot_id, load_tokenizer, train_tokenizer
 
 Progress = Callable[[str, int, int | None], None]
 
 _BATCH_DOCS = 512
 _BATCH_BYTES = 4 << 20
 _PROGRESS_EVERY = 256
-_DATASET_NAMES = frozenset({META, "tokenizer.json", "train", "val", "data_card.md", "data_card.json", "data_card.png"})
+_DATASET_NAMES = frozenset({META, "tokenizer.json", HF_CONFIG, "train", "val", "data_card.md", "data_card.json",
+                            "data_card.png"})
 
 
 def split_hash(doc_id: str) -> float:
@@ -98,7 +99,7 @@ class _Held:
 
 def _encode_all(docs: Iterator[Document], tok: Any, eot: int, dtype: np.dtype, val_fraction: float,
                 train: _Split, val: _Split, progress: Progress | None, total: int | None,
-                doc_tokens: list[int] | None = None) -> None:
+                doc_tokens: list[int] | None = None, add_special: bool = False) -> None:
     held_train: _Held | None = None  # lowest-hash train document: the one val gets if it has none
     held_val: _Held | None = None    # highest-hash val document: the one train gets if it has none
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
@@ -106,13 +107,16 @@ def _encode_all(docs: Iterator[Document], tok: Any, eot: int, dtype: np.dtype, v
 
     def run(batch: list[Document]) -> None:
         nonlocal held_train, held_val, done
-        encodings = encode([d.text for d in batch], add_special_tokens=False)
+        encodings = encode([d.text for d in batch], add_special_tokens=add_special)
         for d, enc in zip(batch, encodings, strict=True):
-            arr = np.empty(len(enc.ids) + 1, dtype=dtype)
-            arr[:-1] = enc.ids
+            ids = enc.ids
+            if add_special and ids and ids[-1] == eot:  # the tokenizer's post-processor ends it already
+                ids = ids[:-1]
+            arr = np.empty(len(ids) + 1, dtype=dtype)
+            arr[:-1] = ids
             arr[-1] = eot
             if doc_tokens is not None:
-                doc_tokens.append(len(enc.ids))
+                doc_tokens.append(len(ids))
             doc: _Held | None = _Held(split_hash(d.id), arr, len(d.text.encode("utf-8", errors="replace")))
             if doc.h < val_fraction:
                 if held_val is None or doc.h > held_val.h:
@@ -176,8 +180,11 @@ def prepare_dataset(documents: Callable[[], Iterable[Document]], out_dir: str | 
                     before_publish: Callable[[Path, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Build a token dataset in `out_dir` from `documents()` (called once or twice); returns meta.json.
 
-    `tokenizer_path` (a tokenizer.json or a token dataset folder) reuses that tokenizer instead of
-    training one, so several datasets share ids; `vocab_size` is then ignored.
+    `tokenizer_path` (a tokenizer.json, a token dataset folder or a local Hugging Face tokenizer folder)
+    reuses that tokenizer instead of training one, so several datasets share ids; `vocab_size` is then
+    ignored. A Hugging Face tokenizer's tokenizer_config.json is kept beside the dataset's tokenizer.json,
+    its eos token separates documents and its post-processor's tokens (a bos) start each one, as
+    `AutoTokenizer(text)` would encode it.
     `progress(stage, done, total)` is called with stage "tokenizer" or "encode", counted in documents.
     `doc_tokens`, if given, gets each written document's token count (without end-of-text), in input
     order; `before_publish(tmp_dir, meta)` may add files (a data card) before the dataset is renamed
@@ -195,6 +202,7 @@ def prepare_dataset(documents: Callable[[], Iterable[Document]], out_dir: str | 
         if tokenizer_path is not None:
             tok = load_tokenizer(tokenizer_path)
             tok.save(str(tmp / "tokenizer.json"))
+            specials = copy_hf_config(tokenizer_path, tmp)
             tok_info = {"tokenizer": "reused", "tokenizer_source": str(tokenizer_path)}
         else:
             count = 0
@@ -216,9 +224,10 @@ def prepare_dataset(documents: Callable[[], Iterable[Document]], out_dir: str | 
                 progress("tokenizer", count, count)
             total = count
             tok.save(str(tmp / "tokenizer.json"))
+            specials = {}
             tok_info = {"tokenizer": "trained", "requested_vocab_size": vocab_size}
 
-        eot, vocab = eot_id(tok), tok.get_vocab_size()
+        eot, vocab = eot_id(tok, eos=specials.get("eos_token")), tok.get_vocab_size()
         # A literal "<|endoftext|>" inside a document is text, not a boundary: only the id we append is.
         # (Runtime-only flag; the saved tokenizer.json is unaffected.)
         tok.encode_special_tokens = True
@@ -226,7 +235,8 @@ def prepare_dataset(documents: Callable[[], Iterable[Document]], out_dir: str | 
         with ShardWriter(tmp / "train", dtype, shard_tokens) as tw, \
                 ShardWriter(tmp / "val", dtype, shard_tokens) as vw:
             train, val = _Split(tw), _Split(vw)
-            _encode_all(iter(documents()), tok, eot, dtype, val_fraction, train, val, progress, total, doc_tokens)
+            _encode_all(iter(documents()), tok, eot, dtype, val_fraction, train, val, progress, total, doc_tokens,
+                        add_special=bool(specials))
         splits = {}
         for name, s in (("train", train), ("val", val)):
             splits[name] = {"shards": [p.relative_to(tmp).as_posix() for p in s.writer.close()],
@@ -234,6 +244,7 @@ def prepare_dataset(documents: Callable[[], Iterable[Document]], out_dir: str | 
         meta = {
             "format": FORMAT, "vocab_size": vocab, "eot_id": eot, "dtype": dtype.name,
             "tokenizer": "tokenizer.json", "splits": splits,
+            **({"special_tokens": specials} if specials else {}),
             "provenance": {
                 **(provenance or {}),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -55,7 +55,7 @@ def muon_param_groups(model: nn.Module, weight_decay: float, lr_scale: float) ->
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
                     dtype: torch.dtype | None = None) -> torch.optim.Optimizer:
-    """The optimizer `cfg.name` over the model's parameter groups (README "Optimizers" compares them).
+    """The optimizer `cfg.name` over the model's parameter groups (docs/optimizers.md compares them).
 
     `dtype` is the run's compute dtype: Muon runs its Newton-Schulz matmuls in it (bf16 ~3x faster on a
     CPU with bf16 units); None leaves Muon's default (bf16 on CUDA, fp32 elsewhere).

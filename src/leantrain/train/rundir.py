@@ -25,8 +25,9 @@ MARKER = ".leantrain-run"
 LOCK = ".lock"
 # names leantrain writes in a run directory; none of them may be a symlink
 RUN_FILES = ("config.toml", "plan.json", "metrics.jsonl", "metrics.discarded.jsonl", "events.jsonl", "samples.txt",
-             "report.html", "tokenizer.json", "chat_template.txt", "lr_find.json", "lr_find.png", "checkpoints",
-             "checkpoints/latest", MARKER, LOCK)
+             "report.html", "tokenizer.json", "tokenizer_config.json", "chat_template.txt", "lr_find.json",
+             "lr_find.png", "checkpoints", "checkpoints/latest", "trackers.json", "tensorboard", "mlflow", "wandb",
+             MARKER, LOCK)
 
 _held: weakref.WeakValueDictionary[str, RunDirLock] = weakref.WeakValueDictionary()
 

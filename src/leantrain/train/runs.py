@@ -14,11 +14,12 @@ from leantrain.model.lora import apply_lora, merge_lora
 from leantrain.train.checkpoint import Checkpointer, read_checkpoint, restore
 
 
-def load_trained(run_dir: str | Path, checkpoint: str | Path | None = None,
-                 device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer, Config, int, list[str]]:
+def load_trained(run_dir: str | Path, checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
+                 merge: bool = True) -> tuple[Transformer, Tokenizer, Config, int, list[str]]:
     """(model in eval mode, tokenizer, config, step, warnings) from a run's newest good checkpoint.
 
-    The model is always a plain Transformer: a LoRA run's adapters come back merged into the weights."""
+    The model is a plain Transformer: a LoRA run's adapters come back merged into the weights, unless
+    `merge` is False (PEFT export wants base and adapters apart)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").is_file():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.toml); pass the folder "
@@ -40,7 +41,7 @@ def load_trained(run_dir: str | Path, checkpoint: str | Path | None = None,
     if cfg.finetune.lora_rank:  # a LoRA run: load base + adapters, then fold the adapters in
         apply_lora(model, cfg.finetune.lora_rank, cfg.finetune.lora_alpha, 0.0, cfg.finetune.lora_targets)
     restore(snap, model, None)
-    if cfg.finetune.lora_rank:
+    if cfg.finetune.lora_rank and merge:
         merge_lora(model).requires_grad_(True)
     tok_path = run_dir / "tokenizer.json"
     if not tok_path.is_file():

@@ -24,16 +24,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from leantrain.config import Config, to_toml
+from leantrain.config import Config, TrainConfig, to_toml
 from leantrain.device import DeviceInfo, available_memory, describe_device, peak_flops, pick_device
 from leantrain.energy.accounting import EnergyAccountant
 from leantrain.energy.schedule import CarbonScheduler
 from leantrain.errors import CheckpointError, ConfigError, DataError, LeantrainError
 from leantrain.files import open_append
 from leantrain.model import Transformer, flops_per_token, generate, param_count
+from leantrain.model.flops import active_param_count
 from leantrain.model.lora import adapter_state_dict, apply_finetune
+from leantrain.model.moe import MoETracker
 from leantrain.parallel.distributed import Layout
 from leantrain.parallel.distributed import setup as setup_distributed
 from leantrain.parallel.parallelize import parallelize, remove_compile, set_grad_sync
@@ -86,20 +89,21 @@ class Trainer:
         self.device_info = self._describe_device()
         if not force:  # the planner's memory estimate, before the model is allocated or anything written
             self._check_memory()
+        # read-only checks of the inputs first, so a typo in a path leaves no run folder behind
+        self.data = TokenDataset(cfg.data.path)
+        if self.data.vocab_size > cfg.model.vocab_size:
+            raise DataError(f"the dataset's tokenizer has {self.data.vocab_size} tokens but model.vocab_size = "
+                            f"{cfg.model.vocab_size}; set --model.vocab_size={self.data.vocab_size} or more")
         # before anything is written: a new, empty or leantrain run folder, locked for this process (rank 0)
         self.run_lock = claim_run_dir(self.run_dir, self.layout)
         self.device = self.layout.device
         self.dtype = self.device_info.dtype
 
-        self.data = TokenDataset(cfg.data.path)
-        if self.data.vocab_size > cfg.model.vocab_size:
-            raise DataError(f"the dataset's tokenizer has {self.data.vocab_size} tokens but model.vocab_size = "
-                            f"{cfg.model.vocab_size}; set --model.vocab_size={self.data.vocab_size} or more")
-
         torch.manual_seed(cfg.train.seed)
         self.model = Transformer(cfg.model).to(self.device)
         # start from a Hugging Face model's weights, unless this run has a checkpoint of its own to resume
-        if cfg.train.init_from and not (resume and Checkpointer(self.run_dir / "checkpoints", 1).list()):
+        fresh = not (resume and Checkpointer(self.run_dir / "checkpoints", 1).list())
+        if cfg.train.init_from and fresh:
             from leantrain.model.hf import load_hf_weights
 
             load_hf_weights(self.model, cfg.train.init_from)
@@ -107,6 +111,10 @@ class Trainer:
         self.fp8_layers, self.fp8_skipped = apply_float8(self.model, self.device) if cfg.precision.fp8 else (0, None)
         # LoRA adapters / frozen layers: after any init_from weights are in, before parallelize and the optimizer
         self.finetune = apply_finetune(self.model, cfg.finetune)
+        if cfg.finetune.adapter and fresh:  # adapters trained elsewhere (PEFT) go on before training them on
+            from leantrain.model.peft import load_adapter
+
+            load_adapter(self.model, cfg.finetune.adapter)
         # in place: self.model is the one handle
         parallelize(self.model, cfg, self.device, self.dtype, self.layout, self.device_info.attention)
         self._compile_pending = cfg.train.compile  # the first step compiles; timed on its own
@@ -121,6 +129,7 @@ class Trainer:
                                          require=("tokens", "loader"))
         self.guard = Guard(cfg.guard, warmup_steps=cfg.optim.warmup_steps)
         self.health = GradHealth(self.model, cfg.log.grad_health_every)
+        self.moe = MoETracker.of(self.model)  # None for a dense model: balance losses, expert bias, load telemetry
         self.log: RunLog | _NoLog = RunLog(self.run_dir, self.run_lock) if self.layout.is_rank0 else _NoLog()
         self.observers: list[Observer] = [self.log, *observers] if self.layout.is_rank0 else []
         # energy, CO2 and cost of the job (rank 0's meter scaled to all ranks; see energy/accounting.py)
@@ -148,6 +157,9 @@ class Trainer:
         if self.layout.is_rank0:
             write_run_file(self.run_dir, "config.toml", to_toml(cfg) + self._resolved_comment())
             write_run_file(self.run_dir, "tokenizer.json", (Path(cfg.data.path) / "tokenizer.json").read_bytes())
+            hf_tok = Path(cfg.data.path) / "tokenizer_config.json"
+            if hf_tok.is_file():  # a Hugging Face tokenizer's special tokens travel with it (export, generate)
+                write_run_file(self.run_dir, "tokenizer_config.json", hf_tok.read_bytes())
             if self.data.chat_template is not None:  # chat data: its template travels with the tokenizer
                 write_run_file(self.run_dir, "chat_template.txt", self.data.chat_template)
         self._write_plan()
@@ -251,6 +263,7 @@ class Trainer:
         tokens_per_step = c.train.micro_batch_size * c.train.grad_accum_steps * self.layout.dp_size * c.model.seq_len
         plan = {
             "params": param_count(c.model),
+            "active_params": active_param_count(c.model),  # MoE: the top_k experts a token uses; MFU counts these
             **({"finetune": self.finetune} if self.finetune else {}),
             "flops_per_token": self.flops_per_token,
             "tokens_per_step": tokens_per_step,
@@ -308,6 +321,8 @@ class Trainer:
         health_due = self.health.due(self.step + 1)
         grad_norms = self.health.before_update() if health_due else None
         self.optimizer.step()
+        if self.moe is not None:
+            self.moe.end_step(self.layout.all_sum if self.layout.distributed else None)
         self.optimizer.zero_grad(set_to_none=True)
         tokens = sum(x.numel() for x, _ in batches) * self.layout.dp_size
         self.step += 1
@@ -337,7 +352,8 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self._autocast():
                 loss = self.model(x, y, reduction="sum") / n_targets
-            loss.backward()
+            # MoE balance losses train the routers but stay out of the logged loss
+            (loss if self.moe is None else loss + self.moe.micro_batch_loss(i == 0, len(batches))).backward()
             total += loss.detach()
         clip = self.cfg.train.grad_clip or math.inf
         if self.layout.sharded:  # DTensor gradients: their norm is reduced over the shards
@@ -578,8 +594,10 @@ class Trainer:
     def _announce(self) -> None:
         """The run's opening events; the carbon scheduler's clock starts here."""
         layout = {"parallel": self.layout.describe()} if self.layout.distributed else {}
+        layout.update({"active_params": self.plan["active_params"]} if self.moe is not None else {})
         self._emit("start", total_steps=self.cfg.train.steps, params=self.plan["params"], device=str(self.device),
-                   dtype=self.plan["dtype"], threads=self.plan["threads"], run_dir=str(self.run_dir), **layout)
+                   dtype=self.plan["dtype"], threads=self.plan["threads"], run_dir=str(self.run_dir), **layout,
+                   **({"finetune": self.finetune} if self.finetune else {}))
         if self.energy.enabled:
             self._emit("energy", **self.energy.describe())
         if self.carbon is not None:
@@ -605,6 +623,8 @@ class Trainer:
         if eval_due:
             with self._eval_weights():
                 self.last_val_loss = record["val_loss"] = self.evaluate()
+        if self.moe is not None:
+            record.update(self.moe.metrics())
         record.update(self.energy.read(self.step))
         for o in self.observers:
             o.on_step(record)
@@ -670,19 +690,37 @@ class Trainer:
         if self.run_lock is not None:
             self.run_lock.release()
 
+    def _sample_prompt(self, tok: Any) -> tuple[str, list[int], int | None]:
+        """(prompt shown, prompt ids, end id) of the end-of-run sample. Chat runs sample an answer: a user turn
+        in the run's template plus the generation prompt, stopped at the end token; the user turn is
+        train.sample_prompt, or, left at its code default, the first validation example's prompt."""
+        prompt = self.cfg.train.sample_prompt
+        template = self.data.chat_template
+        if template is None:
+            return prompt, tok.encode(prompt).ids, None
+        if prompt == TrainConfig.sample_prompt:
+            ids, masks = self.data.shards("val")[0], self.data.masks("val")
+            answer = np.flatnonzero(masks[0][: min(len(ids), 1 << 16)]) if masks else []
+            if len(answer):  # head + prompt + middle: exactly the ids this example trained with
+                ids = ids[: int(answer[0])].astype(np.int64).tolist()
+                return tok.decode(ids, skip_special_tokens=False), ids, self.data.eot_id
+        from leantrain.tokens.chat import ChatEncoder
+
+        ids = ChatEncoder(tok, template, eos=tok.id_to_token(self.data.eot_id)).encode_prompt(prompt)
+        return tok.decode(ids, skip_special_tokens=False), ids, self.data.eot_id
+
     def sample(self) -> str | None:
         """Generate from the trained model and append the text to samples.txt (rank 0). Sharded weights
         need every rank in each forward, so under FSDP2 all ranks generate the same text."""
         if not (self.layout.is_rank0 or self.layout.sharded):
             return None
         tok = self.data.tokenizer()
-        prompt = self.cfg.train.sample_prompt
-        ids = tok.encode(prompt).ids
+        prompt, ids, eos = self._sample_prompt(tok)
         # a compiled model generates eagerly: every new length would be one more compile
         eager = torch.compiler.set_stance("force_eager") if self.cfg.train.compile else contextlib.nullcontext()
         with self._autocast(), eager:
             new = generate(self.model, ids, self.cfg.train.sample_tokens, seed=self.cfg.train.seed,
-                           eos_id=None)
+                           eos_id=eos)
         text = prompt + tok.decode(new)
         if not self.layout.is_rank0:
             return None
