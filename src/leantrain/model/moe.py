@@ -38,20 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from leantrain.config import ModelConfig
+from leantrain.model.feedforward import FeedForward
 from leantrain.model.flops import moe_hidden_dim
-
-
-class SharedExperts(nn.Module):
-    """The always-on experts, as one SwiGLU of n_shared * expert width (the same as transformer.FeedForward)."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 @functools.cache
@@ -130,7 +118,7 @@ class MoEFeedForward(nn.Module):
         self.w1 = nn.Parameter(torch.empty(E, dim, hidden))  # gate
         self.w3 = nn.Parameter(torch.empty(E, dim, hidden))  # up
         self.w2 = nn.Parameter(torch.empty(E, hidden, dim))  # down
-        self.shared = SharedExperts(dim, hidden * cfg.moe_shared_experts) if cfg.moe_shared_experts else None
+        self.shared = FeedForward(dim, hidden * cfg.moe_shared_experts) if cfg.moe_shared_experts else None
         # DeepSeek-V3's selection bias: saved with the weights, changed only by `update_bias`
         self.register_buffer("expert_bias", torch.zeros(E, dtype=torch.float32))
         self.last: dict[str, Tensor] | None = None

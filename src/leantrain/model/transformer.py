@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from leantrain.config import ModelConfig
+from leantrain.model.feedforward import FeedForward
 from leantrain.model.flops import ffn_hidden_dim, head_size, is_moe_layer
 from leantrain.model.moe import MoEFeedForward
 
@@ -216,19 +217,6 @@ class Attention(nn.Module):
         mask = None if T == 1 or S == T else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=S == T and T > 1,
                                               enable_gqa=self.n_kv_heads != self.n_heads)
-
-
-class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x), w1 the gate, w3 the up and w2 the down projection."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class GeluMLP(nn.Module):
