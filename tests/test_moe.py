@@ -3,6 +3,7 @@ on a hand-checked case, the loss-free bias, counts, decoding, and a real trainin
 
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -186,6 +187,15 @@ def test_moe_trains_through_the_api_and_resumes_exactly(dataset, tmp_path):
         assert math.isfinite(last[key])
     assert len(last["moe_load"]) == 2 and all(len(row) == 4 for row in last["moe_load"])
     assert last["moe_load_max_over_mean"] >= 1.0 and 0 <= last["moe_dropped"] < 1
+    # the report draws the load as a heat map: one cell per layer x expert x logged step, hover text = the value
+    page = (tmp_path / "straight" / "report.html").read_text()
+    assert "Expert load" in page and "Expert imbalance" in page
+    cells = re.findall(r"<title>L(\d) e(\d) at (\d+): ([0-9.e-]+)</title>", page)
+    assert len(cells) == 2 * 4 * len(straight)
+    assert {(int(la), int(e), int(st)) for la, e, st, _ in cells} == {
+        (la, e, r["step"]) for la in range(2) for e in range(4) for r in straight}
+    la, e, st, v = cells[-1]
+    assert float(v) == pytest.approx(straight[-1]["moe_load"][int(la)][int(e)], rel=1e-2, abs=1e-3)
 
 
 def test_aux_loss_reaches_the_router_gradient(dataset, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 from leantrain import cli
 from leantrain.corpus.card import bin_label, histogram, length_edges, length_tables
 from leantrain.report import render, write_report
-from leantrain.report.svg import line_chart, nice_ticks, tick_labels
+from leantrain.report.svg import heat_map, line_chart, nice_ticks, tick_labels
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -252,3 +252,16 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     non_white = (img < 0.95).any(axis=-1).mean()
     assert len(colours) > 50, "the page rendered (almost) one colour"
     assert non_white > 0.03, f"only {non_white:.1%} of the page is not white"
+
+
+def test_heat_map_colours_around_the_center_and_titles_each_cell():
+    svg = heat_map(["L0 e0", "L0 e1"], [10.0, 20.0, 1500.0], [[0.5, 0.0, 1.0], [0.5, float("nan"), 0.0]],
+                   title="Expert load", center=0.5)
+    cells = re.findall(r'fill="([^"]+)"><title>(L0 e\d) at (\d+): ([^<]+)</title>', svg)
+    assert len(cells) == 6
+    colour = {(name, int(step)): fill for fill, name, step, _ in cells}
+    assert colour["L0 e0", 10] == "rgb(255,255,255)"  # the center is white
+    assert colour["L0 e0", 20] == "rgb(0,0,255)"  # nothing routed: full blue
+    assert colour["L0 e0", 1500] == "rgb(255,0,0)"  # twice the uniform share or more: full red
+    assert colour["L0 e1", 20] == "#ccc"  # not finite: grey
+    assert "no data" in heat_map([], [], [], title="Expert load", center=0.5)

@@ -20,7 +20,7 @@ from typing import Any
 
 from leantrain.errors import LeantrainError
 from leantrain.files import write_durable
-from leantrain.report.svg import line_chart
+from leantrain.report.svg import heat_map, line_chart
 
 # events marked on the loss chart; the BAD ones are also shown in red in the events table
 BAD_EVENTS = {"skip", "rollback", "restart", "preempted", "diverged", "checkpoint_failed", "checkpoint_damaged",
@@ -347,7 +347,31 @@ def run_charts(metrics: list[dict], events: list[dict]) -> tuple[list[str], list
         charts.append(line_chart({"USD": _series(metrics, "cost_usd")}, title="Cost, cumulative", y_label="USD"))
     if not any("energy_j" in r for r in metrics):
         notes.append("No energy, CO2e or cost curves: the run had no energy meter (energy.meter = off).")
+    charts += _moe_charts(metrics)
     return charts, notes
+
+
+def _moe_charts(metrics: list[dict]) -> list[str]:
+    """Mixture-of-experts runs: each layer's share of routed tokens per expert over time (a heat map, white at
+    the uniform share) and the balance losses; nothing for a dense run."""
+    loads = [r for r in metrics if _num(r.get("step")) is not None and isinstance(r.get("moe_load"), list)
+             and r["moe_load"] and all(isinstance(layer, list) for layer in r["moe_load"])]
+    if not loads:
+        return []
+    shape = [len(layer) for layer in loads[-1]["moe_load"]]
+    loads = [r for r in loads if [len(layer) for layer in r["moe_load"]] == shape]
+    rows = [f"L{i} e{e}" for i, n in enumerate(shape) for e in range(n)]
+    values = [[_num(r["moe_load"][i][e]) if _num(r["moe_load"][i][e]) is not None else float("nan") for r in loads]
+              for i, n in enumerate(shape) for e in range(n)]
+    charts = [heat_map(rows, [float(r["step"]) for r in loads], values, center=1 / max(shape),
+                       title="Expert load (share of routed tokens, per MoE layer and expert)",
+                       row_h=max(3, min(10, 320 // len(rows))))]
+    charts.append(line_chart({"max / mean load": _series(metrics, "moe_load_max_over_mean")},
+                             title="Expert imbalance (worst layer)", y_label="max / mean"))
+    if any("moe_aux" in r or "moe_z" in r for r in metrics):
+        charts.append(line_chart({"aux": _series(metrics, "moe_aux"), "z": _series(metrics, "moe_z")},
+                                 title="MoE balance losses", y_label="loss"))
+    return charts
 
 
 def render(run_dir: str | Path) -> str:

@@ -182,3 +182,52 @@ def line_chart(series: dict[str, list[tuple[float, float]]], *, title: str, x_la
                    f'<text x="{lx}" y="{ly}" font-size="11">{escape(_short(name))}<title>{escape(name)}</title></text>')
     out.append("</svg>")
     return "".join(out)
+
+
+def heat_map(rows: list[str], cols: list[float], values: list[list[float]], *, title: str, x_label: str = "step",
+             center: float, width: int = 540, row_h: int = 10) -> str:
+    """An SVG heat map: `values[r][c]` of row `rows[r]` at x `cols[c]`, white at `center`, blue below it and
+    red above it, full colour at 0 and at 2 x center (a routed-expert load heat map: center is the uniform
+    share). Non-finite cells are grey; the hover title of each cell gives its value."""
+    left, right, top, bottom = 62, 14, 30, 40
+    if not rows or not cols:
+        return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="80" role="img" '
+                f'aria-label="{escape(title)}"><rect width="{width}" height="80" fill="#fff"/><text x="{left}" y="18" '
+                f'font-size="14" font-weight="bold">{escape(title)}</text><text x="{width / 2}" y="55" '
+                f'text-anchor="middle" fill="#888">no data</text></svg>')
+    pw, ph = width - left - right, row_h * len(rows)
+    height = top + ph + bottom
+    cw = pw / len(cols)
+
+    def color(v: float) -> str:
+        if not math.isfinite(v):
+            return "#ccc"
+        t = max(-1.0, min(1.0, (v - center) / center if center else 0.0))
+        fade = round(255 * (1 - abs(t)))
+        return f"rgb({fade},{fade},255)" if t < 0 else f"rgb(255,{fade},{fade})"
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}">',
+           f'<rect width="{width}" height="{height}" fill="#fff"/>',
+           f'<text x="{left}" y="18" font-size="14" font-weight="bold">{escape(title)}</text>']
+    for r, name in enumerate(rows):
+        y = top + r * row_h
+        for c, x in enumerate(cols):
+            v = values[r][c]
+            out.append(f'<rect x="{left + c * cw:.1f}" y="{y}" width="{cw + 0.5:.1f}" height="{row_h}" '
+                       f'fill="{color(v)}"><title>{escape(name)} at {x:g}: {fmt(v)}</title></rect>')
+    # a label per row when rows are tall enough to read, else per group of rows named by its first
+    step = max(1, math.ceil(11 / row_h))
+    for r in range(0, len(rows), step):
+        out.append(f'<text x="{left - 6}" y="{top + r * row_h + min(row_h, 11) - 1}" font-size="10" '
+                   f'text-anchor="end">{escape(_short(rows[r], 10))}</text>')
+    xt = nice_ticks(min(cols), max(cols), integer=all(float(x).is_integer() for x in cols))
+    lo, hi = min(cols), max(cols)
+    for t, label in zip(xt, tick_labels(xt), strict=True):
+        if lo <= t <= hi:
+            px = left + (0.5 if hi == lo else (t - lo) / (hi - lo) * (len(cols) - 1) + 0.5) * cw
+            out.append(f'<text x="{px:.1f}" y="{top + ph + 16}" font-size="11" text-anchor="middle">{label}</text>')
+    out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
+    out.append(f'<text x="{left + pw / 2}" y="{height - 6}" font-size="11" text-anchor="middle">'
+               f'{escape(x_label)} (white = {fmt(center)}, red above, blue below)</text></svg>')
+    return "".join(out)
