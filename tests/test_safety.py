@@ -263,7 +263,8 @@ def test_run_dir_foreign_folder_or_file_is_refused_in_one_line(dataset, tmp_path
     before = tree(project)
     r = cli("train", cfg_file, "--run-dir", project)
     one_line_error(r.returncode, r.stderr, "leantrain did not write", "config.toml")
-    r = cli("train", "--run-dir", project)  # no config: the project's config.toml is not taken for a run's
+    # no config file: the project's config.toml is not taken for a run's
+    r = cli("train", "--run-dir", project, f"--data.path={dataset}")
     one_line_error(r.returncode, r.stderr, "leantrain did not write")
     r = cli("train", cfg_file, "--run-dir", project, "--restart")
     one_line_error(r.returncode, r.stderr, "leantrain did not write")
