@@ -1,5 +1,7 @@
 """Small test helpers shared by several test files."""
 
+import torch
+
 from leantrain.config import load_config
 
 
@@ -35,3 +37,26 @@ class StopAt:
 
     def on_end(self, s):
         pass
+
+
+class Tied(torch.nn.Module):
+    """A tiny module with tied weights (embedding = output), the case checkpoint formats get wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 4)
+        self.out = torch.nn.Linear(4, 10, bias=False)
+        self.out.weight = self.emb.weight
+        self.mid = torch.nn.Linear(4, 4)
+
+
+def trained_tied(seed: int = 0, steps: int = 3) -> tuple[Tied, torch.optim.Optimizer]:
+    """A `Tied` and its AdamW after `steps` updates, so the optimizer has state to save."""
+    torch.manual_seed(seed)
+    m = Tied()
+    opt = torch.optim.AdamW(m.parameters(), lr=0.1)
+    for _ in range(steps):
+        m.out(m.mid(m.emb(torch.arange(10)))).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return m, opt

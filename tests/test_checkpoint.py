@@ -7,28 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import trained_tied
 from leantrain.errors import CheckpointError
 from leantrain.train.checkpoint import Checkpointer, read_checkpoint, restore, set_rng_state, snapshot
 
 
-class Tied(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = torch.nn.Embedding(10, 4)
-        self.out = torch.nn.Linear(4, 10, bias=False)
-        self.out.weight = self.emb.weight
-        self.mid = torch.nn.Linear(4, 4)
-
-
 def _trained(seed=0):
-    torch.manual_seed(seed)
-    m = Tied()
-    opt = torch.optim.AdamW(m.parameters(), lr=0.1)
-    for _ in range(3):
-        m.out(m.mid(m.emb(torch.arange(10)))).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
-    return m, opt
+    return trained_tied(seed, steps=3)
 
 
 def _save(ck, step, m, opt, **state):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import tiny_config
+from helpers import tiny_config, trained_tied
 from leantrain.errors import CheckpointError
 from leantrain.files import write_durable
 from leantrain.train.checkpoint import Checkpointer, read_checkpoint, restore, snapshot
@@ -27,24 +27,8 @@ from leantrain.train.telemetry import read_jsonl
 from leantrain.train.trainer import Trainer
 
 
-class Tied(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = torch.nn.Embedding(10, 4)
-        self.out = torch.nn.Linear(4, 10, bias=False)
-        self.out.weight = self.emb.weight
-        self.mid = torch.nn.Linear(4, 4)
-
-
 def _trained(seed=0):
-    torch.manual_seed(seed)
-    m = Tied()
-    opt = torch.optim.AdamW(m.parameters(), lr=0.1)
-    for _ in range(2):
-        m.out(m.mid(m.emb(torch.arange(10)))).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
-    return m, opt
+    return trained_tied(seed, steps=2)
 
 
 def _two_checkpoints(root: Path) -> tuple[Checkpointer, Path]:
