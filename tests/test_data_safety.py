@@ -250,6 +250,35 @@ def _at(parent: Path, pid: int, stage: str) -> bool:
     return (staging / "tokenizer.json").is_file() and not (staging / "meta.json").exists()  # encoding
 
 
+FORKSERVER_CHILD = """
+import multiprocessing as mp, signal
+from leantrain.corpus.executors import LocalExecutor
+
+def handler(q):
+    q.put(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
+
+if __name__ == "__main__":
+    with LocalExecutor(2) as ex:
+        assert list(ex.map(abs, [-1, -2, -3])) == [1, 2, 3]
+        ctx = mp.get_context("forkserver")
+        q = ctx.Queue()
+        p = ctx.Process(target=handler, args=(q,))  # no initializer: what every worker has before its own runs
+        p.start()
+        print("ignored" if q.get(timeout=60) else "default")
+        p.join(60)
+"""
+
+
+def test_curation_workers_ignore_ctrl_c_from_birth(tmp_path: Path) -> None:
+    """A Ctrl-C that lands while a worker starts must not print its KeyboardInterrupt traceback: the forkserver
+    starts with SIGINT ignored, so its children do too, before the pool's initializer runs."""
+    script = tmp_path / "child.py"
+    script.write_text(FORKSERVER_CHILD)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=WAIT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ignored"
+
+
 @pytest.mark.parametrize("stage", ["curating", "training the tokenizer", "encoding"])
 def test_ctrl_c_stops_cleans_up_and_says_what_to_rerun(tmp_path: Path, stage: str) -> None:
     out = tmp_path / "ds"

@@ -64,6 +64,28 @@ def _worker_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _start_forkserver_ignoring_ctrl_c() -> None:
+    """Start the forkserver with SIGINT ignored, so every worker it forks ignores Ctrl-C from birth.
+
+    The initializer alone leaves a window: a worker forked but not yet initialized has Python's default
+    handler back (the forkserver restores its own start-up handler in each child) and prints a
+    KeyboardInterrupt traceback when a terminal's Ctrl-C reaches the whole process group. An ignored
+    signal survives exec, so the forkserver's start-up handler becomes SIG_IGN. Only the exec itself runs
+    with SIGINT ignored; a Ctrl-C in that instant is lost, not half-handled. No-op off the main thread or
+    when the forkserver already runs."""
+    import multiprocessing.forkserver as forkserver
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        forkserver.ensure_running()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class LocalExecutor:
     """A process pool; `inflight` batches per worker are queued ahead of the one being consumed."""
 
@@ -78,6 +100,8 @@ class LocalExecutor:
         if self._pool is None:
             # forkserver/spawn, never fork: the parent may hold threads (tokenizers, Ray) that fork would copy mid-lock.
             method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+            if method == "forkserver":
+                _start_forkserver_ignoring_ctrl_c()
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(method),
                                              initializer=_worker_init)
         return self._pool
