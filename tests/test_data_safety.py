@@ -269,6 +269,19 @@ if __name__ == "__main__":
 """
 
 
+def test_ctrl_c_inside_a_worker_start_is_held_until_it_ends() -> None:
+    """A Ctrl-C during `submit` (which may be starting a worker) waits for the start to finish, then raises."""
+    from leantrain.corpus.executors import ctrl_c_deferred
+
+    reached_end = False
+    with pytest.raises(KeyboardInterrupt), ctrl_c_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs here, between bytecodes: held, not raised
+        reached_end = True
+    assert reached_end
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_curation_workers_ignore_ctrl_c_from_birth(tmp_path: Path) -> None:
     """A Ctrl-C that lands while a worker starts must not print its KeyboardInterrupt traceback: the forkserver
     starts with SIGINT ignored, so its children do too, before the pool's initializer runs."""

@@ -15,9 +15,11 @@ executor and the number of workers.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -64,6 +66,30 @@ def _worker_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+@contextlib.contextmanager
+def ctrl_c_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C that arrives inside the block and raise it right after.
+
+    `ProcessPoolExecutor.submit` starts workers on demand; a KeyboardInterrupt raised in the middle of a
+    start leaves a child the pool does not know of, which then fails to unpickle its queues once the parent
+    has cleaned them up, printing a traceback. Python runs signal handlers in the main thread only, so
+    swapping the handler there is enough. No-op off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[tuple[int, Any]] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            if callable(previous):
+                previous(*held[0])
+            elif previous == signal.SIG_DFL:
+                raise KeyboardInterrupt
+
+
 def _start_forkserver_ignoring_ctrl_c() -> None:
     """Start the forkserver with SIGINT ignored, so every worker it forks ignores Ctrl-C from birth.
 
@@ -74,7 +100,6 @@ def _start_forkserver_ignoring_ctrl_c() -> None:
     with SIGINT ignored; a Ctrl-C in that instant is lost, not half-handled. No-op off the main thread or
     when the forkserver already runs."""
     import multiprocessing.forkserver as forkserver
-    import threading
 
     if threading.current_thread() is not threading.main_thread():
         forkserver.ensure_running()
@@ -114,7 +139,8 @@ class LocalExecutor:
         pending: deque[Future] = deque()
         try:
             for item in items:
-                pending.append(pool.submit(fn, item))
+                with ctrl_c_deferred():  # a worker start is never cut in half
+                    pending.append(pool.submit(fn, item))
                 while len(pending) >= self.workers * self.inflight:
                     yield pending.popleft().result()
             while pending:
