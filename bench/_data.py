@@ -1,8 +1,10 @@
-"""The token dataset the benches train on: data/stdlib when `make demo` prepared it, else a small one."""
+"""What the benches share: the token dataset they train on (data/stdlib when `make demo` prepared it, else a
+small one) and the CPU name each prints beside its figures."""
 
 from __future__ import annotations
 
 import itertools
+import platform
 import sys
 from pathlib import Path
 
@@ -23,3 +25,14 @@ def dataset(path: str | None, scratch: Path) -> str:
     print(f"data/stdlib is not prepared; tokenizing part of the stdlib into {out} ...", flush=True)
     prepare_dataset(lambda: itertools.islice(read_builtin("stdlib"), 400), out, vocab_size=8192)
     return str(out)
+
+
+def cpu_name() -> str:
+    """The CPU model (Linux /proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

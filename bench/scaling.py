@@ -11,6 +11,7 @@ speeds up or slows down during the benchmark does not favour one of them.
     python bench/scaling.py                      # tiny recipe, 30 steps, 2 threads
     python bench/scaling.py --tp                 # + 2-rank tensor parallel and 4-rank FSDP2 x TP rows
     python bench/scaling.py --recipe small --steps 20 --rounds 2
+    python bench/scaling.py --ep                 # moe-tiny: + 2-rank FSDP2 with expert parallel (ep = 2)
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ MODES = {
     "2 ranks FSDP2": (2, {"parallel.dp_shard": 2}),
     "2 ranks TP": (2, {"parallel.tp": 2, "parallel.dp_shard": 1}),
     "4 ranks FSDP2xTP": (4, {"parallel.tp": 2, "parallel.dp_shard": 2}),
+    "2 ranks FSDP2+EP2": (2, {"parallel.dp_shard": 2, "parallel.ep": 2}),
 }
 TP_MODES = ("2 ranks TP", "4 ranks FSDP2xTP")
+EP_MODES = ("2 ranks FSDP2+EP2",)
 
 
 def run(mode: str, args: argparse.Namespace, data: str, scratch: Path, i: int) -> float:
@@ -69,10 +72,17 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--tp", action="store_true", help="also tensor parallel (2 ranks) and FSDP2 x TP (4 ranks); "
                    "every mode then runs with untied embeddings, which tensor parallel needs")
+    p.add_argument("--ep", action="store_true", help="a mixture-of-experts recipe (moe-tiny unless --recipe names "
+                   "another) and a 2-rank FSDP2 + expert-parallel row (ep = 2); no tensor-parallel rows")
     args = p.parse_args()
     args.tie = "false" if args.tp else "true"
+    if args.ep:
+        args.tp, args.recipe = False, "moe-tiny" if args.recipe == "tiny" else args.recipe
     if not args.tp:
         for mode in TP_MODES:
+            del MODES[mode]
+    if not args.ep:
+        for mode in EP_MODES:
             del MODES[mode]
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
@@ -88,7 +98,7 @@ def main() -> None:
           f"{args.threads} threads in all")
     for mode, values in results.items():
         tps = statistics.median(values)
-        print(f"{mode:>14}: {tps:10,.0f} tok/s   ratio {tps / base:.2f}")
+        print(f"{mode:>17}: {tps:10,.0f} tok/s   ratio {tps / base:.2f}")
 
 
 if __name__ == "__main__":

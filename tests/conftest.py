@@ -3,6 +3,7 @@
 import itertools
 
 import pytest
+import torch
 
 from leantrain.corpus.readers import read_builtin
 from leantrain.tokens.prepare import prepare_dataset
@@ -24,3 +25,14 @@ def dataset(tmp_path_factory):
 def _private_cache(tmp_path_factory, monkeypatch):
     """Keep the CPU peak-FLOP probe cache out of the user's home during tests."""
     monkeypatch.setenv("LEANTRAIN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and while other processes share the two cores,
+    OpenMP threads waiting on each other make their tests many times slower. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -127,8 +127,8 @@ def test_errors_are_leantrain_errors(tmp_path):
         leantrain.generate(tmp_path, "x")
     with pytest.raises(ConfigError, match="temperature"):
         leantrain.generate(tmp_path, "x", temperature=-1)  # checked before any model is loaded
-    with pytest.raises(ConfigError, match="'onnx'"):
-        leantrain.export(tmp_path, tmp_path / "out", format="onnx")
+    with pytest.raises(ConfigError, match="'tflite'"):
+        leantrain.export(tmp_path, tmp_path / "out", format="tflite")
     with pytest.raises(LeantrainError, match="one of the three"):
         leantrain.prepare(out=tmp_path / "ds")
 

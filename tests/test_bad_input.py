@@ -66,6 +66,10 @@ class Ctx:
         """argv of a tiny `train` on the shared dataset into ./run (which must not appear)."""
         return ["train", "--run-dir", str(self.tmp / "run"), f"--data.path={self.dataset}", *TINY, *args]
 
+    def federate(self, *args: str) -> list[str]:
+        """argv of a tiny `federate` on the shared dataset into ./run."""
+        return ["federate", "--run-dir", str(self.tmp / "run"), f"--data.path={self.dataset}", *TINY, *args]
+
     def train_from(self, hf_dir: str, *args: str) -> list[str]:
         """argv of a `train --init-from hf_dir` into ./run; the [model] section comes from its config.json."""
         return ["train", "--run-dir", str(self.tmp / "run"), f"--data.path={self.dataset}", *RUN_ARGS,
@@ -194,6 +198,38 @@ def damaged_hf(ctx: Ctx) -> str:
     return d
 
 
+def tune_cfg(c: Ctx, space: str = '{ "optim.lr" = [1e-4, 1e-2, "log"] }', name: str = "tune.toml", **tune) -> str:
+    """A config of the shared dataset with a [tune] section: this space (TOML text) and these settings."""
+    extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in tune.items())
+    return str(c.write(name, f"[data]\npath = {json.dumps(str(c.dataset))}\n[model]\nvocab_size = 512\n[tune]\n"
+                             f"space = {space}\n{extra}"))
+
+
+def tune(c: Ctx, *args: str, space: str = '{ "optim.lr" = [1e-4, 1e-2, "log"] }', **settings) -> list[str]:
+    """argv of `tune` on a [tune] config into ./study."""
+    return ["tune", tune_cfg(c, space, **settings), "--out", str(c.tmp / "study"), *args]
+
+
+def closed_port_url() -> str:
+    """A PostgreSQL URL on a 127.0.0.1 port nothing listens on."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"postgresql://nobody:secret@127.0.0.1:{port}/study"
+
+
+def changed_study(c: Ctx) -> list[str]:
+    """A study made with one space (no trial run), resumed with a config whose lr range differs."""
+    from leantrain.api import load_config
+    from leantrain.tune.study import open_study
+
+    open_study(load_config, tune_cfg(c), c.tmp / "study")
+    return ["tune", tune_cfg(c, '{ "optim.lr" = [1e-3, 1e-2, "log"] }', name="other.toml"), "--resume",
+            str(c.tmp / "study")]
+
+
 @dataclass
 class Row:
     id: str
@@ -247,11 +283,25 @@ ROWS: list[Row] = [
     R("moe-router", lambda c: c.train("--model.moe_experts=4", "--model.moe_router=relu"),
       ("model.moe_router", "softmax, sigmoid")),
     R("moe-balance", lambda c: c.train("--model.moe_experts=4", "--model.moe_balance=loss"), ("model.moe_balance",)),
-    R("moe-gpt2", lambda c: c.train("--model.moe_experts=4", "--model.arch=gpt2"), ("moe_experts", "llama only")),
+    R("moe-gpt2", lambda c: c.train("--model.moe_experts=4", "--model.arch=gpt2"),
+      ("moe_experts", "llama, qwen2 or qwen3")),
+    R("moe-shared-gate-alone", lambda c: c.train("--model.moe_experts=4", "--model.moe_shared_gate=true"),
+      ("moe_shared_gate", "moe_shared_experts >= 1")),
     R("moe-tp", lambda c: c.train("--model.moe_experts=4", "--parallel.tp=2", "--model.tie_embeddings=false"),
       ("moe_experts", "parallel.tp = 2")),
-    R("moe-lora", lambda c: c.train("--model.moe_experts=4", "--finetune.lora_rank=4"),
-      ("moe_experts", "finetune.lora_rank")),
+    R("moe-fp8", lambda c: c.train("--model.moe_experts=4", "--precision.fp8=true"), ("moe_experts", "precision.fp8")),
+    R("moe-ep-experts", lambda c: c.train("--model.moe_experts=4", "--parallel.ep=3"),
+      ("parallel.ep = 3", "model.moe_experts = 4")),
+    R("moe-ep-world", lambda c: c.train("--model.moe_experts=4", "--parallel.ep=2"),
+      ("parallel.ep = 2", "world size 1")),
+    R("moe-ep-dense", lambda c: c.train("--parallel.ep=2"), ("parallel.ep = 2", "model.moe_experts = 0")),
+    R("moe-ep-replicate", lambda c: c.train("--model.moe_experts=4", "--parallel.ep=2", "--parallel.dp_replicate=2"),
+      ("parallel.ep = 2", "parallel.dp_replicate = 2")),
+    R("moe-ep-zero", lambda c: c.train("--parallel.ep=0"), ("parallel.ep",)),
+    R("moe-ep-lora", lambda c: c.train("--model.moe_experts=4", "--parallel.ep=2", "--finetune.lora_rank=4"),
+      ("finetune.lora_rank", "parallel.ep = 2")),
+    R("moe-ep-compile", lambda c: c.train("--model.moe_experts=4", "--parallel.ep=2", "--train.compile=true"),
+      ("train.compile", "parallel.ep = 2")),
     R("parallel-timeout-zero", lambda c: c.train("--parallel.timeout_s=0"), ("parallel.timeout_s",)),
     R("parallel-tp-heads", lambda c: c.train("--parallel.tp=3", "--model.tie_embeddings=false"),
       ("parallel.tp = 3",)),
@@ -336,6 +386,12 @@ ROWS: list[Row] = [
     R("init-from-no-config", lambda c: c.train_from(c.hf(None)), ("config.json is missing",)),
     R("init-from-not-json", lambda c: c.train_from(c.hf("{not json")), ("not valid JSON",)),
     R("init-from-list", lambda c: c.train_from(c.hf("[1, 2]")), ("JSON list",)),
+    R("init-from-moe-mlp-only-layers", lambda c: c.train_from(c.hf(llama(
+        model_type="qwen2_moe", num_experts=4, moe_intermediate_size=16, mlp_only_layers=[0]))),
+      ("mlp_only_layers = [0]", "Qwen2MoeForCausalLM")),
+    R("init-from-moe-sliding-window", lambda c: c.train_from(c.hf(llama(model_type="mixtral", num_local_experts=4,
+                                                                        sliding_window=16))),
+      ("sliding_window = 16", "MixtralForCausalLM")),
     R("init-from-missing-field", lambda c: c.train_from(c.hf(llama(hidden_size=...))),
       ("hidden_size is missing",)),
     R("init-from-string-size", lambda c: c.train_from(c.hf(llama(hidden_size="32"))),
@@ -490,6 +546,17 @@ ROWS: list[Row] = [
                                                 ["compare", str(c.run), str(c.run_copy())])[1],
       ("compare.html", "not written by leantrain"), keeps=("compare.html",)),
 
+    # ---- serve (each fails before a port is opened) --------------------------------------------------------
+    R("serve-missing-run", lambda c: ["serve", str(c.tmp / "nope")], ("neither a run directory", "nope")),
+    R("serve-port-negative", lambda c: ["serve", str(c.run), "--port", "-1"], ("port", "-1")),
+    R("serve-port-word", lambda c: ["serve", str(c.run), "--port", "http"], ("--port",)),
+    R("serve-max-batch-zero", lambda c: ["serve", str(c.run), "--max-batch", "0"], ("max_batch", "0")),
+    R("serve-max-body-zero", lambda c: ["serve", str(c.run), "--max-body", "0"], ("max_body",)),
+    R("serve-timeout-nan", lambda c: ["serve", str(c.run), "--timeout", "nan"], ("timeout", "nan")),
+    R("serve-empty-api-key", lambda c: ["serve", str(c.run), "--api-key", " "], ("API key is empty",)),
+    R("serve-threads-zero", lambda c: ["serve", str(c.run), "--threads", "0"], ("threads", "0")),
+    R("serve-missing-checkpoint", lambda c: ["serve", str(c.run), "--checkpoint", str(c.tmp / "nope")], ("nope",)),
+
     # ---- generate ------------------------------------------------------------------------------------------
     R("generate-temperature-nan", lambda c: ["generate", str(c.run), "--prompt", "x", "--temperature", "nan"],
       ("temperature", "nan")),
@@ -527,6 +594,24 @@ ROWS: list[Row] = [
     R("generate-manifest-absolute", lambda c: ["generate", changed_run(
         c, "checkpoints/step-0000002/manifest.json", None, manifest_naming("/etc/passwd")), "--prompt", "x"],
       ("checkpoint",)),
+    R("generate-regex-does-not-compile", lambda c: ["generate", str(c.run), "--prompt", "x", "--regex", "[]"],
+      ("--regex", "does not compile")),
+    R("generate-regex-matches-nothing", lambda c: ["generate", str(c.run), "--prompt", "x", "--regex", "[^\\s\\S]"],
+      ("--regex", "matches no text")),
+    R("generate-regex-and-grammar", lambda c: ["generate", str(c.run), "--prompt", "x", "--regex", "a",
+                                               "--grammar", str(c.write("g.ebnf", 'root ::= "a"'))],
+      ("--grammar", "not allowed with")),
+    R("generate-schema-missing", lambda c: ["generate", str(c.run), "--prompt", "x", "--json-schema",
+                                            str(c.tmp / "none.json")], ("--json-schema", "cannot read")),
+    R("generate-schema-not-json", lambda c: ["generate", str(c.run), "--prompt", "x", "--json-schema",
+                                             str(c.write("s.json", "{type: object"))],
+      ("--json-schema", "not valid JSON")),
+    R("generate-schema-bad-type", lambda c: ["generate", str(c.run), "--prompt", "x", "--json-schema",
+                                             str(c.write("s.json", '{"type": "objec"}'))],
+      ("--json-schema", "does not compile", "objec")),
+    R("generate-grammar-undefined-rule", lambda c: ["generate", str(c.run), "--prompt", "x", "--grammar",
+                                                    str(c.write("g.ebnf", "root ::= item\n"))],
+      ("--grammar", "does not compile", "item")),
 
     # ---- export --------------------------------------------------------------------------------------------
     R("export-missing-run", lambda c: ["export", str(c.tmp / "nope"), "--out", str(c.tmp / "hf")],
@@ -542,11 +627,14 @@ ROWS: list[Row] = [
       ("not written by leantrain",), keeps=("o/keep.txt",)),
     R("export-overwrite-run", lambda c: ["export", str(c.run), "--overwrite", "--out", str(c.run)],
       ("is the run directory",)),
-    R("export-format", lambda c: ["export", str(c.run), "--format", "gguf", "--out", str(c.tmp / "hf")],
+    R("export-format", lambda c: ["export", str(c.run), "--format", "tflite", "--out", str(c.tmp / "hf")],
       ("--format",)),
-    R("export-moe", lambda c: ["export", changed_run(c, "config.toml", None, lambda t: t.replace(
-        "moe_experts = 0\n", "moe_experts = 4\n")), "--out", str(c.tmp / "hf")],
-      ("mixture-of-experts", "not built yet")),
+    R("export-moe-bias-softmax", lambda c: ["export", changed_run(c, "config.toml", None, lambda t: t.replace(
+        "moe_experts = 0\n", "moe_experts = 4\n").replace('moe_balance = "aux"', 'moe_balance = "bias"')),
+        "--out", str(c.tmp / "hf")], ("moe_balance = bias", "no transformers architecture", "moe_router = sigmoid")),
+    R("export-moe-ungated-shared", lambda c: ["export", changed_run(c, "config.toml", None, lambda t: t.replace(
+        "moe_experts = 0\n", "moe_experts = 4\n").replace("moe_shared_experts = 0\n", "moe_shared_experts = 1\n")),
+        "--out", str(c.tmp / "hf")], ("moe_shared_experts = 1", "moe_shared_gate = true")),
 
     R("export-overwrite-corpus", lambda c: ["export", str(c.run), "--overwrite", "--out",
                                             str(shutil.copytree(c.dataset, c.tmp / "corpus"))],
@@ -564,6 +652,24 @@ ROWS: list[Row] = [
       ("--dtype", "int8")),
     R("export-peft-not-lora", lambda c: ["export", str(c.run), "--format", "peft", "--out", str(c.tmp / "hf")],
       ("no LoRA adapters", "--format hf")),
+    R("export-quantize-word", lambda c: ["export", str(c.run), "--format", "onnx", "--quantize", "int4", "--out",
+                                         str(c.tmp / "o")], ("--quantize", "int4")),
+    R("export-quantize-hf", lambda c: ["export", str(c.run), "--quantize", "int8", "--out", str(c.tmp / "o")],
+      ("--quantize int8", "--format hf", "--format onnx --quantize int8")),
+    R("export-onnx-q8_0", lambda c: ["export", str(c.run), "--format", "onnx", "--quantize", "q8_0", "--out",
+                                     str(c.tmp / "o")], ("--quantize q8_0", "--format gguf")),
+    R("export-onnx-dtype", lambda c: ["export", str(c.run), "--format", "onnx", "--dtype", "fp16", "--out",
+                                      str(c.tmp / "o")], ("--dtype fp16", "--format onnx", "--quantize int8")),
+    R("export-gguf-int8", lambda c: ["export", str(c.run), "--format", "gguf", "--quantize", "int8", "--out",
+                                     str(c.tmp / "o")], ("--quantize int8", "q8_0")),
+    R("export-gguf-dtype-and-quantize", lambda c: ["export", str(c.run), "--format", "gguf", "--dtype", "fp16",
+                                                   "--quantize", "q8_0", "--out", str(c.tmp / "o")], ("pass one",)),
+    R("export-gguf-moe", lambda c: ["export", changed_run(c, "config.toml", None, lambda t: t.replace(
+        "moe_experts = 0\n", "moe_experts = 4\n")), "--format", "gguf", "--out", str(c.tmp / "o")],
+      ("mixture-of-experts", "--format onnx")),
+    R("export-gguf-gpt2", lambda c: ["export", changed_run(c, "config.toml", None, lambda t: t.replace(
+        'arch = "llama"', 'arch = "gpt2"')), "--format", "gguf", "--out", str(c.tmp / "o")],
+      ("arch = llama", "gpt2", "convert_hf_to_gguf.py")),
 
     # ---- finetune.adapter (PEFT adapter folders) ------------------------------------------------------------
     R("adapter-not-folder", lambda c: c.train_from(c.hf(llama(), hf_weights()), "--finetune.adapter=nope"),
@@ -593,6 +699,57 @@ ROWS: list[Row] = [
                                                                                               lora_weights())),
       ("finetune.lora_rank = 8", "contradicts")),
 
+    # ---- pruning and distillation (docs/compression.md) ----------------------------------------------------
+    R("prune-sparsity-one", lambda c: c.train("--prune.method=magnitude", "--prune.sparsity=1.0"),
+      ("prune.sparsity", "[0, 1)")),
+    R("prune-end-before-start", lambda c: c.train("--prune.method=magnitude", "--prune.start_step=10",
+                                                  "--prune.end_step=5"), ("prune.end_step", "start_step")),
+    R("prune-two-four-sparsity", lambda c: c.train("--prune.method=2:4", "--prune.sparsity=0.3"), ("2:4", "0.5")),
+    R("prune-method-word", lambda c: c.train("--prune.method=random"), ("prune.method", "magnitude")),
+    R("compress-heads-fraction-one", lambda c: ["compress", str(c.run), "--method", "prune-structured",
+                                                "--heads-fraction", "1.0", "--out", str(c.tmp / "p")],
+      ("heads-fraction", "[0, 1)")),
+    R("compress-heads-all-removed", lambda c: ["compress", str(c.run), "--method", "prune-structured",
+                                               "--heads-fraction", "0.9", "--out", str(c.tmp / "p")],
+      ("heads_fraction", "leaves none")),
+    R("compress-sparsity-one", lambda c: ["compress", str(c.run), "--method", "prune-magnitude", "--sparsity", "1",
+                                          "--out", str(c.tmp / "p")], ("sparsity", "[0, 1)")),
+    # ---- compress: quantization and its shared checks (docs/compression.md) -----------------------------------
+    R("compress-method-word", lambda c: ["compress", str(c.run), "--method", "int3", "--out", str(c.tmp / "q")],
+      ("int3", "int8", "int4")),
+    R("compress-fp8-on-cpu", lambda c: ["compress", str(c.run), "--method", "fp8", "--out", str(c.tmp / "q")],
+      ("fp8", "CPU", "int8")),
+    R("compress-sparsity-negative", lambda c: ["compress", str(c.run), "--method", "prune-magnitude", "--sparsity",
+                                               "-0.1", "--out", str(c.tmp / "q")], ("sparsity", "[0, 1)")),
+    R("compress-sparsity-nan", lambda c: ["compress", str(c.run), "--method", "prune-magnitude", "--sparsity",
+                                          "nan", "--out", str(c.tmp / "q")], ("sparsity", "[0, 1)")),
+    R("compress-option-not-for-method", lambda c: ["compress", str(c.run), "--method", "int8", "--sparsity", "0.5",
+                                                   "--out", str(c.tmp / "q")], ("--sparsity", "prune-")),
+    R("compress-group-size", lambda c: ["compress", str(c.run), "--method", "int4", "--group-size", "33",
+                                        "--out", str(c.tmp / "q")], ("--group-size", "32")),
+    R("compress-lora-unmerged", lambda c: ["compress", changed_run(c, "config.toml", None, lambda t: t.replace(
+        "lora_rank = 0", "lora_rank = 4", 1)), "--method", "int8", "--out", str(c.tmp / "q")],
+      ("unmerged LoRA", "merge")),
+    R("compress-out-foreign", lambda c: ["compress", str(c.run), "--method", "int8", "--out",
+                                         str(c.write("mine/notes.txt", "mine").parent)], ("not empty", "did not write"),
+      keeps=("mine/notes.txt",)),
+    R("compress-out-is-run", lambda c: ["compress", str(c.run), "--method", "int8", "--out", str(c.run)],
+      ("source run", "never modified")),
+    R("compress-convert-not-qat", lambda c: ["compress", str(c.run), "--method", "convert", "--out", str(c.tmp / "q")],
+      ("quant.qat", "int8")),
+    R("compress-missing-run", lambda c: ["compress", str(c.tmp / "nope"), "--method", "int8", "--out",
+                                         str(c.tmp / "q")], ("not a run directory",)),
+    R("quant-qat-word", lambda c: c.train("--quant.qat=int3"), ("quant.qat", "int4")),
+    R("quant-qat-with-lora", lambda c: c.train("--quant.qat=int4", "--finetune.lora_rank=4"),
+      ("quant.qat", "lora_rank")),
+    R("distill-teacher-vocab", lambda c: c.train(f"--distill.teacher={c.run}", "--model.vocab_size=600"),
+      ("vocab_size", "512")),
+    R("distill-teacher-not-run", lambda c: c.train("--distill.teacher", str(c.tmp / "nope")), ("not a leantrain run",)),
+    R("distill-temperature-zero", lambda c: c.train(f"--distill.teacher={c.run}", "--distill.temperature=0"),
+      ("distill.temperature",)),
+    R("init-from-run-contradicts", lambda c: c.train(f"--train.init_from={c.run}", "--model.n_layers=2"),
+      ("model.n_layers", "contradicts")),
+
     # ---- checkpoint consolidate ----------------------------------------------------------------------------
     R("consolidate-missing", lambda c: ["checkpoint", "consolidate", str(c.tmp / "nope"), "--out", str(c.tmp / "o")],
       ("nope",)),
@@ -611,6 +768,50 @@ ROWS: list[Row] = [
     R("memory-too-big", lambda c: c.train("--model.dim=65536", "--model.n_layers=24", "--model.n_heads=512",
                                           "--model.n_kv_heads=512"), ("does not fit", "--force")),
     R("data-path-missing", lambda c: c.train("--data.path=/nonexistent/ds"), ("/nonexistent/ds",)),
+
+    # ---- federate (docs/federated.md) ----------------------------------------------------------------------
+    R("federate-per-round-over-clients", lambda c: c.federate("--federated.clients=3",
+                                                              "--federated.clients_per_round=5"),
+      ("federated.clients_per_round = 5", "federated.clients = 3")),
+    R("federate-alpha-zero", lambda c: c.federate("--federated.alpha=0"), ("federated.alpha", "(0.0,")),
+    R("federate-alpha-negative", lambda c: c.federate("--federated.alpha=-1"), ("federated.alpha",)),
+    R("federate-local-steps-zero", lambda c: c.federate("--federated.local_steps=0"), ("federated.local_steps",)),
+    R("federate-dp-noise-negative", lambda c: c.federate("--federated.dp_noise=-0.5"), ("federated.dp_noise",)),
+    R("federate-empty-partition", lambda c: c.federate("--federated.clients=500", "--federated.partition=natural"),
+      ("partition holds", "needs at least", "federated.clients")),
+    R("federate-lora-only-without-lora", lambda c: c.federate("--federated.lora_only=true"),
+      ("federated.lora_only", "finetune.lora_rank")),
+    R("federate-dp-with-fedadam", lambda c: c.federate("--federated.dp_noise=1", "--federated.strategy=fedadam"),
+      ("fedavg", "fedadam")),
+
+    # ---- tune: the space, the study, the storage -----------------------------------------------------------
+    R("tune-space-empty", lambda c: tune(c, space="{}"), ("tune.space is empty",)),
+    R("tune-range-inverted", lambda c: tune(c, space='{ "optim.lr" = [1e-2, 1e-4, "log"] }'),
+      ("optim.lr", "inverted range")),
+    R("tune-range-empty", lambda c: tune(c, space='{ "optim.lr" = [0.01, 0.01] }'), ("optim.lr", "empty range")),
+    R("tune-list-empty", lambda c: tune(c, space='{ "optim.lr" = [] }'), ("optim.lr", "empty range")),
+    R("tune-unknown-key", lambda c: tune(c, space='{ "optim.lrr" = [1e-4, 1e-2] }'),
+      ("unknown config key optim.lrr",)),
+    R("tune-int-key-float-range", lambda c: tune(c, space='{ "model.n_layers" = [1.5, 4] }'),
+      ("model.n_layers", "integer")),
+    R("tune-choice-wrong-type", lambda c: tune(c, space='{ "optim.name" = ["adamw", 3] }'), ("optim.name", "3")),
+    R("tune-bound-out-of-range", lambda c: tune(c, space='{ "optim.lr" = [0, 1e-2] }'),
+      ("optim.lr", "lower bound 0")),
+    R("tune-log-not-positive", lambda c: tune(c, space='{ "optim.warmup_steps" = [0, 10, "log"] }'),
+      ("log range", "low > 0")),
+    R("tune-trials-zero", lambda c: tune(c, "--trials", "0"), ("--trials 0", ">= 1")),
+    R("tune-trials-config-zero", lambda c: tune(c, trials=0), ("tune.trials",)),
+    R("tune-objective-unknown", lambda c: tune(c, objective="speed"), ("tune.objective", "val_loss")),
+    R("tune-cmaes-multi-objective", lambda c: tune(c, sampler="cmaes", objective="val_loss,energy_kwh"),
+      ("cmaes", "nsga2")),
+    R("tune-storage-unreachable", lambda c: tune(c, "--storage", closed_port_url()),
+      ("cannot reach the study storage", "nobody:***@127.0.0.1")),
+    R("tune-storage-scheme", lambda c: tune(c, "--storage", "redis://127.0.0.1/0"), ("redis://", "postgresql://")),
+    R("tune-space-changed", changed_study, ("search space differs", "optim.lr", "--out")),
+    R("tune-resume-not-a-study", lambda c: ["tune", "--resume", str(c.write("proj/x.txt", "x").parent)],
+      ("not a study folder",), keeps=("proj/x.txt",)),
+    R("tune-out-foreign", lambda c: tune(c, "--out", str(c.write("mine/notes.txt", "mine").parent)),
+      ("notes.txt", "did not write"), keeps=("mine/notes.txt",)),
 ]
 
 

@@ -20,12 +20,7 @@ from leantrain.train.trainer import Trainer
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 def _ids(vocab: int, n: int = 2, t: int = 24) -> torch.Tensor:

@@ -24,14 +24,7 @@ from leantrain.train.runs import load_trained
 from leantrain.train.telemetry import read_jsonl
 from leantrain.train.trainer import Trainer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from more threads on the shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 def tiny_model(seed: int = 0, **kw) -> Transformer:

@@ -25,12 +25,7 @@ transformers = pytest.importorskip("transformers")
 VOCAB = 512  # the shared test dataset's vocabulary
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 def _noisy(model: torch.nn.Module, seed: int) -> None:

@@ -20,15 +20,7 @@ from leantrain.model import (
 )
 from leantrain.model.transformer import apply_rope, rope_tables
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and while other processes share the two cores,
-    OpenMP threads waiting on each other make these tests 20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 def tiny(**kw) -> ModelConfig:

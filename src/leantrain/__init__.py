@@ -6,11 +6,11 @@ The public Python API (docs/api.md), defined in `leantrain.api`:
     leantrain.prepare(...)       leantrain.load_config(...)   leantrain.train(...)
     leantrain.load_model(...)    leantrain.generate(...)      leantrain.evaluate(...)
     leantrain.export(...)        leantrain.report(...)        leantrain.compare(...)
-    leantrain.__version__
+    leantrain.compress(...)      leantrain.__version__
 
-The functions load on first use, so `import leantrain` costs no torch import. `train`, `export` and
-`report` are also the names of subpackages (`leantrain.train.trainer`, `leantrain.export.hf`), and a
-package attribute cannot be both: so those two package modules are made callable here (the module
+The functions load on first use, so `import leantrain` costs no torch import. `train`, `export`, `report`
+and `compress` are also the names of subpackages (`leantrain.train.trainer`, `leantrain.export.hf`), and a
+package attribute cannot be both: so those package modules are made callable here (the module
 class swap the language reference documents under "customizing module attribute access"), and
 `leantrain.train(cfg)` runs `leantrain.api.train` while `import leantrain.train.trainer` still works.
 """
@@ -27,10 +27,10 @@ try:
 except metadata.PackageNotFoundError:  # a source tree on sys.path that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["LoadedModel", "TrainResult", "__version__", "compare", "evaluate", "export", "generate", "load_config",
-           "load_model", "prepare", "report", "train"]
-_FROM_API = frozenset({"LoadedModel", "TrainResult", "compare", "evaluate", "generate", "load_config", "load_model",
-                       "prepare"})
+__all__ = ["LoadedModel", "TrainResult", "__version__", "compare", "compress", "evaluate", "export", "federate",
+           "generate", "load_config", "load_model", "prepare", "report", "train", "tune", "tune_show"]
+_FROM_API = frozenset({"LoadedModel", "TrainResult", "compare", "evaluate", "federate", "generate", "load_config",
+                       "load_model", "prepare", "tune_show"})
 
 
 def __getattr__(name: str) -> Any:
@@ -54,6 +54,6 @@ class _CallableRoom(types.ModuleType):
         return getattr(api, self.__name__.rpartition(".")[2])(*args, **kwargs)
 
 
-for _room in ("train", "export", "report"):  # the package __init__ files are light: no torch here
+for _room in ("train", "export", "report", "compress", "tune"):  # the package __init__ files are light: no torch here
     importlib.import_module(f"leantrain.{_room}").__class__ = _CallableRoom
 del _room

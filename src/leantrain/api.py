@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from warnings import warn
 
 from leantrain.errors import ConfigError, LeantrainError
 
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from leantrain.parallel.distributed import Layout
     from leantrain.report.compare import Comparison
     from leantrain.train.telemetry import Observer
+    from leantrain.tune.results import StudyResult
+    from leantrain.tune.study import TuneRun
 
 Overrides = Mapping[str, Any] | Sequence[str] | None
 
@@ -103,12 +106,18 @@ def load_config(path: str | Path | None = None, *, recipe: str | None = None, ov
         keys = set(read_toml_file(path).get("model", {})) if path else set()
         keys |= set(ov.get("model", {}))
         explicit = {k: getattr(cfg.model, k) for k in keys}
-        ov.setdefault("model", {}).update(init_model_fields(cfg.train.init_from, explicit))
+        source = Path(cfg.train.init_from) / "config.json"
+        if (Path(cfg.train.init_from) / "config.toml").is_file():  # a leantrain run or `compress` output folder
+            from leantrain.train.runs import run_model_fields
+
+            source = Path(cfg.train.init_from) / "config.toml"
+            ov.setdefault("model", {}).update(run_model_fields(cfg.train.init_from, explicit))
+        else:
+            ov.setdefault("model", {}).update(init_model_fields(cfg.train.init_from, explicit))
         try:
             cfg = resolve(path, recipe, ov)
         except ConfigError as e:  # a value the HF folder brought in: say where it came from
-            raise ConfigError(f"{e} (the [model] values come from {Path(cfg.train.init_from) / 'config.json'})"
-                              ) from None
+            raise ConfigError(f"{e} (the [model] values come from {source})") from None
     if cfg.finetune.adapter:
         from leantrain.model.peft import adapter_fields
 
@@ -236,17 +245,27 @@ def _loaded(model: LoadedModel | str | Path, checkpoint: str | Path | None) -> L
 
 def generate(model: LoadedModel | str | Path, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
              top_k: int | None = 50, seed: int | None = 0, chat: bool = False,
-             checkpoint: str | Path | None = None) -> str:
+             checkpoint: str | Path | None = None, regex: str | None = None,
+             json_schema: str | dict | None = None, grammar: str | None = None) -> str:
     """The text a model writes after `prompt` (the continuation only), sampled with a KV cache.
 
     `model` is a `LoadedModel` or a run/checkpoint path (loaded for this call). temperature 0 is greedy;
     top_k 0 or None samples from the whole vocabulary; the same seed gives the same text. `chat` wraps
     the prompt in the run's chat template and stops at the end-of-text token (runs trained on chat data).
+    At most one of `regex`, `json_schema` (schema text or dict) and `grammar` (EBNF text, xgrammar's GBNF
+    dialect) constrains the output to that language (docs/constrained.md); if `max_new_tokens` runs out
+    first, the text is returned as far as it got and an `IncompleteOutputWarning` is issued.
     """
     from leantrain.model.generate import check_sampling
     from leantrain.model.generate import generate as sample
 
     check_sampling(max_new_tokens, temperature, top_k)  # before a model is loaded
+    if isinstance(json_schema, dict):
+        json_schema = json.dumps(json_schema)
+    rules = [(k, v) for k, v in (("regex", regex), ("json_schema", json_schema), ("grammar", grammar))
+             if v is not None]
+    if len(rules) > 1:
+        raise ConfigError("pass at most one of --regex, --json-schema and --grammar")
     m = _loaded(model, checkpoint)
     if chat:
         from leantrain.tokens.chat import ChatEncoder
@@ -262,8 +281,31 @@ def generate(model: LoadedModel | str | Path, prompt: str, *, max_new_tokens: in
         ids, eos = m.tokenizer.encode(prompt).ids, None
     if not ids:
         raise LeantrainError("the prompt is empty; pass some text with --prompt")
-    new = sample(m.model, ids, max_new_tokens, temperature=temperature, top_k=top_k or None, seed=seed, eos_id=eos)
+    constraint = None
+    if rules:
+        constraint = _constraint(m, rules, eos)
+        eos = constraint.grammar.stop_ids[0]
+    new = sample(m.model, ids, max_new_tokens, temperature=temperature, top_k=top_k or None, seed=seed, eos_id=eos,
+                 constraint=constraint)
+    if constraint is not None and not constraint.complete:
+        warn(IncompleteOutputWarning(
+            f"max-new-tokens = {max_new_tokens} ran out before the output matched the {rules[0][0]} "
+            "constraint; raise --max-new-tokens"), stacklevel=2)
     return m.tokenizer.decode(new)
+
+
+class IncompleteOutputWarning(UserWarning):
+    """Constrained generation stopped at max_new_tokens before the output was a whole match."""
+
+
+def _constraint(m: LoadedModel, rules: list[tuple[str, str]], eos: int | None) -> Any:
+    from leantrain.model.constrained import compile_constraint
+    from leantrain.tokens.tokenizer import eot_id, tokenizer_eos
+
+    kind, source = rules[0]
+    stop = eos if eos is not None else eot_id(m.tokenizer, eos=tokenizer_eos(m.run_dir / "tokenizer.json"))
+    return compile_constraint(kind, source, m.tokenizer.get_vocab(with_added_tokens=True),
+                              m.config.model.vocab_size, [stop]).matcher()
 
 
 def evaluate(model: LoadedModel | str | Path, data: str | Path | None = None, *, split: str = "val",
@@ -300,6 +342,62 @@ def evaluate(model: LoadedModel | str | Path, data: str | Path | None = None, *,
     return torch.stack(losses).mean().item()
 
 
+# ---- tune ------------------------------------------------------------------------------
+
+def tune(config: Config | str | Path | None = None, out: str | Path | None = None, *, recipe: str | None = None,
+         overrides: Overrides = None, trials: int | None = None, workers: int = 1, storage: str | None = None,
+         study_name: str | None = None, resume: str | Path | None = None,
+         on_trial: Callable[[Any], None] | None = None, threads: int = 0, worker_index: int = 0) -> TuneRun:
+    """Search the config's `[tune] space` with Optuna (docs/tune.md): each trial a run in STUDY_DIR/trials/NNNN
+    (`out`, default studies/NAME-TIME), pruned at its evaluations, until the study has `trials` (default
+    tune.trials) trials from all its workers. `workers` > 1 runs that many worker processes here, each with
+    cores/workers threads; `storage` (postgresql://...) shares the study with workers elsewhere (same
+    `study_name`, default the folder's name); `resume` continues a study folder. `on_trial` gets each finished
+    Optuna FrozenTrial of this process. Returns what this call ran; `tune_show` gives the results."""
+    import dataclasses
+
+    from leantrain.config import Config
+    from leantrain.tune.study import open_study, run_worker, run_workers
+
+    for value, what in ((trials, "trials"), (workers, "workers")):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"--{what} {value!r} is not allowed; expected an integer >= 1")
+    ov = _nested(overrides)
+    if trials is not None:
+        if isinstance(config, Config):
+            config = dataclasses.replace(config, tune=dataclasses.replace(config.tune, trials=trials))
+        ov.setdefault("tune", {})["trials"] = trials
+    opened = open_study(load_config, config, out, recipe=recipe, overrides=ov, storage=storage, study_name=study_name,
+                        resume=resume, worker_index=worker_index)
+    if workers == 1:
+        return run_worker(opened, opened.cfg.tune.trials, train, threads=threads, on_trial=on_trial)
+    return run_workers(opened, opened.cfg.tune.trials, workers)
+
+
+def tune_show(study_dir: str | Path, *, storage: str | None = None, page: bool = True) -> StudyResult:
+    """A study's trials (state, values, reason for pruned and failed ones) and best trial(s) (the Pareto front for
+    several objectives); writes STUDY_DIR/best.toml (ready for `train`) and, with `page`, STUDY_DIR/report.html."""
+    from leantrain.tune.results import show
+
+    return show(study_dir, storage, page=page)
+
+
+# ---- federate --------------------------------------------------------------------------
+
+def federate(config: Config | str | Path, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Federated training of `config` (its `[federated]` section) on Flower's simulation engine into `run_dir`
+    (default runs/federated-TIME); returns the summary (rounds, val_loss, tokens, bytes each way, energy,
+    dp_epsilon with DP, partition sizes and skew), also written as RUN/federated.json. Each client trains with
+    the Trainer's own step on its partition; the global model is checkpointed each round, and an existing run
+    directory resumes after its last finished round. For the deployment engine (flower-superlink and
+    flower-supernode processes) see docs/federated.md."""
+    from leantrain.config import Config
+    from leantrain.federated.run import simulate
+
+    cfg = config if isinstance(config, Config) else load_config(config)
+    return simulate(cfg, Path(run_dir) if run_dir is not None else _new_run_dir("federated"))
+
+
 # ---- report and compare ----------------------------------------------------------------
 
 def report(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -325,23 +423,108 @@ def compare(run_dirs: Sequence[str | Path], out: str | Path | None = "compare.ht
     return result
 
 
+# ---- compress --------------------------------------------------------------------------
+
+def compress(run_dir: str | Path, out: str | Path, method: str, *, checkpoint: str | Path | None = None,
+             group_size: int = 32, options: Mapping[str, Any] | None = None, eval_batches: int | None = None,
+             speed_tokens: int = 32, overwrite: bool = False, device: str = "cpu") -> dict[str, Any]:
+    """Write a smaller copy of a run into `out` (a run-like folder that generate, evaluate, report and export
+    read) and return its compression.json record: method, settings, source checkpoint (path, sha256), and
+    weights MB, parameters, val loss and decoding tokens/s (batch 1 and 8, KV cache) before and after.
+
+    `method`: "int8" (weight-only), "int8-dynamic", "int4" (grouped weight-only, `group_size`), "fp8" (CUDA
+    GPUs of compute capability >= 8.9), "prune-magnitude", "prune-structured", "prune-2:4", or "convert" (a
+    run trained with quant.qat). `options` (pruning): sparsity, scope, heads_fraction, channels_fraction,
+    score. `eval_batches` validation batches (default: the run's train.eval_steps); `speed_tokens` 0 skips
+    the timing. The source run is only read; `overwrite` replaces only an earlier compress output.
+    """
+    from leantrain.compress.run import compress as run_compress
+
+    return run_compress(run_dir, out, method, checkpoint=checkpoint, group_size=group_size, options=dict(options or {}),
+                        eval_batches=eval_batches, speed_tokens=speed_tokens, overwrite=overwrite, device=device)
+
+
 # ---- export ----------------------------------------------------------------------------
 
 def export(run_dir: str | Path, out: str | Path, *, format: str = "hf", checkpoint: str | Path | None = None,
-           max_shard_size: int | str = "5GB", overwrite: bool = False, dtype: str | None = None) -> dict[str, Any]:
+           max_shard_size: int | str = "5GB", overwrite: bool = False, dtype: str | None = None,
+           quantize: str | None = None) -> dict[str, Any]:
     """Write a run's newest good (or the given) checkpoint as a Hugging Face folder that transformers'
     AutoModelForCausalLM / AutoTokenizer load with no custom code (`format="hf"`; LoRA adapters merged), or a
     LoRA run's adapters as a PEFT adapter folder (`format="peft"`, for `PeftModel.from_pretrained`); returns a
     summary (out_dir, files, step, arch, params, dtype, warnings). `dtype` (fp32, bf16, fp16) of the saved
     weights defaults to bf16 when the run trained in bf16, else fp32. A non-empty `out` is replaced only
-    with `overwrite`, and only if leantrain wrote it."""
+    with `overwrite`, and only if leantrain wrote it. `format="onnx"` writes an ONNX decoder with past
+    key/values for ONNX Runtime (`quantize="int8"`: dynamic int8 weights), `format="gguf"` one GGUF file for
+    llama.cpp (`dtype` fp32/fp16/bf16 or `quantize="q8_0"`); docs/export.md."""
     from leantrain.export.hf import export_hf, parse_size
 
-    if format not in ("hf", "peft"):
-        raise ConfigError(f"export format {format!r} is not allowed; expected 'hf' or 'peft'")
+    if format not in ("hf", "peft", "onnx", "gguf"):
+        raise ConfigError(f"export format {format!r} is not allowed; expected 'hf', 'peft', 'onnx' or 'gguf'")
+    from leantrain.compress.run import quantized_by
+
+    quantized = quantized_by(run_dir)
+    if quantized:  # a `leantrain compress` int8/int4 output: torchao tensors, in transformers' TorchAoConfig form
+        from leantrain.export.quantized import check_quantized_export, export_quantized_hf
+
+        check_quantized_export(run_dir, quantized, format, dtype, quantize)
+        return export_quantized_hf(run_dir, out, quantized, checkpoint, overwrite)
+    if format == "onnx":
+        from leantrain.export.onnx import export_onnx
+
+        return export_onnx(run_dir, out, checkpoint, overwrite, dtype, quantize)
+    if format == "gguf":
+        from leantrain.export.gguf import export_gguf
+
+        return export_gguf(run_dir, out, checkpoint, overwrite, dtype, quantize)
+    if quantize is not None:
+        raise ConfigError(f"--quantize {quantize} is not allowed with --format {format}; quantized exports are "
+                          "--format onnx --quantize int8 and --format gguf --quantize q8_0")
     if format == "peft":
         from leantrain.export.peft import export_peft
 
         return export_peft(run_dir, out, checkpoint, overwrite, dtype)
     shard = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
     return export_hf(run_dir, out, checkpoint, shard, overwrite, dtype)
+
+
+# ---- serve -----------------------------------------------------------------------------
+
+def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          name: str | None = None, checkpoint: str | Path | None = None, max_batch: int = 16, max_queue: int = 64,
+          max_body: int = 1 << 20, timeout: float = 300.0, log_level: str = "info", threads: int | None = None) -> None:
+    """Serve a run directory (newest good checkpoint) or an HF export folder over OpenAI's completions and chat
+    completions API, with continuous batching and a chat page at /, until SIGTERM/SIGINT (then drain, return).
+
+    Binds 127.0.0.1 unless `host` says otherwise; `api_key` makes every /v1 route want `Authorization: Bearer
+    KEY`. `max_batch` requests decode together, `max_queue` more wait (beyond: 429); bodies over `max_body`
+    bytes get 413, requests running past `timeout` seconds 504. `threads` for torch defaults to all cores but one:
+    the HTTP side needs a core, and torch's threads stall when they share one. Needs the `serve` extra
+    (docs/serving.md)."""
+    for value, what in ((max_batch, "max_batch"), (max_queue, "max_queue"), (max_body, "max_body")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if what == "max_queue" else 1):
+            raise ConfigError(f"{what} = {value!r} is not allowed; expected an integer >= "
+                              f"{0 if what == 'max_queue' else 1}")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError(f"port = {port!r} is not allowed; expected an integer in [0, 65535]")
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < float("inf"):
+        raise ConfigError(f"timeout = {timeout!r} is not allowed; expected a number of seconds > 0")
+    if api_key is not None and not api_key.strip():
+        raise ConfigError("the API key is empty; pass a non-empty --api-key (or leave it out)")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise LeantrainError(f"serving needs {e.name}; install the extra: pip install 'leantrain[serve]'") from None
+    from leantrain.serve.app import Limits, run
+    from leantrain.serve.loader import load_served
+
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads = {threads!r} is not allowed; expected an integer >= 1")
+    import os
+
+    import torch
+
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
+    served = load_served(path, name=name, checkpoint=checkpoint, load_model=load_model)
+    run(served, host, port, Limits(api_key, max_body, max_batch, max_queue, float(timeout)), log_level)

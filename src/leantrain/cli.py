@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         overrides = [*overrides, "--energy.carbon_aware=true"]
     if args.init_from:
         overrides = [*overrides, f"--train.init_from={json.dumps(args.init_from)}"]
+    if args.distill_teacher:
+        overrides = [*overrides, f"--distill.teacher={json.dumps(args.distill_teacher)}"]
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.toml").is_file():
@@ -248,18 +251,47 @@ def cmd_lr_find(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_federate(args: argparse.Namespace, extra: list[str]) -> int:
+    """Federated training on Flower's simulation engine (docs/federated.md); the rounds in metrics.jsonl."""
+    from leantrain import api
+
+    if args.config is None and args.recipe is None:
+        args.recipe = "tiny"
+    cfg = api.load_config(args.config, recipe=args.recipe, overrides=_overrides(extra))
+    f = cfg.federated
+    console.print(f"federate: {f.clients} clients ({f.partition}), {f.rounds} rounds x {f.local_steps} local steps, "
+                  f"{f.strategy}" + (", LoRA adapters only" if f.lora_only else ""))
+    r = api.federate(cfg, args.run_dir)
+    eps = f", epsilon {r['dp_epsilon']:.3g} at delta {r['dp_delta']:g}" if r.get("dp_epsilon") is not None else ""
+    console.print(f"[bold]round {r['rounds']}: val_loss {r['val_loss']:.4f}[/bold], {r['tokens']:,} tokens, "
+                  f"{r['bytes_sent'] / 1e6:.2f} MB sent / {r['bytes_received'] / 1e6:.2f} MB received, "
+                  f"{r['energy_j']:.0f} J{eps}")
+    for w in r.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    return 0
+
+
 # ---- export ----------------------------------------------------------------------------
 
 def cmd_export(args: argparse.Namespace) -> int:
     from leantrain import api
 
     info = api.export(args.run_dir, args.out, format=args.format, checkpoint=args.checkpoint,
-                      max_shard_size=args.max_shard_size, overwrite=args.overwrite, dtype=args.dtype)
+                      max_shard_size=args.max_shard_size, overwrite=args.overwrite, dtype=args.dtype,
+                      quantize=args.quantize)
     for w in info["warnings"]:
         err_console.print(f"[yellow]warning[/yellow]: {w}; used an older checkpoint")
     console.print(f"exported step {info['step']} of {args.run_dir} ({info['arch']}, {info['params']:,} parameters, "
                   f"{info['dtype']}) "
                   f"to [bold]{info['out_dir']}[/bold]: {', '.join(info['files'])}")
+    if args.format == "onnx":
+        console.print(f"run it with ONNX Runtime: leantrain.export.onnx_runtime.OnnxLM({info['out_dir']!r})"
+                      ".generate([ids], 64)", markup=False, highlight=False)
+        return 0
+    if args.format == "gguf":
+        console.print(f"run it with llama.cpp: llama-simple -m {info['out_dir']}/model.gguf -n 64 'def '",
+                      markup=False, highlight=False)
+        return 0
     if args.format == "peft":
         console.print(f"load it with peft: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
                       f"{info['base']!r}), {info['out_dir']!r})", markup=False, highlight=False)
@@ -270,6 +302,28 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 # ---- plan / report ---------------------------------------------------------------------
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from leantrain import api
+
+    options = {"sparsity": args.sparsity, "scope": args.scope, "heads_fraction": args.heads_fraction,
+               "channels_fraction": args.channels_fraction, "score": args.score}
+    info = api.compress(args.run_dir, args.out, args.method, checkpoint=args.checkpoint, group_size=args.group_size,
+                        options=options, eval_batches=args.eval_batches, speed_tokens=args.speed_tokens,
+                        overwrite=args.overwrite)
+    for w in info["warnings"]:
+        err_console.print(f"[yellow]warning[/yellow]: {w}; used an older checkpoint")
+    b, a = info["before"], info["after"]
+    line = f"{args.method}: {b['weights_mb']:.2f} MB -> {a['weights_mb']:.2f} MB, {a['params']:,} parameters"
+    if "val_loss_delta" in info:
+        line += f", val loss {b['val_loss']:.4f} -> {a['val_loss']:.4f} ({info['val_loss_delta']:+.4f})"
+    if "tokens_per_s_b1" in a:
+        line += f", decode {b['tokens_per_s_b1']:.0f} -> {a['tokens_per_s_b1']:.0f} tokens/s (batch 1)"
+    console.print(line, markup=False, highlight=False)
+    console.print(f"wrote {info['out_dir']} (compression.json has the details); try: leantrain generate "
+                  f"{info['out_dir']} --prompt 'def '", markup=False, highlight=False)
+    return 0
+
 
 def cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
     from leantrain.config import load_config
@@ -323,13 +377,120 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from leantrain.model.generate import check_sampling
 
     check_sampling(args.max_new_tokens, args.temperature, args.top_k)  # before a model is loaded
+    schema = _read_rule_file(args.json_schema, "--json-schema")
+    grammar = _read_rule_file(args.grammar, "--grammar")
     loaded = api.load_model(args.run_dir, checkpoint=args.checkpoint)
     for w in loaded.warnings:
         err_console.print(f"[yellow]warning[/yellow]: {w}; used an older checkpoint")
-    text = api.generate(loaded, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_k=args.top_k, seed=args.seed, chat=args.chat)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", api.IncompleteOutputWarning)
+        text = api.generate(loaded, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, seed=args.seed, chat=args.chat, regex=args.regex,
+                            json_schema=schema, grammar=grammar)
+    for w in caught:
+        if issubclass(w.category, api.IncompleteOutputWarning):
+            err_console.print(f"[yellow]warning[/yellow]: {escape(str(w.message))}", soft_wrap=True)
     print(text if args.chat else args.prompt + text)  # --chat prints only the answer
     return 0
+
+
+def _read_rule_file(path: str | None, flag: str) -> str | None:
+    """The text of a --json-schema / --grammar file, or a one-line error naming it."""
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{flag} {path}: cannot read it ({e.strerror or e}); pass an existing UTF-8 file") from None
+
+
+# ---- serve -----------------------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from leantrain import api
+
+    key = args.api_key if args.api_key is not None else os.environ.get("LEANTRAIN_API_KEY") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not key:
+        err_console.print(f"[yellow]warning[/yellow]: serving on {args.host} without an API key: anyone who can "
+                          "reach this port can use the model (set --api-key or LEANTRAIN_API_KEY)")
+    console.print(f"serving {args.path} at http://{args.host}:{args.port}/ (chat page), OpenAI API at /v1; "
+                      "SIGTERM or Ctrl-C finishes open requests, then stops", highlight=False, soft_wrap=True)
+    api.serve(args.path, host=args.host, port=args.port, api_key=key, name=args.name, checkpoint=args.checkpoint,
+              max_batch=args.max_batch, max_queue=args.max_queue, max_body=args.max_body, timeout=args.timeout,
+              log_level=args.log_level, threads=args.threads)
+    return 0
+
+
+# ---- tune ------------------------------------------------------------------------------
+
+def _trial_line(t: Any) -> str:
+    """One line per finished trial: state, objective values, the values tried, and why it was pruned or failed."""
+    state = t.state.name.lower()
+    values = ", ".join(f"{v:.4f}" for v in t.values) if t.values else ""
+    tried = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
+    why = t.user_attrs.get("pruned_reason") or t.user_attrs.get("fail_reason") or ""
+    return (f"trial {t.number} {state}" + (f": {values}" if values else "") + f" · {tried}"
+            + (f" · {why}" if why and state != "complete" else ""))
+
+
+def _show_study(study_dir: str | Path, storage: str | None) -> int:
+    from leantrain import api
+
+    r = api.tune_show(study_dir, storage=storage)
+    states: dict[str, int] = {}
+    for t in r.trials:
+        states[t.state] = states.get(t.state, 0) + 1
+    console.print(f"study {r.study_name}: {len(r.trials)} trials (" + ", ".join(f"{n} {s}" for s, n in
+                                                                         sorted(states.items())) + ")",
+                  markup=False, highlight=False)
+    for t in r.trials:
+        if t.state in ("fail", "pruned"):
+            console.print(f"  trial {t.number} {t.state}: {t.reason}", markup=False, highlight=False)
+    title = "best trial" if len(r.objectives) == 1 else f"Pareto front ({', '.join(r.objectives)})"
+    console.print(f"[bold]{title}[/bold]:" + ("" if r.best else " none yet (no trial completed)"))
+    for n in r.best:
+        t = r.row(n)
+        values = ", ".join(f"{w} {v:.5g}" for w, v in zip(r.objectives, t.values or [], strict=False))
+        tried = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
+        console.print(f"  trial {n}: {values} · {tried} · {Path(study_dir) / t.attrs.get('run_dir', '')}",
+                      markup=False, highlight=False)
+    if r.best_toml is not None:
+        console.print(f"wrote {r.best_toml}: leantrain train {r.best_toml}", markup=False, highlight=False)
+    if r.report is not None:
+        console.print(f"study report: {r.report}", markup=False, highlight=False)
+    if (Path(study_dir) / "study.db").is_file():
+        console.print(f"live view: optuna-dashboard sqlite:///{Path(study_dir) / 'study.db'}", markup=False,
+                      highlight=False)
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace, extra: list[str]) -> int:
+    """`tune`: a thin shell over `leantrain.tune` / `leantrain.tune_show` (docs/tune.md)."""
+    from leantrain import api
+
+    if args.show:
+        if args.config or args.resume or args.recipe:
+            raise LeantrainError("--show takes the study folder alone: leantrain tune --show STUDY_DIR")
+        return _show_study(args.show, args.storage)
+    if args.config is None and args.recipe is None and args.resume is None:
+        raise LeantrainError("leantrain tune needs a config with a [tune] space (leantrain tune CONFIG) or a study "
+                             "to continue (--resume STUDY_DIR); see docs/tune.md")
+    run = api.tune(args.config, args.out, recipe=args.recipe, overrides=_overrides(extra), trials=args.trials,
+                   workers=args.workers, storage=args.storage, study_name=args.study_name, resume=args.resume,
+                   on_trial=lambda t: console.print(_trial_line(t), markup=False, highlight=False),
+                   threads=args.threads, worker_index=args.worker_index or 0)
+    for w in run.warnings:
+        err_console.print(f"[yellow]warning[/yellow]: {escape(w)}", highlight=False, soft_wrap=True)
+    who = "this worker" if args.workers == 1 else f"the {args.workers} workers"
+    console.print(f"{who} ran {len(run.ran)} trials" + (": " + ", ".join(map(str, run.ran)) if run.ran else "")
+                  + f"; study {run.study_name} has {run.total}", markup=False, highlight=False)
+    if run.stopped:
+        console.print(f"stopped by {run.stopped}; the study is saved: continue with leantrain tune --resume "
+                      f"{run.study_dir}", markup=False, highlight=False)
+        return 0
+    if args.worker_index is not None:  # a worker process of --workers: its parent shows the results
+        return 0
+    return _show_study(run.study_dir, args.storage)
 
 
 # ---- checkpoint ------------------------------------------------------------------------
@@ -404,13 +565,24 @@ _EXAMPLES = {
     "export": """\
   leantrain export runs/tiny --format hf --out hf/my-model
   leantrain export runs/tiny --out hf/my-model --overwrite --max-shard-size 2GB --dtype fp32
-  leantrain export runs/lora --format peft --out adapters/my-lora      # PeftModel.from_pretrained loads it""",
+  leantrain export runs/lora --format peft --out adapters/my-lora      # PeftModel.from_pretrained loads it
+  leantrain export runs/tiny --format onnx --quantize int8 --out onnx/my-model   # ONNX Runtime, int8 weights
+  leantrain export runs/tiny --format gguf --quantize q8_0 --out gguf/my-model   # llama.cpp""",
+    "tune": """\
+  leantrain tune tune.toml --trials 16 --out studies/lr                 # TPE + ASHA, SQLite in studies/lr
+  leantrain tune tune.toml --workers 2 --tune.objective=val_loss,energy_kwh
+  leantrain tune tune.toml --storage postgresql://me@db:5432/studies --study-name lr --out studies/lr
+  leantrain tune --resume studies/lr                                    # a killed study goes on
+  leantrain tune --show studies/lr                                      # best trial(s), best.toml, report.html""",
     "lr-find": """\
   leantrain lr-find --recipe tiny --steps 100
   leantrain lr-find config.toml --optim.name=muon --min-lr 1e-4 --max-lr 1""",
     "generate": """\
   leantrain generate runs/tiny --prompt "def " --max-new-tokens 80
   leantrain generate runs/chat --chat --prompt "Write a haiku about GPUs" --temperature 0""",
+    "serve": """\
+  leantrain serve runs/tiny                     # http://127.0.0.1:8000/ (chat page), /v1 (OpenAI API)
+  LEANTRAIN_API_KEY=secret leantrain serve runs/chat --host 0.0.0.0 --port 8080""",
     "checkpoint": """\
   leantrain checkpoint consolidate runs/big/checkpoints/step-0001000 --out full-step-1000""",
     "checkpoint consolidate": """\
@@ -524,21 +696,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--carbon-aware", action="store_true",
                        help="pause while the grid is dirtier than energy.deadline allows (sets energy.carbon_aware; "
                        "needs energy.intensity_csv and energy.deadline)")
-    train.add_argument("--init-from", metavar="HF_DIR",
-                       help="start from a local Hugging Face Llama, Mistral, Qwen2, Qwen3, Phi-3 or GPT-2 folder (sets "
-                       "train.init_from and "
-                       "the [model] section from its config.json)")
+    train.add_argument("--init-from", metavar="DIR",
+                       help="start from a local Hugging Face Llama, Mistral, Qwen2, Qwen3, Phi-3 or GPT-2 folder, or a "
+                       "leantrain run or pruned `compress` output (sets train.init_from and the [model] section from "
+                       "its config.json / config.toml)")
+    train.add_argument("--distill.teacher", dest="distill_teacher", metavar="RUN_DIR",
+                       help="distill from this trained run (same tokenizer): sets distill.teacher; [distill] has "
+                       "temperature, alpha, chunk (docs/compression.md)")
     train.add_argument("--force", action="store_true",
                        help="start even when the planner estimates that the model does not fit in the memory "
                        "available")
 
-    exp = sub.add_parser("export", help="write a trained run as a Hugging Face model folder",
+    exp = sub.add_parser("export", help="write a trained run as a Hugging Face, ONNX or GGUF model folder",
                          description="Write the newest good checkpoint of a run as a folder that "
-                         "transformers' AutoModelForCausalLM and AutoTokenizer load with no custom code.")
+                         "transformers' AutoModelForCausalLM and AutoTokenizer load with no custom code (--format "
+                         "hf), as an ONNX decoder for ONNX Runtime (onnx) or a GGUF file for llama.cpp (gguf).")
     exp.add_argument("run_dir", help="run directory written by `leantrain train`")
-    exp.add_argument("--format", choices=["hf", "peft"], default="hf",
+    exp.add_argument("--format", choices=["hf", "peft", "onnx", "gguf"], default="hf",
                      help="hf: safetensors + config, LoRA adapters merged; peft: a LoRA run's adapters as a PEFT "
-                     "adapter folder (adapter_config.json + adapter_model.safetensors)")
+                     "adapter folder (adapter_config.json + adapter_model.safetensors); onnx: model.onnx with past "
+                     "key/values + genai_config.json for ONNX Runtime; gguf: model.gguf for llama.cpp")
+    exp.add_argument("--quantize", choices=["int8", "q8_0"],
+                     help="int8 (with --format onnx: onnxruntime dynamic quantization) or q8_0 (with --format gguf)")
     exp.add_argument("--out", required=True, help="folder to write")
     exp.add_argument("--checkpoint", help="a specific checkpoint folder instead of the newest")
     exp.add_argument("--max-shard-size", default="5GB", help="split weights into files of at most this size (5GB)")
@@ -546,6 +725,37 @@ def build_parser() -> argparse.ArgumentParser:
                      help="replace an earlier export in --out (only a folder `leantrain export` wrote)")
     exp.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
                      help="dtype of the saved weights (default: bf16 when the run trained in bf16, else fp32)")
+
+    comp = sub.add_parser("compress", help="quantize or prune a trained run into a smaller model, measured",
+                          description="Write a smaller copy of a run (a run-like folder that generate, report and "
+                          "export read) with compression.json: method, settings, source checkpoint, and size, "
+                          "parameters, val loss and decoding tokens/s before and after. The source run is only "
+                          "read. Docs: docs/compression.md.",
+                          epilog="examples:\n  leantrain compress runs/tiny --method int8 --out runs/tiny-int8\n"
+                          "  leantrain compress runs/tiny --method int4 --group-size 32 --out runs/tiny-int4\n"
+                          "  leantrain compress runs/tiny --method prune-structured --heads-fraction 0.25 "
+                          "--channels-fraction 0.25 --out runs/tiny-p25\n"
+                          "  leantrain compress runs/qat --method convert --out runs/qat-int4",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    comp.add_argument("run_dir", help="run directory written by `leantrain train`")
+    comp.add_argument("--method", required=True,
+                      help="int8 (weight-only), int8-dynamic (int8 weights and activations), int4 (grouped "
+                      "weight-only), fp8 (CUDA GPUs of compute capability >= 8.9), prune-magnitude, "
+                      "prune-structured, prune-2:4, or convert (a run trained with quant.qat)")
+    comp.add_argument("--out", required=True, help="new folder to write (a run-like folder)")
+    comp.add_argument("--checkpoint", help="a specific checkpoint folder instead of the newest")
+    comp.add_argument("--group-size", type=int, default=32, help="int4: weights per scale along the input (32)")
+    comp.add_argument("--sparsity", type=float, help="prune-magnitude: fraction of weights zeroed, in [0, 1) (0.5)")
+    comp.add_argument("--scope", help="prune-magnitude: global (rank across layers) or layer (each layer alike)")
+    comp.add_argument("--heads-fraction", type=float, help="prune-structured: fraction of attention heads removed")
+    comp.add_argument("--channels-fraction", type=float, help="prune-structured: fraction of MLP channels removed")
+    comp.add_argument("--score", help="prune-structured: importance score, magnitude or taylor (first-order)")
+    comp.add_argument("--eval-batches", type=int, help="validation batches for the loss before/after "
+                      "(default: train.eval_steps of the run)")
+    comp.add_argument("--speed-tokens", type=int, default=32,
+                      help="tokens decoded to time batch 1 and 8 before/after (0 skips the timing)")
+    comp.add_argument("--overwrite", action="store_true",
+                      help="replace an earlier compress output in --out (only a folder `leantrain compress` wrote)")
 
     lrf = sub.add_parser("lr-find", help="sweep the learning rate over a short run and suggest one",
                          description="Raise the lr exponentially each step (Smith 2017), stop on divergence, "
@@ -558,6 +768,21 @@ def build_parser() -> argparse.ArgumentParser:
     lrf.add_argument("--steps", type=int, default=100, help="steps of the sweep (100)")
     lrf.add_argument("--out", help="output folder (default runs/lr-find-<time>)")
 
+    fed = sub.add_parser("federate", help="federated training over Flower (simulation engine)",
+                         description="Train across clients that keep their data: the [federated] section sets "
+                         "clients, rounds, local_steps, strategy, partition and privacy; config overrides as for "
+                         "train (--federated.rounds=5). An existing --run-dir resumes after its last round. "
+                         "Docs: docs/federated.md.",
+                         epilog="examples:\n  leantrain federate --recipe tiny --federated.clients=4 "
+                         "--run-dir runs/fed\n"
+                         "  leantrain federate config.toml --federated.partition=dirichlet --federated.alpha=0.1 "
+                         "--federated.strategy=fedprox\n"
+                         "  leantrain federate config.toml --finetune.lora_rank=8 --federated.lora_only=true "
+                         "--federated.dp_epsilon=8")
+    fed.add_argument("config", nargs="?", help="TOML config file")
+    fed.add_argument("--recipe", help="named recipe (default: tiny)")
+    fed.add_argument("--run-dir", help="run directory (default runs/federated-<time>)")
+
     gen = sub.add_parser("generate", help="sample text from a trained run")
     gen.add_argument("run_dir", help="run directory written by `leantrain train`")
     gen.add_argument("--prompt", required=True)
@@ -568,6 +793,31 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--checkpoint", help="a specific checkpoint folder instead of the newest")
     gen.add_argument("--chat", action="store_true",
                      help="wrap the prompt in the run's chat template (chat data) and print only the answer")
+    rule = gen.add_mutually_exclusive_group()
+    rule.add_argument("--regex", help="only emit text matching this regular expression (docs/constrained.md)")
+    rule.add_argument("--json-schema", metavar="FILE", help="only emit JSON valid under this JSON schema file")
+    rule.add_argument("--grammar", metavar="FILE", help="only emit text of this EBNF grammar (xgrammar's GBNF; "
+                      "the start rule is `root`)")
+
+    srv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible API with a chat page",
+                         description="Serve a run (newest good checkpoint) or an HF export folder: POST "
+                         "/v1/completions and /v1/chat/completions (streaming too), GET /v1/models, /health, "
+                         "/metrics, and a chat page at /. Concurrent requests are decoded together.")
+    srv.add_argument("path", metavar="RUN_DIR|EXPORT_DIR", help="run directory, or a `leantrain export --format hf` "
+                     "folder")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    srv.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 (default: $LEANTRAIN_API_KEY)")
+    srv.add_argument("--name", help="model name in the API (default: the folder's name)")
+    srv.add_argument("--checkpoint", help="a specific checkpoint folder of the run instead of the newest")
+    srv.add_argument("--max-batch", type=int, default=16, help="requests decoded together (16)")
+    srv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; more get 429 (64)")
+    srv.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes; larger get 413 "
+                     "(1 MiB)")
+    srv.add_argument("--timeout", type=float, default=300.0, help="seconds a request may run (300)")
+    srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                     help="uvicorn's log level (info)")
+    srv.add_argument("--threads", type=int, help="torch threads (default: all cores but one, for the HTTP side)")
 
     ckpt = sub.add_parser("checkpoint", help="work on checkpoints")
     ckpt_sub = ckpt.add_subparsers(dest="checkpoint_command", metavar="SUBCOMMAND")
@@ -602,6 +852,24 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--out", default="compare.html",
                       help="the page to write (default ./compare.html; a file leantrain did not write is never "
                       "replaced)")
+
+    tun = sub.add_parser("tune", help="search hyperparameters with Optuna: pruned trials, many workers",
+                         description="Search the [tune] space of a config (docs/tune.md): each trial is a run in "
+                         "STUDY_DIR/trials/NNNN, pruned at its evaluations; the study lives in STUDY_DIR/study.db or "
+                         "a shared --storage. Config overrides as for train (--tune.trials=8).")
+    tun.add_argument("config", nargs="?", help="TOML config file with a [tune] section")
+    tun.add_argument("--recipe", help="named recipe under the config")
+    tun.add_argument("--trials", type=int, help="trials of the study, all workers together (default tune.trials)")
+    tun.add_argument("--out", help="study folder (default studies/<name>-<time>)")
+    tun.add_argument("--storage", help="a shared study database, e.g. postgresql://USER@HOST:5432/DB (default: "
+                     "SQLite in the study folder)")
+    tun.add_argument("--study-name", help="study name in the storage (default: the study folder's name)")
+    tun.add_argument("--workers", type=int, default=1, help="worker processes on this machine, each with "
+                     "cores/workers threads (default 1)")
+    tun.add_argument("--resume", metavar="STUDY_DIR", help="continue a study (a killed worker's trial is retried)")
+    tun.add_argument("--show", metavar="STUDY_DIR", help="print the best trial(s), write best.toml and report.html")
+    tun.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    tun.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
 
     cfg = sub.add_parser("config", help="show the resolved config or the config reference")
     cfg.add_argument("config", nargs="?", help="TOML config file")
@@ -651,18 +919,26 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_lr_find(args, extra)
         if args.command == "plan":
             return cmd_plan(args, extra)
+        if args.command == "tune":
+            return cmd_tune(args, extra)
+        if args.command == "federate":
+            return cmd_federate(args, extra)
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         if args.command == "data" and args.data_command == "prepare":
             return cmd_data_prepare(args)
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         if args.command == "report":
             return cmd_report(args)
         if args.command == "compare":
             return cmd_compare(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "compress":
+            return cmd_compress(args)
         if args.command == "checkpoint" and args.checkpoint_command == "consolidate":
             return cmd_checkpoint_consolidate(args)
         parser.print_help() if args.command is None else parser.parse_args([args.command, "--help"])

@@ -77,9 +77,14 @@ class ModelConfig:
     moe_every: int = _f(1, "every moe_every-th block is MoE (layers moe_every-1, 2*moe_every-1, ...); the rest "
                         "stay dense", min=1, max=4096)
     moe_shared_experts: int = _f(0, "experts every token goes through besides the routed ones", min=0, max=64)
+    moe_shared_gate: bool = _f(False, "scale the shared experts' output by sigmoid of a learned linear of the "
+                               "token (Qwen2-MoE's shared_expert_gate; needs moe_shared_experts > 0)")
     moe_router: str = _f("softmax", "gate function of the router scores: softmax (Mixtral) or sigmoid "
                          "(DeepSeek-V3); with top_k > 1 the chosen gates are normalised to sum to 1",
                          choices=("softmax", "sigmoid"))
+    moe_gate_norm: str = _f("auto", "normalise the chosen gates to sum to 1: auto (when moe_top_k > 1; top-1 keeps "
+                            "its raw score), on (always: Mixtral), off (never: Qwen1.5-MoE, Qwen3-MoE's "
+                            "norm_topk_prob = false)", choices=("auto", "on", "off"))
     moe_balance: str = _f("aux", "load balancing: aux (Switch auxiliary loss), bias (DeepSeek-V3 loss-free "
                           "per-expert bias, updated once per step) or none", choices=("aux", "bias", "none"))
     moe_aux_weight: float = _f(0.01, "weight of the Switch load-balancing loss (moe_balance = aux)", min=0.0,
@@ -125,8 +130,8 @@ class TrainConfig:
     sample_prompt: str = _f("def ", "prompt of the end-of-run sample; on chat data the user turn (left at def, the "
                             "first validation example's prompt)")
     init_from: str = _f("", "start from the weights of a local Hugging Face model folder (Llama, Mistral, Qwen2, "
-                        "Qwen3, Phi-3 or GPT-2); "
-                        "empty starts from random init")
+                        "Qwen3, Phi-3 or GPT-2) or of a leantrain run or `compress` output folder (not a quantized "
+                        "one; the [model] section comes from it); empty starts from random init")
 
 
 @dataclass
@@ -161,6 +166,9 @@ class ParallelConfig:
                        min=-1, max=2**20, allowed="-1 (the rest) or an integer in [1, 2^20]")
     tp: int = _f(1, "tensor-parallel degree: each block's heads and hidden units split over tp ranks (needs "
                  "n_heads and n_kv_heads divisible by tp, untied embeddings)", min=1, max=4096)
+    ep: int = _f(1, "expert-parallel degree: each MoE layer's experts split over ep data-parallel ranks, tokens "
+                 "sent to their experts' ranks by all-to-all (needs model.moe_experts and the world size divisible "
+                 "by ep; FSDP2 shards the rest)", min=1, max=4096)
     fsdp_reshard_after_forward: bool = _f(True, "FSDP2: free gathered weights after forward (less memory, "
                                           "one more all-gather in backward)")
     backend: str = _f("auto", "torch.distributed backend; auto picks nccl on CUDA, gloo on CPU",
@@ -263,6 +271,48 @@ class FinetuneConfig:
 
 
 @dataclass
+class PruneConfig:
+    """Gradual pruning during training (train/pruning.py, docs/compression.md): masks recomputed every `every`
+    steps from `start_step` to `end_step` on the cubic schedule of Zhu & Gupta (2017), applied after every step."""
+
+    method: str = _f("none", "none, magnitude (unstructured, lowest |w| first) or 2:4 (2 of every 4 weights along "
+                     "the input dimension, the GPU sparse-kernel pattern)", choices=("none", "magnitude", "2:4"))
+    sparsity: float = _f(0.5, "target fraction of zeros in the block linear weights, reached at end_step (2:4: 0.5)",
+                         min=0.0, max=1.0, allowed="a finite number in [0, 1)")
+    scope: str = _f("layer", "magnitude: rank weights per layer (each layer reaches sparsity) or global (across "
+                    "all layers)", choices=("layer", "global"))
+    start_step: int = _f(0, "step of the first pruning", min=0, max=10**12)
+    end_step: int = _f(100, "step at which the target sparsity is reached (after start_step)", min=1, max=10**12)
+    every: int = _f(10, "steps between mask updates", min=1, max=10**12)
+
+
+@dataclass
+class QuantConfig:
+    """Quantization-aware training (model/quant.py, docs/compression.md): the linear layers are fake-quantized
+    (torchao QAT) during training; `leantrain compress RUN --method convert` then writes the real quantized model."""
+
+    qat: str = _f("", "fake-quantize the linear layers during training: int4 (grouped, symmetric) or int8 (per "
+                  "output row, symmetric); empty trains in full precision", choices=("", "int4", "int8"),
+                  allowed='"" (off), "int4" or "int8"')
+    group_size: int = _f(32, "int4: weights sharing one scale along the input dimension (the layers' input sizes "
+                         "must be multiples of it)", choices=(16, 32, 64, 128, 256))
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation (train/distill.py, docs/compression.md): the loss becomes
+    alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * cross-entropy."""
+
+    teacher: str = _f("", "run folder of the teacher (same tokenizer and vocabulary); empty: no distillation")
+    temperature: float = _f(1.0, "softmax temperature T of both models' logits in the KL term; 1 matches the "
+                            "teacher's distribution as it is, > 1 softens both (on the tiny bench T = 2 helped far "
+                            "less than 1)", min=0.0, max=100.0, min_exclusive=True)
+    alpha: float = _f(0.5, "weight of the KL term; 1 - alpha weighs the usual cross-entropy", min=0.0, max=1.0)
+    chunk: int = _f(0, "sequence positions whose teacher logits are computed at once (saves memory on big "
+                    "vocabularies); 0: the whole sequence", min=0, max=2**24)
+
+
+@dataclass
 class CurationConfig:
     """`leantrain data prepare`'s curation; `[curation.<step>]` tables (e.g. `[curation.gopher_quality]`) set
     any step's fields or `enabled`, checked against the step classes by `corpus.pipeline.build_steps`."""
@@ -279,6 +329,86 @@ class CurationConfig:
     follow_symlinks: bool = _f(False, "follow symlinks that lead out of an input folder")
     max_file_bytes: int = _f(1 << 30, "files read whole (text) larger than this are skipped and counted", min=1)
     steps: dict = field(default_factory=dict, metadata={"help": "[curation.<step>] tables", "tables": True})
+
+
+# tune.objective words: what `leantrain tune` minimises, read from each trial run's summary
+TUNE_OBJECTIVES = ("val_loss", "energy_kwh", "cost_usd", "wall_s")
+
+
+@dataclass
+class TuneConfig:
+    """`leantrain tune` (docs/tune.md); `train` ignores it. The space's keys and ranges are checked against the
+    sections above by leantrain.tune.space when a study starts."""
+
+    trials: int = _f(20, "trials of the study, all workers together (`leantrain tune --trials`)", min=1, max=10**6)
+    space: dict = field(default_factory=dict, metadata={
+        "help": "the search space: dotted config keys with [low, high] (the key's type, int or float), "
+                "[low, high, \"log\"] (log scale), [low, high, \"int\"], or a list of choices (\"optim.name\" = "
+                "[\"adamw\", \"muon\"]); in TOML an inline table or a [tune.space] table",
+        "allowed": "a table of dotted config keys", "min": None, "max": None, "choices": None})
+    objective: str = _f("val_loss", "what to minimise: val_loss, or a comma list of val_loss and energy_kwh, "
+                        "cost_usd or wall_s (a multi-objective study; its result is a Pareto front)",
+                        allowed="val_loss, optionally with energy_kwh, cost_usd, wall_s (comma list)")
+    sampler: str = _f("auto", "auto (tpe; nsga2 for multi-objective), tpe, random, cmaes (one objective; needs the "
+                      "cmaes package) or nsga2", choices=("auto", "tpe", "random", "cmaes", "nsga2"))
+    pruner: str = _f("auto", "stops weak trials at an evaluation: auto (asha; none for multi-objective, which Optuna "
+                     "cannot prune), asha (successive halving), hyperband, median or none",
+                     choices=("auto", "asha", "hyperband", "median", "none"))
+    reduction_factor: int = _f(3, "asha, hyperband: 1 in reduction_factor trials goes on at each rung", min=2,
+                               max=100)
+    budget_steps: int = _f(0, "optimizer steps per trial; 0 keeps train.steps", min=0, max=10**12)
+    budget_tokens: int = _f(0, "tokens per trial, rounded up to whole steps (instead of budget_steps); 0: unused",
+                            min=0, max=10**15)
+    seed: int = _f(0, "seed of the sampler", min=0, max=2**32 - 1)
+    heartbeat_s: int = _f(30, "seconds between a running trial's heartbeats; a trial silent for twice as long (its "
+                          "worker was killed) is marked failed and retried from its checkpoint", min=1, max=86400)
+    max_retries: int = _f(3, "retries of a trial whose worker died", min=0, max=1000)
+    lr_find: bool = _f(False, "when the study is created, run lr_find on the config and enqueue its suggested "
+                       "optim.lr as the first trial")
+
+
+@dataclass
+class FederatedConfig:
+    """`leantrain federate` (docs/federated.md): Flower rounds over partitions of the token dataset; `train`
+    ignores it. Each client takes local_steps of the usual train step on its partition per round."""
+
+    clients: int = _f(3, "clients (partitions of the dataset, one per Flower supernode)", min=1, max=100000)
+    rounds: int = _f(3, "federated rounds", min=1, max=10**6)
+    clients_per_round: int = _f(0, "clients sampled each round; 0 means all", min=0, max=100000)
+    local_steps: int = _f(5, "optimizer steps each sampled client takes per round", min=1, max=10**9)
+    strategy: str = _f("fedavg", "server aggregation (Flower strategies): fedavg, fedprox (proximal term in the "
+                       "client loss), fedadam or fedyogi (server-side optimizers)",
+                       choices=("fedavg", "fedprox", "fedadam", "fedyogi"))
+    proximal_mu: float = _f(0.01, "fedprox: weight mu of mu/2 * ||w - w_global||^2 in the client loss", min=0.0,
+                            max=1e6)
+    server_lr: float = _f(0.01, "fedadam, fedyogi: the server optimizer's step size (eta)", min=0.0, max=1e3,
+                          min_exclusive=True)
+    server_tau: float = _f(1e-3, "fedadam, fedyogi: adaptivity (tau, added to the root of the second moment)",
+                           min=0.0, max=1e3, min_exclusive=True)
+    partition: str = _f("iid", "how documents are dealt to clients: iid (shuffled), natural (contiguous runs of "
+                        "source documents) or dirichlet (label skew over source groups, Dir(alpha))",
+                        choices=("iid", "natural", "dirichlet"))
+    alpha: float = _f(0.5, "dirichlet: concentration; small (0.1) is very skewed, large (100) near iid", min=0.0,
+                      max=1e6, min_exclusive=True)
+    label_groups: int = _f(0, "dirichlet: source groups used as labels (contiguous runs of documents); 0 means "
+                           "max(10, 2 * clients)", min=0, max=100000)
+    min_available: int = _f(0, "clients that must be connected before a round starts; 0 means clients_per_round",
+                            min=0, max=100000)
+    min_replies: int = _f(1, "replies a round needs to be aggregated; a client that dies mid-round is left out",
+                          min=1, max=100000)
+    round_timeout: float = _f(600.0, "seconds the server waits for replies in a round before aggregating what came",
+                              min=0.0, max=10**7, min_exclusive=True)
+    lora_only: bool = _f(False, "only the LoRA adapter weights travel (needs finetune.lora_rank > 0)")
+    dp_noise: float = _f(0.0, "client-level differential privacy: Gaussian noise multiplier on the sum of clipped "
+                         "updates; 0 means off", min=0.0, max=1e6)
+    dp_epsilon: float = _f(0.0, "instead of dp_noise: the epsilon (at dp_delta, over all rounds) to reach; the "
+                           "noise multiplier is solved for it; 0 means unused", min=0.0, max=1e6)
+    dp_clip: float = _f(1.0, "L2 norm each client's update is clipped to (differential privacy)", min=0.0, max=1e6,
+                        min_exclusive=True)
+    dp_delta: float = _f(1e-5, "delta of the (epsilon, delta) guarantee reported", min=0.0, max=1.0,
+                         min_exclusive=True)
+    sim_parallel: int = _f(1, "simulation: clients trained at the same time (Ray actors); threads are shared "
+                           "among them", min=1, max=1024)
 
 
 def _toml_or_text(text: str) -> Any:
@@ -301,8 +431,13 @@ class Config:
     guard: GuardConfig = field(default_factory=GuardConfig)
     log: LogConfig = field(default_factory=LogConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
     energy: EnergyConfig = field(default_factory=EnergyConfig)
     curation: CurationConfig = field(default_factory=CurationConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Sections as {TOML key: value}."""
@@ -325,7 +460,7 @@ class Config:
         defaults = Config().to_dict()
         sections = {name: {k: v for k, v in values.items() if v != defaults[name][k]}
                     for name, values in self.to_dict().items()
-                    if name not in ("parallel", "energy", "curation")}
+                    if name not in ("parallel", "energy", "curation", "tune")}
         sections["log"].pop("trackers", None)
         blob = json.dumps(sections, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
@@ -334,8 +469,10 @@ class Config:
 _SECTION_TYPES = {
     "model": ModelConfig, "data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
     "parallel": ParallelConfig, "precision": PrecisionConfig, "checkpoint": CheckpointConfig,
-    "guard": GuardConfig, "log": LogConfig, "finetune": FinetuneConfig,
-    "energy": EnergyConfig, "curation": CurationConfig,
+    "guard": GuardConfig, "log": LogConfig, "finetune": FinetuneConfig, "prune": PruneConfig, "distill": DistillConfig,
+    "quant": QuantConfig,
+    "energy": EnergyConfig, "curation": CurationConfig, "tune": TuneConfig,
+    "federated": FederatedConfig,
 }
 
 
@@ -385,8 +522,8 @@ def _bound(v: float | None) -> str | None:
 
 
 def _ftype(f: dataclasses.Field) -> type:
-    return {"int": int, "float": float, "bool": bool, "str": str, "tuple": tuple}[f.type if isinstance(f.type, str)
-                                                                                  else f.type.__name__]
+    return {"int": int, "float": float, "bool": bool, "str": str, "tuple": tuple,
+            "dict": dict}[f.type if isinstance(f.type, str) else f.type.__name__]
 
 
 def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
@@ -395,6 +532,11 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
     bad = ConfigError(f"config: {key} = {value!r} is not allowed; expected {_allowed(f)}")
     if want is tuple:
         return _coerce_names(key, f, value)
+    if want is dict:  # a table (tune.space): its owner checks the entries
+        if not isinstance(value, dict):
+            raise ConfigError(f"config: {key} = {value!r} is not allowed; expected {_allowed(f)} (in TOML: "
+                              f"{_key(f)} = {{ \"section.field\" = [low, high] }})")
+        return dict(value)
     if want is bool:
         if not isinstance(value, bool):
             raise bad
@@ -446,6 +588,11 @@ def _parse_cli_value(f: dataclasses.Field | None, text: str) -> Any:
     if f is None:  # an unknown key: `_merge` names it
         return text
     want = _ftype(f)
+    if want is dict:  # an inline table: --tune.space='{ "optim.lr" = [1e-4, 1e-2, "log"] }'
+        try:
+            return tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            return text
     if want is tuple:  # a comma list (--log.trackers=tensorboard,mlflow; empty: none) or a TOML list
         if text.strip().startswith("["):
             try:
@@ -516,6 +663,28 @@ def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _field(dotted: str) -> dataclasses.Field | None:
+    section, _, key = dotted.partition(".")
+    cls = _SECTION_TYPES.get(section)
+    f = {_key(x): x for x in dataclasses.fields(cls)}.get(key) if cls else None
+    return None if f is None or f.metadata.get("tables") else f
+
+
+def field_type(dotted: str) -> type | None:
+    """The type (int, float, bool, str, tuple or dict) of the config field `section.key`; None when there is none.
+    For callers that build configs from values of their own (the tune search space)."""
+    f = _field(dotted)
+    return None if f is None else _ftype(f)
+
+
+def check_value(dotted: str, value: Any) -> Any:
+    """`value` checked as `section.key` of a config file would be (type, finiteness, range, choices), returned in
+    the field's type; a one-line ConfigError names the key and what is allowed."""
+    f = _field(dotted)
+    if f is None:
+        raise ConfigError(f"config: unknown key {dotted}; `leantrain config --reference` lists every key")
+    return _coerce(dotted.partition(".")[0], f, value)
+
 def _check_relations(cfg: Config) -> None:
     m = cfg.model
     if m.arch == "gpt2" and m.head_dim:
@@ -562,26 +731,127 @@ def _check_relations(cfg: Config) -> None:
         raise ConfigError("config: finetune.lora_rank > 0 does not combine with parallel.tp > 1 or precision.fp8 "
                           "yet; set parallel.tp = 1 and precision.fp8 = false for LoRA")
     _check_moe(cfg)
+    _check_prune_distill(cfg)
+    _check_quant(cfg)
     _check_sizes_and_more(cfg)
+    _check_tune(cfg.tune)
+    _check_federated(cfg)
+
+
+def _check_federated(cfg: Config) -> None:
+    """[federated]: the relations between its fields (and with [finetune]) that ranges cannot say."""
+    f = cfg.federated
+    if f.clients_per_round > f.clients:
+        raise ConfigError(f"config: federated.clients_per_round = {f.clients_per_round} is more than federated.clients "
+                          f"= {f.clients}; sample at most {f.clients} (0 means all)")
+    per_round = f.clients_per_round or f.clients
+    if f.min_replies > per_round:
+        raise ConfigError(f"config: federated.min_replies = {f.min_replies} is more than the {per_round} clients "
+                          "sampled per round, so no round could finish; lower min_replies")
+    if f.min_available > f.clients:
+        raise ConfigError(f"config: federated.min_available = {f.min_available} is more than federated.clients = "
+                          f"{f.clients}; the round would wait forever: lower it")
+    if f.lora_only and not cfg.finetune.lora_rank:
+        raise ConfigError("config: federated.lora_only needs LoRA adapters to send, but finetune.lora_rank = 0; set "
+                          "--finetune.lora_rank=8 (for example) or federated.lora_only = false")
+    if f.dp_noise and f.dp_epsilon:
+        raise ConfigError(f"config: federated.dp_noise = {f.dp_noise} and federated.dp_epsilon = {f.dp_epsilon} both "
+                          "set the privacy noise; give one of them")
+    if (f.dp_noise or f.dp_epsilon) and f.strategy != "fedavg":
+        raise ConfigError(f"config: differential privacy (federated.dp_noise / dp_epsilon) is accounted for "
+                          f"federated.strategy = fedavg only, not {f.strategy}; use fedavg or turn DP off")
+
+
+def _check_quant(cfg: Config) -> None:
+    """[quant]: QAT swaps the linear layers for torchao's fake-quantized ones, which the other swaps cannot share."""
+    if cfg.quant.qat and (cfg.finetune.lora_rank or cfg.precision.fp8 or cfg.parallel.tp > 1):
+        raise ConfigError(f"config: quant.qat = {cfg.quant.qat} does not combine with finetune.lora_rank, "
+                          "precision.fp8 or parallel.tp > 1 yet; turn those off or set quant.qat = \"\"")
+
+
+def _check_prune_distill(cfg: Config) -> None:
+    """[prune] and [distill]: the relations their fields' ranges cannot say."""
+    p = cfg.prune
+    if p.sparsity >= 1.0:
+        raise ConfigError(f"config: prune.sparsity = {p.sparsity} would zero every weight; expected a number in "
+                          "[0, 1), e.g. 0.5")
+    if p.method != "none":
+        if p.end_step <= p.start_step:
+            raise ConfigError(f"config: prune.end_step = {p.end_step} is not after prune.start_step = {p.start_step}; "
+                              "set end_step > start_step")
+        if p.method == "2:4" and p.sparsity != 0.5:
+            raise ConfigError(f"config: prune.method = 2:4 zeros exactly half the weights but prune.sparsity = "
+                              f"{p.sparsity}; set prune.sparsity = 0.5 or use prune.method = magnitude")
+        if cfg.parallel.tp > 1 or cfg.finetune.lora_rank:
+            raise ConfigError("config: prune.method does not combine with parallel.tp > 1 or finetune.lora_rank (the "
+                              "masks act on whole base weights); turn those off or set prune.method = none")
+        if cfg.optim.name == "schedule_free_adamw":
+            raise ConfigError("config: prune.method does not combine with optim.name = schedule_free_adamw (its "
+                              "averaged weights would not stay pruned); pick another optimizer")
+    if cfg.distill.teacher and cfg.parallel.tp > 1:
+        raise ConfigError("config: distill.teacher does not combine with parallel.tp > 1 yet (the teacher runs whole "
+                          "on every rank); set parallel.tp = 1")
 
 
 def _check_moe(cfg: Config) -> None:
     """What a mixture-of-experts model cannot be combined with yet (docs/moe.md says what comes later)."""
     m = cfg.model
     if not m.moe_experts:
+        if cfg.parallel.ep > 1:
+            raise ConfigError(f"config: parallel.ep = {cfg.parallel.ep} splits the experts of a mixture-of-experts "
+                              "model, but model.moe_experts = 0; set parallel.ep = 1 or model.moe_experts > 0")
         return
     if m.moe_top_k > m.moe_experts:
         raise ConfigError(f"config: model.moe_top_k = {m.moe_top_k} is more than model.moe_experts = "
                           f"{m.moe_experts}; a token cannot go to more experts than there are: lower moe_top_k")
-    if m.arch != "llama":
-        raise ConfigError(f"config: model.moe_experts > 0 supports model.arch = llama only, not {m.arch}; "
-                          "set arch = llama or moe_experts = 0")
+    if m.arch not in ("llama", "qwen2", "qwen3"):  # the attention of Mixtral/GLM, Qwen2-MoE and Qwen3-MoE
+        raise ConfigError(f"config: model.moe_experts > 0 supports model.arch = llama, qwen2 or qwen3, not {m.arch}; "
+                          "set one of those or moe_experts = 0")
     if cfg.parallel.tp > 1:
         raise ConfigError(f"config: model.moe_experts > 0 does not combine with parallel.tp = {cfg.parallel.tp} yet; "
                           "set parallel.tp = 1 (data parallelism and FSDP work)")
-    if cfg.finetune.lora_rank or cfg.precision.fp8 or cfg.train.init_from:
-        raise ConfigError("config: model.moe_experts > 0 does not combine with finetune.lora_rank, precision.fp8 or "
-                          "train.init_from yet; turn those off or train a dense model")
+    if m.moe_experts % cfg.parallel.ep:
+        raise ConfigError(f"config: parallel.ep = {cfg.parallel.ep} does not divide model.moe_experts = "
+                          f"{m.moe_experts}; pick an ep that divides the number of experts (each rank holds "
+                          "moe_experts / ep of them)")
+    if cfg.parallel.ep > 1 and cfg.parallel.dp_replicate > 1:
+        raise ConfigError(f"config: parallel.ep = {cfg.parallel.ep} combines with FSDP2 (parallel.dp_shard) only, not "
+                          f"parallel.dp_replicate = {cfg.parallel.dp_replicate}; set dp_replicate = 1")
+    if cfg.parallel.ep > 1 and cfg.train.compile:
+        raise ConfigError(f"config: train.compile = true does not work with parallel.ep = {cfg.parallel.ep} yet (the "
+                          "all-to-all sizes change every step); set --train.compile=false")
+    if cfg.parallel.ep > 1 and cfg.finetune.lora_rank:
+        raise ConfigError(f"config: finetune.lora_rank > 0 does not combine with parallel.ep = {cfg.parallel.ep} yet "
+                          "(the expert adapters are not split with the experts); set parallel.ep = 1 for LoRA")
+    if m.moe_shared_gate and not m.moe_shared_experts:
+        raise ConfigError("config: model.moe_shared_gate = true needs shared experts to gate; set "
+                          "model.moe_shared_experts >= 1 or moe_shared_gate = false")
+    if cfg.precision.fp8:
+        raise ConfigError("config: model.moe_experts > 0 does not combine with precision.fp8 yet; turn fp8 off or "
+                          "train a dense model")
+
+
+def tune_objectives(objective: str) -> list[str]:
+    """tune.objective as a list of TUNE_OBJECTIVES words ("val_loss,energy_kwh" -> ["val_loss", "energy_kwh"])."""
+    return [w.strip() for w in objective.split(",") if w.strip()]
+
+
+def _check_tune(t: TuneConfig) -> None:
+    """The [tune] settings that only make sense together; the space is checked by leantrain.tune.space."""
+    words = tune_objectives(t.objective)
+    bad = [w for w in words if w not in TUNE_OBJECTIVES]
+    if bad or "val_loss" not in words or len(set(words)) != len(words):
+        raise ConfigError(f"config: tune.objective = {t.objective!r} is not allowed; expected val_loss, optionally "
+                          f"with {', '.join(TUNE_OBJECTIVES[1:])} (a comma list, each word once)")
+    if len(words) > 1 and t.sampler == "cmaes":
+        raise ConfigError(f"config: tune.sampler = cmaes optimises one objective, but tune.objective = {t.objective!r}"
+                          "; use sampler = nsga2 (or auto) for several")
+    if len(words) > 1 and t.pruner not in ("auto", "none"):
+        raise ConfigError(f"config: tune.pruner = {t.pruner} cannot prune a multi-objective study (tune.objective = "
+                          f"{t.objective!r}); set pruner = none, or optimise val_loss alone")
+    if t.budget_steps and t.budget_tokens:
+        raise ConfigError("config: tune.budget_steps and tune.budget_tokens are both set; give the per-trial budget "
+                          "one way (the other = 0)")
 
 
 # no machine leantrain plans for holds more parameters than this (40 TB of fp32 weights alone)
@@ -669,6 +939,8 @@ def _toml_value(v: Any) -> str:
         return json.dumps(v)  # a JSON string is a valid TOML basic string
     if isinstance(v, tuple | list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table (tune.space)
+        return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + " }"
     return repr(v)
 
 
@@ -677,7 +949,7 @@ def to_toml(cfg: Config) -> str:
     lines = []
     for section, values in cfg.to_dict().items():
         lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, dict)]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if not (isinstance(v, dict) and k == "steps")]
         lines.append("")
         tables = values.get("steps") if isinstance(values.get("steps"), dict) else {}
         for table, inner in tables.items():  # [curation.<step>]
@@ -704,7 +976,9 @@ _SECTION_PAGES = {
     "model": ("training.md",), "data": ("data.md",), "train": ("training.md",), "optim": ("optimizers.md",),
     "parallel": ("scaling.md",), "precision": ("performance.md",), "checkpoint": ("fault-tolerance.md",),
     "guard": ("fault-tolerance.md",), "log": ("training.md", "tracking.md"), "finetune": ("finetune.md",),
-    "energy": ("energy.md",), "curation": ("data.md",),
+    "energy": ("energy.md",), "curation": ("data.md",), "prune": ("compression.md",), "distill": ("compression.md",),
+    "tune": ("tune.md",),
+    "federated": ("federated.md",),
 }
 
 
@@ -730,5 +1004,6 @@ def describe() -> list[tuple[str, Any, str, str]]:
     for section, cls in _SECTION_TYPES.items():
         for f in dataclasses.fields(cls):
             if not f.metadata.get("tables"):
-                rows.append((f"{section}.{_key(f)}", f.default, _allowed(f), f.metadata["help"]))
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                rows.append((f"{section}.{_key(f)}", default, _allowed(f), f.metadata["help"]))
     return rows

@@ -2,7 +2,8 @@
 
 `AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)` read what this
 writes: config.json (the transformers class of `model.arch`: LlamaForCausalLM, MistralForCausalLM,
-Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM or GPT2LMHeadModel), safetensors weights
+Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM or GPT2LMHeadModel; for a mixture of experts
+MixtralForCausalLM, Qwen2MoeForCausalLM or Glm4MoeForCausalLM, model/hf_moe.py), safetensors weights
 (sharded with an index past `max_shard_bytes`), tokenizer.json + tokenizer_config.json, and
 generation_config.json. The name and layout mapping (shared with `train.init_from`) is model/hf.py.
 Weights are saved in the `dtype` asked for (bf16 by default for a run trained in bf16), and a run on
@@ -28,6 +29,7 @@ from leantrain.config import load_config
 from leantrain.errors import CheckpointError, ConfigError, LeantrainError
 from leantrain.files import fresh_sibling, swap_in, write_durable
 from leantrain.model.hf import hf_config, to_hf
+from leantrain.model.hf_moe import moe_family
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -190,10 +192,9 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Path |
     if dtype is not None:
         check_dtype(dtype)
     run_cfg = Path(run_dir) / "config.toml"
-    experts = load_config(run_cfg).model.moe_experts if run_cfg.is_file() else 0
-    if experts:  # issue 17: the Mixtral / Qwen2-MoE layouts come later
-        raise ConfigError(f"{run_dir} is a mixture-of-experts model (model.moe_experts = {experts}) and Hugging Face "
-                          "export of MoE models is not built yet; use the run through leantrain (generate, API)")
+    run_model = load_config(run_cfg).model if run_cfg.is_file() else None
+    if run_model is not None and run_model.moe_experts:  # before anything is written: is there an exact HF class?
+        moe_family(run_model)
     check_export_target(out, run_dir, overwrite)
     model, tok, cfg, step, warnings = load_trained(run_dir, checkpoint)
     dtype = dtype or default_dtype(run_dir, cfg)

@@ -38,6 +38,9 @@ def export_peft(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Path
     if not cfg.finetune.lora_rank:
         raise ConfigError(f"{run_dir} has no LoRA adapters (finetune.lora_rank = 0); export the whole model with "
                           "--format hf")
+    if cfg.model.moe_experts:  # PEFT's LoRA on 3-D expert weights has no layout here yet (docs/moe.md)
+        raise ConfigError(f"{run_dir} is a mixture-of-experts model, whose adapters have no PEFT layout yet; export "
+                          "the model with the adapters merged: --format hf")
     state = model.state_dict()
     tensors, fields = to_peft(adapter_state_dict(state), cfg.model, cfg.finetune.lora_alpha, cfg.finetune.lora_dropout)
     dtype = dtype or default_dtype(run_dir, cfg)

@@ -50,6 +50,7 @@ def _moe_extra(cfg: ModelConfig, experts: int) -> int:
     if not n_moe:
         return 0
     moe = cfg.dim * cfg.moe_experts + 3 * cfg.dim * moe_hidden_dim(cfg) * (experts + cfg.moe_shared_experts)
+    moe += cfg.dim if cfg.moe_shared_gate and cfg.moe_shared_experts else 0  # Qwen2-MoE's shared_expert_gate
     return n_moe * (moe - 3 * cfg.dim * ffn_hidden_dim(cfg))  # router + experts - the dense SwiGLU
 
 

@@ -12,11 +12,15 @@ the global RNG stream a resumed run must reproduce.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from leantrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from leantrain.model.constrained import Constraint
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None) -> None:
@@ -44,14 +48,16 @@ def _next_token(logits: Tensor, temperature: float, top_k: int | None, gen: torc
 @torch.no_grad()
 def generate(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, *, temperature: float = 0.8,
              top_k: int | None = 50, eos_id: int | None = None, seed: int | None = None,
-             use_cache: bool = True) -> list[int]:
+             use_cache: bool = True, constraint: Constraint | None = None) -> list[int]:
     """Return up to `max_new_tokens` new token ids continuing `prompt_ids` (stopping after `eos_id`).
 
     temperature 0 is greedy decoding; top_k None samples from the whole vocabulary; seed None draws
     a fresh nondeterministic seed for the local generator. The context is cropped to the model's
     seq_len. Runs on the device of the model's parameters, in eval mode, and restores the mode.
     `model` is a `Transformer` or a module sharing its forward (FSDP2 in place, activation
-    checkpointing); `use_cache=False` recomputes the whole context for every token.
+    checkpointing); `use_cache=False` recomputes the whole context for every token. `constraint` (from
+    `model.constrained`) masks every token that would leave its regex/schema/grammar, and generation ends
+    when it takes its end-of-text token.
     """
     if not prompt_ids:
         raise ValueError("generate needs at least one prompt token")
@@ -77,8 +83,14 @@ def generate(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, *, te
                     logits = model(step_ids, cache=cache)[0, -1].float()
                 else:  # uncached, or past seq_len: the last seq_len tokens from scratch
                     logits = model(ids[:, -seq_len:])[0, -1].float()
+                if constraint is not None:
+                    constraint.mask_(logits)
                 next_id = _next_token(logits, temperature, top_k, gen)
                 new.append(int(next_id))
+                if constraint is not None:
+                    constraint.accept(new[-1])
+                    if constraint.terminated:
+                        break
                 if eos_id is not None and new[-1] == eos_id:
                     break
                 ids = torch.cat((ids, next_id.view(1, 1)), dim=1)

@@ -5,9 +5,10 @@ against `to_hf` of a freshly built model (names and shapes) before `from_hf` map
 mismatch is reported by its HF name. leantrain's RoPE uses HF's rotate-half layout, so Llama's q/k
 projections need no permutation either way. Mistral, Qwen2 and Qwen3 use Llama's tensor names (plus
 Qwen2's q/k/v biases and Qwen3's q_norm/k_norm); Phi-3 fuses q/k/v into `qkv_proj` and gate/up into
-`gate_up_proj`, split here on import and fused on export. Only safetensors are read: pickled `pytorch_model.bin`
-files could run code. It lives with the model (not in export/) because training reads it too
-(`train.init_from`); export/hf.py writes the folders.
+`gate_up_proj`, split here on import and fused on export. Mixture-of-experts models map to Mixtral,
+Qwen2-MoE, Qwen3-MoE or GLM-4.5 MoE, whichever computes exactly what the [model] settings do (model/hf_moe.py). Only
+safetensors are read: pickled `pytorch_model.bin` files could run code. It lives with the model (not in export/)
+because training reads it too (`train.init_from`); export/hf.py writes the folders.
 """
 
 from __future__ import annotations
@@ -23,7 +24,16 @@ from torch import Tensor
 
 from leantrain.config import SLIDING_WINDOW_ARCHS, ModelConfig
 from leantrain.errors import CheckpointError, ConfigError
-from leantrain.model.flops import ffn_hidden_dim, head_size
+from leantrain.model.flops import ffn_hidden_dim, head_size, is_moe_layer
+from leantrain.model.hf_moe import (
+    MOE_FAMILIES,
+    moe_config_json,
+    moe_family,
+    moe_fields_from_hf,
+    moe_tensor_to_hf,
+    moe_tensors_from_hf,
+    unfuse_experts,
+)
 
 # model_type of config.json -> (model.arch, the transformers class export names, HF defaults of fields a
 # config.json may leave out: what transformers would assume in their place)
@@ -35,13 +45,22 @@ _FAMILY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "qwen3": ("qwen3", "Qwen3ForCausalLM", {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
                                             "head_dim": 128}),
     "phi3": ("phi3", "Phi3ForCausalLM", {"max_position_embeddings": 4096, "rms_norm_eps": 1e-5}),
+    # mixture of experts: Llama attention, MoE feed-forward (model/hf_moe.py reads the moe_* fields)
+    "mixtral": ("llama", "MixtralForCausalLM", {"max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+                                                "rope_theta": 1e6}),
+    "qwen2_moe": ("llama", "Qwen2MoeForCausalLM", {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6}),
+    "qwen3_moe": ("qwen3", "Qwen3MoeForCausalLM", {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6}),
+    "glm4_moe": ("llama", "Glm4MoeForCausalLM", {"max_position_embeddings": 131072, "rms_norm_eps": 1e-5}),
 }
 SUPPORTED = ("Llama (LlamaForCausalLM), GPT-2 (GPT2LMHeadModel), Mistral (MistralForCausalLM), Qwen2 "
-             "(Qwen2ForCausalLM), Qwen3 (Qwen3ForCausalLM) and Phi-3 (Phi3ForCausalLM)")
+             "(Qwen2ForCausalLM), Qwen3 (Qwen3ForCausalLM), Phi-3 (Phi3ForCausalLM) and the mixtures of experts "
+             "Mixtral (MixtralForCausalLM), Qwen2-MoE (Qwen2MoeForCausalLM), Qwen3-MoE (Qwen3MoeForCausalLM) and "
+             "GLM-4.5 MoE (Glm4MoeForCausalLM)")
 # [model] fields that decide the weights' shapes or the function they compute: an explicit value must agree
 # with the checkpoint. seq_len (a window, not a shape, except GPT-2's position table) and init_std may differ.
 LOCKED_FIELDS = ("arch", "n_layers", "dim", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "rope_theta",
-                 "norm_eps", "tie_embeddings", "head_dim", "sliding_window")
+                 "norm_eps", "tie_embeddings", "head_dim", "sliding_window", "moe_experts", "moe_top_k", "moe_hidden",
+                 "moe_every", "moe_shared_experts", "moe_shared_gate", "moe_router", "moe_gate_norm")
 # buffers some HF versions saved next to the weights; they are functions of the config
 _IGNORED = re.compile(r".*(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
 _LLAMA_NAMES = {
@@ -187,6 +206,11 @@ def model_config_from_hf(hf_dir: str | Path) -> dict[str, Any]:
     c = read_hf_config(hf_dir)
     where = Path(hf_dir) / "config.json"
     kind = c.get("model_type")
+    if kind in MOE_FAMILIES:
+        fields, problems = moe_fields_from_hf(_FAMILY[kind][2] | c, kind)
+        if problems:
+            raise HFFormatError(f"{where}: {problems[0]}; leantrain cannot express this {MOE_FAMILIES[kind]}")
+        return _llama_family(c, kind, where) | fields
     if kind in _FAMILY:
         return _llama_family(c, kind, where)
     if kind == "gpt2":
@@ -218,8 +242,9 @@ def init_model_fields(hf_dir: str | Path, explicit: dict[str, Any]) -> dict[str,
     the checkpoint on a LOCKED_FIELDS key is a ConfigError (the weights could not load into that model).
     """
     hf = model_config_from_hf(hf_dir)
+    hf.setdefault("moe_experts", 0)  # a dense checkpoint: dense, whatever a recipe says
     for key in LOCKED_FIELDS:
-        if key in explicit and explicit[key] != hf[key]:
+        if key in explicit and key in hf and explicit[key] != hf[key]:
             raise ConfigError(f"config: model.{key} = {explicit[key]!r} contradicts --init-from {hf_dir} "
                               f"(its config.json gives {hf[key]!r}); drop that model setting")
     if hf["arch"] == "gpt2" and explicit.get("seq_len", 0) > hf["seq_len"]:
@@ -252,18 +277,19 @@ def hf_config(cfg: ModelConfig, eot_id: int) -> dict[str, Any]:
         family |= {"use_sliding_window": False, "sliding_window": None}
     if cfg.arch == "phi3":  # Phi-3's default pad id (32000) must lie inside the vocabulary
         family["pad_token_id"] = eot_id
-    return family
+    return moe_config_json(cfg, family) if cfg.moe_experts else family
 
 
 # ---- state dicts ---------------------------------------------------------------------------------
 
-def to_hf(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+def to_hf(state: dict[str, Tensor], cfg: ModelConfig, moe_kind: str | None = None) -> dict[str, Tensor]:
     """leantrain state dict -> HF state dict (names, GPT-2's fused and transposed Conv1D layouts, Phi-3's fused
-    qkv_proj and gate_up_proj).
+    qkv_proj and gate_up_proj, MoE blocks in the layout of `moe_kind` or else of `moe_family(cfg)`).
 
     A tied output projection is left out, as transformers saves it.
     """
     out: dict[str, Tensor] = {}
+    moe_kind = (moe_kind or moe_family(cfg)) if cfg.moe_experts else None
     gpt2 = cfg.arch == "gpt2"
     root = "transformer." if gpt2 else "model."
     table = _GPT2_NAMES if gpt2 else _LLAMA_NAMES
@@ -276,6 +302,9 @@ def to_hf(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
             _, i, rest = name.split(".", 2)
             module, leaf = rest.rsplit(".", 1)
             prefix = f"{root}{'h' if gpt2 else 'layers'}.{i}."
+            if moe_kind and rest.startswith("feed_forward.") and is_moe_layer(cfg, int(i)):
+                out.update(moe_tensor_to_hf(moe_kind, prefix, rest, t, cfg))
+                continue
             if gpt2 and module in ("attention.wq", "attention.wk", "attention.wv"):
                 if module == "attention.wq":  # q, k, v fused into c_attn, Conv1D weights are [in, out]
                     parts = [state[f"layers.{i}.attention.{w}.{leaf}"] for w in ("wq", "wk", "wv")]
@@ -298,8 +327,10 @@ def to_hf(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     return out
 
 
-def from_hf(hf: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    """HF state dict (already checked against `to_hf` names and shapes) -> leantrain state dict."""
+def from_hf(hf: dict[str, Tensor], cfg: ModelConfig, moe_kind: str | None = None) -> dict[str, Tensor]:
+    """HF state dict (already checked against `to_hf` names and shapes) -> leantrain state dict; MoE blocks are
+    read in the layout of `moe_kind` (the folder's model_type) or else of `moe_family(cfg)`."""
+    moe_kind = (moe_kind or moe_family(cfg)) if cfg.moe_experts else None
     gpt2 = cfg.arch == "gpt2"
     root = "transformer." if gpt2 else "model."
     table = _GPT2_NAMES if gpt2 else _LLAMA_NAMES
@@ -323,6 +354,8 @@ def from_hf(hf: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
                 t = hf[key]
                 linear = leaf == "weight" and module.split(".")[0] in ("attention", "feed_forward")
                 out[f"layers.{i}.{module}.{leaf}"] = t.t() if gpt2 and linear else t
+        if moe_kind and is_moe_layer(cfg, i):  # the dense names above were absent; the experts' are here
+            out |= {f"layers.{i}.{k}": v for k, v in moe_tensors_from_hf(hf, moe_kind, prefix, cfg).items()}
         if cfg.arch == "phi3":
             for hf_module, parts in _PHI3_FUSED.items():
                 fused = hf[f"{prefix}{hf_module}.weight"]
@@ -392,14 +425,22 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path) -> None:
     if expected_cfg["arch"] != cfg.arch:
         raise HFFormatError(f"{hf_dir} is a {expected_cfg['arch']} checkpoint but model.arch = {cfg.arch}; "
                             f"set --model.arch={expected_cfg['arch']} (--init-from does)")
+    kind = read_hf_config(hf_dir).get("model_type")
+    moe_kind = kind if kind in MOE_FAMILIES else None
+    if bool(moe_kind) != bool(cfg.moe_experts):
+        what = f"a mixture-of-experts {kind}" if moe_kind else "a dense"
+        raise HFFormatError(f"{hf_dir} is {what} checkpoint but model.moe_experts = {cfg.moe_experts}; drop the "
+                            "moe_* settings so they come from its config.json (--init-from does)")
     hf = read_hf_weights(hf_dir)
+    if moe_kind:
+        hf = unfuse_experts(hf, moe_kind)
     gpt2 = cfg.arch == "gpt2"
     root = "transformer." if gpt2 else "model."
     if hf and not any(k.startswith(root) for k in hf):  # saved from the bare GPT2Model / LlamaModel
         hf = {k if k.startswith("lm_head.") else root + k: v for k, v in hf.items()}
     # names and shapes only: mapped on meta tensors, so no weight is copied for the check
     meta = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict().items()}
-    want = {k: _shape(v) for k, v in to_hf(meta, cfg).items()}
+    want = {k: _shape(v) for k, v in to_hf(meta, cfg, moe_kind).items()}
     wpe = f"{root}wpe.weight"
     if gpt2 and wpe in hf and hf[wpe].dim() == 2 and hf[wpe].size(0) > cfg.seq_len:
         hf[wpe] = hf[wpe][: cfg.seq_len]
@@ -418,7 +459,7 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path) -> None:
         if _shape(hf[k]) != shape:
             raise HFFormatError(f"{hf_dir}: {k} has shape {_shape(hf[k])} but the model expects {shape}; "
                                 "make the [model] config match the checkpoint's config.json (--init-from does)")
-    ours = from_hf(hf, cfg)
+    ours = from_hf(hf, cfg, moe_kind)
     with torch.no_grad():
         for name, t in model.state_dict().items():
             t.copy_(ours[name])

@@ -7,8 +7,14 @@ Because names only grow, a checkpoint of the adapted model is the base state dic
 tensors, FSDP2 still shards one block at a time and activation checkpointing still wraps blocks.
 B starts at zero, so an adapted model computes exactly what its base did until it trains.
 
-`merge_lora` folds B A into W and puts plain `nn.Linear` modules back: the result is the model
-class with its original state-dict keys, which is what export and sampling want.
+The routed experts of an MoE block (model/moe.py) are 3-D weights [experts, in, out], not Linears: a target
+that names them (`w1`, `w2`, `w3`, all-linear) gets an `ExpertLoRA` per weight, a torch parametrization that
+adds each expert's own (alpha/rank) A_e B_e to its slice wherever the block reads the weight. Their base weight
+is then saved as `...feed_forward.parametrizations.w1.original` (and the adapters as `....w1.0.lora_a`), and
+`lora_dropout` does not apply to them (the update is on the weight, not on the tokens).
+
+`merge_lora` folds B A into W and puts plain `nn.Linear` modules (and plain expert weights) back: the result
+is the model class with its original state-dict keys, which is what export and sampling want.
 
 Like the rest of `model/`, this knows nothing of devices, precision or training.
 """
@@ -21,9 +27,13 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from leantrain.config import FinetuneConfig
 from leantrain.errors import ConfigError
+from leantrain.model.moe import MoEFeedForward
+
+EXPERT_WEIGHTS = ("w1", "w2", "w3")  # an MoE block's 3-D expert weights (gate, down, up)
 
 ALL_LINEAR = "all-linear"
 # Linears inside the blocks; the output head is left out of all-linear because it is usually tied
@@ -67,6 +77,26 @@ class LoRALinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
 
 
+class ExpertLoRA(nn.Module):
+    """LoRA on a stack of expert weights W [experts, in, out]: W_e + (alpha/rank) A_e B_e for every expert e, with
+    A [experts, in, rank] and B [experts, rank, out] (zero, so the update starts at exactly zero). Registered as a
+    parametrization of the weight, so the MoE block's grouped matmul reads the adapted weight unchanged."""
+
+    def __init__(self, w: Tensor, rank: int, alpha: float) -> None:
+        super().__init__()
+        experts, fan_in, fan_out = w.shape
+        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        kw = {"device": w.device, "dtype": w.dtype}
+        self.lora_a = nn.Parameter(torch.empty(experts, fan_in, rank, **kw))
+        self.lora_b = nn.Parameter(torch.zeros(experts, rank, fan_out, **kw))
+        with torch.no_grad():  # each expert's A as LoRALinear's (Kaiming uniform over its fan-in)
+            bound = 1 / math.sqrt(fan_in)
+            self.lora_a.uniform_(-bound, bound)
+
+    def forward(self, w: Tensor) -> Tensor:
+        return w + (self.lora_a @ self.lora_b * self.scale).to(w.dtype)
+
+
 def parse_targets(spec: str) -> list[str]:
     """`"wq,wk"` -> ["wq", "wk"]; `"all-linear"` stands for every linear of the blocks."""
     names: list[str] = []
@@ -90,8 +120,15 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target
         raise ConfigError("config: finetune.lora_targets is empty; name modules such as \"wq,wv\" or use "
                           "\"all-linear\"")
     chosen: list[tuple[str, nn.Linear]] = []
+    experts: list[tuple[MoEFeedForward, str]] = []  # (MoE block, name of its 3-D weight)
     used: set[str] = set()
     for name, module in model.named_modules():
+        if isinstance(module, MoEFeedForward):
+            for leaf in EXPERT_WEIGHTS:
+                hits = [t for t in wanted if _matches(f"{name}.{leaf}", t)]
+                if hits:
+                    experts.append((module, leaf))
+                    used.update(hits)
         if type(module) is not nn.Linear:
             continue
         hits = [t for t in wanted if _matches(name, t)]
@@ -100,7 +137,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target
             used.update(hits)
     optional = set(BLOCK_LINEARS) if ALL_LINEAR in targets else set()  # all-linear: gpt2 blocks have no w3
     missing = [t for t in wanted if t not in used and t not in optional]
-    if missing or not chosen:
+    if missing or not (chosen or experts):
         linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m) is nn.Linear})
         raise ConfigError(f"config: finetune.lora_targets {','.join(missing) or targets!r} matches no linear layer "
                           f"of the model; use names from {', '.join(linears)} or \"all-linear\"")
@@ -115,7 +152,10 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LoRALinear(module, rank, alpha, dropout))
-    return [name for name, _ in chosen]
+    for moe, leaf in experts:
+        parametrize.register_parametrization(moe, leaf, ExpertLoRA(getattr(moe, leaf), rank, alpha))
+    names = {id(m): n for n, m in model.named_modules()}
+    return [name for name, _ in chosen] + [f"{names[id(moe)]}.{leaf}" for moe, leaf in experts]
 
 
 @torch.no_grad()
@@ -124,6 +164,14 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
     The merged model has the base model's exact state-dict keys and computes what the adapted one did
     (up to float rounding of W + BA)."""
+    for module in list(model.modules()):
+        if isinstance(module, MoEFeedForward) and parametrize.is_parametrized(module):
+            for leaf in [k for k in EXPERT_WEIGHTS if parametrize.is_parametrized(module, k)]:
+                [lora] = module.parametrizations[leaf]
+                w = module.parametrizations[leaf].original
+                merged = (w.float() + lora.lora_a.float() @ lora.lora_b.float() * lora.scale).to(w.dtype)
+                parametrize.remove_parametrizations(module, leaf, leave_parametrized=False)
+                getattr(module, leaf).copy_(merged)
     for name, module in list(model.named_modules()):
         if not isinstance(module, LoRALinear):
             continue

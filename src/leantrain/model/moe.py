@@ -11,7 +11,8 @@ where this PyTorch offers it for the device and dtype, probed once; otherwise on
 slice). No token loop and no all-experts-on-all-tokens compute (`reference_forward` does that, for tests).
 
 Expert weights are 3-D parameters [experts, in, out] (`w1` gate, `w3` up, `w2` down), not a ModuleList: the
-grouped matmul reads them as they are, and expert parallelism / FSDP can later shard dim 0.
+grouped matmul reads them as they are, and expert parallelism (parallel/expert.py, which plugs in as
+`expert_parallel`) shards dim 0 over ranks.
 
 Balance: `aux` adds the Switch loss (Fedus et al. 2021) E * sum_i f_i P_i; `bias` is DeepSeek-V3's loss-free
 method: a per-expert bias added to the scores for the choice only (gates use the raw scores), moved by
@@ -104,6 +105,19 @@ def padded_layout(sorted_experts: Tensor, counts: Tensor, assignments: int) -> t
     return rows, slot, seg
 
 
+def swiglu_experts(x: Tensor, index: Tensor, sorted_experts: Tensor, counts: Tensor, assignments: int,
+                   weights: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """The SwiGLU experts (w1 gate, w3 up, w2 down, [experts, in, out]) on rows x[index], which come grouped by
+    expert (sorted_experts[i] is row i's expert; counts[e] rows for expert e). Returns [len(index), out] in that
+    order. Each expert's rows are gathered straight into their padded slots (padding rows read a zero row)."""
+    w1, w3, w2 = weights
+    rows, slot, seg = padded_layout(sorted_experts, counts, assignments)
+    n = x.size(0)
+    xs = torch.cat([x, x.new_zeros(1, x.size(1))])[torch.full((rows,), n, device=x.device).index_copy(0, slot, index)]
+    h = F.silu(expert_matmul(xs, w1, seg)) * expert_matmul(xs, w3, seg)
+    return expert_matmul(h, w2, seg)[slot]
+
+
 class MoEFeedForward(nn.Module):
     """Routed SwiGLU experts (plus optional shared ones) in place of a block's dense feed-forward."""
 
@@ -112,6 +126,8 @@ class MoEFeedForward(nn.Module):
         E, dim, hidden = cfg.moe_experts, cfg.dim, moe_hidden_dim(cfg)
         self.n_experts, self.top_k, self.hidden = E, cfg.moe_top_k, hidden
         self.router_fn, self.balance, self.capacity = cfg.moe_router, cfg.moe_balance, cfg.moe_capacity
+        # the chosen gates sum to 1 (auto: when top_k > 1, as Mixtral / DeepSeek-V3; Switch's top-1 keeps its score)
+        self.norm_gates = cfg.moe_gate_norm == "on" or (cfg.moe_gate_norm == "auto" and cfg.moe_top_k > 1)
         self.aux_weight = cfg.moe_aux_weight if cfg.moe_balance == "aux" else 0.0
         self.z_weight, self.bias_rate = cfg.moe_z_weight, cfg.moe_bias_rate
         self.router = nn.Linear(dim, E, bias=False)
@@ -119,9 +135,13 @@ class MoEFeedForward(nn.Module):
         self.w3 = nn.Parameter(torch.empty(E, dim, hidden))  # up
         self.w2 = nn.Parameter(torch.empty(E, hidden, dim))  # down
         self.shared = FeedForward(dim, hidden * cfg.moe_shared_experts) if cfg.moe_shared_experts else None
+        # Qwen2-MoE's shared_expert_gate: the shared output times sigmoid(gate(x)) (moe_shared_gate)
+        self.shared_gate = nn.Linear(dim, 1, bias=False) if self.shared is not None and cfg.moe_shared_gate else None
         # DeepSeek-V3's selection bias: saved with the weights, changed only by `update_bias`
         self.register_buffer("expert_bias", torch.zeros(E, dtype=torch.float32))
         self.last: dict[str, Tensor] | None = None
+        # set by parallel/expert.py under expert parallelism: sends tokens to their experts' ranks and back
+        self.expert_parallel: Any = None
 
     @torch.no_grad()
     def reset_parameters(self, std: float, residual_std: float) -> None:
@@ -133,6 +153,8 @@ class MoEFeedForward(nn.Module):
         for w in (self.w2, *((self.shared.w2.weight,) if self.shared else ())):
             nn.init.normal_(w, mean=0.0, std=residual_std)
         self.expert_bias.zero_()
+        if self.shared_gate is not None:  # drawn last, so the other weights' draws are as without the gate
+            nn.init.normal_(self.shared_gate.weight, mean=0.0, std=std)
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Router logits [N, E] and scores (float32), and per token the chosen experts [N, k] and their gates."""
@@ -142,9 +164,14 @@ class MoEFeedForward(nn.Module):
         choice = scores + self.expert_bias if self.balance == "bias" else scores
         experts = choice.topk(self.top_k, dim=-1).indices
         gates = scores.gather(1, experts)
-        if self.top_k > 1:  # Mixtral / DeepSeek-V3: the chosen gates sum to 1 (top-1 keeps the raw score: Switch)
+        if self.norm_gates:  # Mixtral / DeepSeek-V3 (moe_gate_norm): the chosen gates sum to 1
             gates = gates / gates.sum(-1, keepdim=True)
         return logits, scores, experts, gates
+
+    def shared_output(self, x: Tensor) -> Tensor:
+        """What the shared experts add for tokens x [N, dim] (gated when moe_shared_gate)."""
+        out = self.shared(x)
+        return out * torch.sigmoid(self.shared_gate(x)) if self.shared_gate is not None else out
 
     def capacity_per_expert(self, n_tokens: int) -> int:
         """Most assignments one expert takes in a micro-batch; 0 when dropless (the default, and in eval)."""
@@ -167,19 +194,17 @@ class MoEFeedForward(nn.Module):
             position = torch.arange(N * k, device=x.device) - starts[flat[order]]
             order = order[position < cap]
             counts = counts.clamp(max=cap)
-        rows, slot, seg = padded_layout(flat[order], counts, N * k)
-        # gather each expert's tokens into its slots (padding rows read the zero row appended at index N), cast
-        # once to the compute dtype: the gate and up projections share the one copy autograd keeps
+        # cast once to the compute dtype: the gate and up projections share the one copy autograd keeps
         xc = x.to(torch.get_autocast_dtype(x.device.type)) if torch.is_autocast_enabled(x.device.type) else x
-        xs = torch.cat([xc, xc.new_zeros(1, xc.size(1))])[torch.full((rows,), N, device=x.device).index_copy(
-            0, slot, order // k)]
-        h = F.silu(expert_matmul(xs, self.w1, seg)) * expert_matmul(xs, self.w3, seg)
-        ys = expert_matmul(h, self.w2, seg)[slot]
+        if self.expert_parallel is not None:  # the experts live on several ranks: parallel/expert.py
+            ys = self.expert_parallel(xc, order // k, counts, (self.w1, self.w3, self.w2))
+        else:
+            ys = swiglu_experts(xc, order // k, flat[order], counts, N * k, (self.w1, self.w3, self.w2))
         ys = ys * gates.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)  # in the compute dtype, as dense outputs
         # back to (token, slot) order, dropped assignments 0, and the slots summed: no atomics, deterministic
         out = ys.new_zeros(N * k, shape[-1]).index_copy(0, order, ys).view(N, k, -1).sum(1)
         if self.shared is not None:
-            out = out + self.shared(x)
+            out = out + self.shared_output(x)
         if self.training:
             self._record(logits, scores, routed, N, int(order.numel()) if cap else N * k)
         return out.view(*shape[:-1], -1)
@@ -187,6 +212,8 @@ class MoEFeedForward(nn.Module):
     def _record(self, logits: Tensor, scores: Tensor, routed: Tensor, n_tokens: int, kept: int) -> None:
         """This forward's balance losses (with their graph) and loads (detached), for `MoETracker`."""
         load = routed.float() / (n_tokens * self.top_k)  # f_i: share of the assignments routed to expert i
+        if self.expert_parallel is not None:  # f_i of the global batch, as one process would count it
+            load = self.expert_parallel.global_load(routed.float(), n_tokens * self.top_k)
         probs = scores if self.router_fn == "softmax" else scores / scores.sum(-1, keepdim=True)
         aux = self.n_experts * (load * probs.mean(0)).sum()  # Switch: 1.0 when balanced
         z = torch.logsumexp(logits, dim=-1).square().mean()
@@ -217,7 +244,10 @@ def reference_forward(moe: MoEFeedForward, x: Tensor) -> Tensor:
             chosen = chosen & (chosen.reshape(-1).cumsum(0).view(N, k) <= cap)
         out += (gates * chosen).sum(-1, keepdim=True) * y
     if moe.shared is not None:
-        out += moe.shared.float()(x)
+        for m in (moe.shared, moe.shared_gate):  # in float32 as the rest of the reference (as before: in place)
+            if m is not None:
+                m.float()
+        out += moe.shared_output(x)
     return out.view(shape)
 
 

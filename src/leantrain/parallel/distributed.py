@@ -9,6 +9,11 @@ sharded inside a group, replicated across groups); tp > 1 is tensor parallel ins
 group, alone or under FSDP2 (2-D FSDP x TP). Their product is the world size; dp_shard = -1 takes
 whatever the others leave. tp is the innermost dimension: ranks r*tp .. r*tp+tp-1 form one tensor-parallel
 group (on GPUs, neighbours on one host) and all of them read data-parallel rank r's batch.
+
+Expert parallelism (ep > 1, MoE models) borrows from the data-parallel ranks rather than adding a mesh
+dimension of its own: ranks r .. r+ep-1 (r a multiple of ep) form one expert group holding each MoE layer's
+experts split over them, and the ranks with the same position in their group hold the same experts (the
+second mesh `ep_mesh`, dims ("ep_replicate", "ep"); parallel/expert.py).
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ class Layout:
     dp_shard: int = 1
     tp: int = 1
     mesh: Any = None  # torch.distributed.device_mesh.DeviceMesh when world_size > 1
+    ep: int = 1
+    ep_mesh: Any = None  # DeviceMesh ("ep_replicate", "ep") when ep > 1
 
     @property
     def distributed(self) -> bool:
@@ -68,16 +75,18 @@ class Layout:
             dp = "ddp" if self.dp_replicate > 1 else ""
         if self.tp > 1:
             return f"{dp}+tp" if dp else "tp"
+        if self.ep > 1:
+            return f"{dp}+ep" if dp else "ep"
         return dp or "single"
 
     @property
     def sharded(self) -> bool:
         """Parameters are DTensors (FSDP2/HSDP shards, tensor-parallel pieces): every rank must join each forward."""
-        return self.dp_shard > 1 or self.tp > 1
+        return self.dp_shard > 1 or self.tp > 1 or self.ep > 1
 
     def describe(self) -> dict[str, Any]:
         return {"world_size": self.world_size, "strategy": self.strategy, "dp_replicate": self.dp_replicate,
-                "dp_shard": self.dp_shard, "tp": self.tp}
+                "dp_shard": self.dp_shard, "tp": self.tp, "ep": self.ep}
 
     # ---- small collectives; no-ops (identity) in a single process ----------------------------
 
@@ -115,6 +124,14 @@ def resolve_degrees(p: ParallelConfig, world_size: int) -> tuple[int, int, int]:
     return rep, shard, tp
 
 
+def check_ep(p: ParallelConfig, world_size: int) -> None:
+    """A ConfigError when parallel.ep cannot split this world size into expert groups."""
+    if world_size % p.ep:
+        raise ConfigError(f"config: parallel.ep = {p.ep} does not divide the world size {world_size}; expert "
+                          "parallelism splits the experts over ep of the data-parallel processes: launch a multiple "
+                          f"of {p.ep} processes (torchrun --nproc-per-node) or lower parallel.ep")
+
+
 _MESHES: dict[tuple, Any] = {}
 
 
@@ -126,6 +143,7 @@ def setup(cfg: Config, device: torch.device) -> Layout:
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rep, shard, tp = resolve_degrees(cfg.parallel, world)
+    check_ep(cfg.parallel, world)
     if world == 1:
         return Layout(device=device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -149,13 +167,16 @@ def setup(cfg: Config, device: torch.device) -> Layout:
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(backend, store=dist.PrefixStore(f"leantrain/attempt-{attempt}", store), rank=rank,
                                 world_size=world, timeout=timeout)
+    from torch.distributed.device_mesh import init_device_mesh
+
     key = (device.type, rep, shard, tp)
     if key not in _MESHES:
-        from torch.distributed.device_mesh import init_device_mesh
-
         _MESHES[key] = init_device_mesh(device.type, (rep, shard, tp), mesh_dim_names=MESH_DIMS)
+    ep, ep_key = cfg.parallel.ep, ("ep", device.type, cfg.parallel.ep)
+    if ep > 1 and ep_key not in _MESHES:
+        _MESHES[ep_key] = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("ep_replicate", "ep"))
     return Layout(device=device, world_size=world, rank=rank, local_rank=local_rank, local_world_size=local_world,
-                  dp_replicate=rep, dp_shard=shard, tp=tp, mesh=_MESHES[key])
+                  dp_replicate=rep, dp_shard=shard, tp=tp, mesh=_MESHES[key], ep=ep, ep_mesh=_MESHES.get(ep_key))
 
 
 def collective_timeout_message(exc: BaseException, rank: int, timeout_s: int) -> str | None:

@@ -1,6 +1,6 @@
 """Apply execution strategies to a plain model from outside it.
 
-Order (DESIGN.md): tensor parallel -> activation checkpointing -> compile -> FSDP2/DDP. None of
+Order (DESIGN.md): tensor parallel -> expert parallel -> activation checkpointing -> compile -> FSDP2/DDP. None of
 them changes parameter names, so checkpoints do not depend on how a run executed.
 """
 
@@ -18,6 +18,7 @@ from leantrain.device import choose_attention
 from leantrain.errors import ConfigError
 from leantrain.model.transformer import Attention
 from leantrain.parallel.distributed import Layout
+from leantrain.parallel.expert import apply_expert_parallel, expert_params
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) -> int:
@@ -145,9 +146,12 @@ def apply_fsdp(model: nn.Module, layout: Layout, reshard_after_forward: bool,
     mesh = layout.mesh["dp_replicate", "dp_shard"] if layout.dp_replicate > 1 else layout.mesh["dp_shard"]
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if dtype == torch.bfloat16 else MixedPrecisionPolicy()
+    ignored = set(expert_params(model)) or None  # expert parallel: each rank holds its own experts already
     for block in model.layers:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy,
+                    ignored_params=ignored)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy,
+                ignored_params=ignored)
 
 
 def apply_ddp(model: nn.Module, layout: Layout) -> None:
@@ -190,6 +194,8 @@ def parallelize(model: nn.Module, cfg: Config, device: torch.device, dtype: torc
                                                               cfg.model.seq_len))
     if layout is not None and layout.tp > 1:
         apply_tensor_parallel(model, layout)
+    if layout is not None and layout.ep > 1:
+        apply_expert_parallel(model, layout)
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.ac_every)
     if layout is None or not layout.distributed:
         if cfg.train.compile:

@@ -5,6 +5,8 @@ can be checked against a measured run (tests/test_plan.py, bench/plan_accuracy.p
 
 - weights, gradients and optimizer state in fp32 (4 + 4 + 8 bytes per parameter with AdamW; fp32 master
   weights also under bf16 autocast), divided by the shard degree under FSDP2 and by tp under tensor parallel;
+  a mixture-of-experts model holds all its experts (total parameters; its FLOPs count the active ones), and
+  under expert parallelism (ep > 1) each rank holds experts / ep of them, which FSDP2 does not shard further;
 - under bf16 autocast, the bf16 copy of every matmul weight, which autograd keeps for the backward
   pass (2 bytes per matmul parameter); under FSDP2 the bf16 MixedPrecisionPolicy gathers bf16 weights
   instead, so these copies exist only for the blocks in flight (all blocks when they are not resharded
@@ -29,7 +31,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from leantrain.config import ModelConfig
-from leantrain.model.flops import ffn_hidden_dim, head_size, param_count
+from leantrain.model.flops import ffn_hidden_dim, head_size, is_moe_layer, moe_hidden_dim, param_count
 
 LOSS_CHUNK_ELEMENTS = 1 << 22  # as model/transformer.py: logits scored per slice
 # A CPU process's peak RSS = CPU_RUNTIME_BYTES (torch, leantrain, the dataset and tokenizer, thread pools)
@@ -54,6 +56,7 @@ class Layout:
     dtype: str = "bf16"  # bf16 (autocast over fp32 weights) or fp32
     attention: str = "sdpa"  # sdpa or matmul
     reshard_after_forward: bool = True
+    ep: int = 1  # expert parallel (MoE): experts split over ep of the data-parallel ranks
 
     @property
     def devices(self) -> int:
@@ -70,6 +73,8 @@ class Layout:
             name = "single"
         if self.tp > 1:
             name = f"TP{self.tp}" if name == "single" else f"{name}+TP{self.tp}"
+        if self.ep > 1:
+            name += f"+EP{self.ep}"
         if self.ac != "none":
             name += f" + AC {self.ac}" + (f"/{self.ac_every}" if self.ac == "selective" else "")
         return name
@@ -93,6 +98,12 @@ def _outside_blocks(m: ModelConfig) -> int:
     """Embeddings, output projection, final norm (and GPT-2's position table and norm bias)."""
     embed = m.vocab_size * m.dim * (1 if m.tie_embeddings else 2)
     return embed + (m.seq_len * m.dim + 2 * m.dim if m.arch == "gpt2" else m.dim)
+
+
+def routed_expert_params(m: ModelConfig) -> int:
+    """The routed experts' weights (w1, w3, w2 of every MoE layer): what expert parallelism splits."""
+    n_moe = sum(is_moe_layer(m, i) for i in range(m.n_layers))
+    return n_moe * 3 * m.dim * moe_hidden_dim(m) * m.moe_experts if n_moe else 0
 
 
 def block_matmul_params(m: ModelConfig) -> int:
@@ -146,11 +157,14 @@ def estimate_memory(m: ModelConfig, layout: Layout, *, cpu: bool = False, checkp
         opt_bytes -= 4 * m.n_layers * mm_block
     shard = lay.dp_shard
     local = (m.n_layers * p_block + p_embed) / lay.tp  # parameters this rank holds before FSDP
+    experts = routed_expert_params(m) if lay.ep > 1 else 0  # split by ep, not by FSDP2
+    held = (local - experts) / shard + experts / lay.ep  # parameters this rank holds
     state = {
-        "weights": 4 * local / shard,
-        "optimizer": opt_bytes / lay.tp / shard,
+        "weights": 4 * held,
+        "optimizer": opt_bytes / n * held if n else 0.0,
     }
-    grads_all = 4 * local / shard
+    grads_all = 4 * held
+    p_block -= experts // m.n_layers  # what FSDP2 gathers of a block
     tokens = lay.micro_batch_size * m.seq_len
     a = 2 if lay.dtype == "bf16" else 4
     wrapped = wrapped_blocks(m.n_layers, lay.ac, lay.ac_every)

@@ -6,7 +6,8 @@ holds the MFU this project's own runs reached per device kind and dtype (written
 `python bench/plan_accuracy.py --calibrate`); the entry nearest in FLOPs per token is used. GPUs
 without a measured entry get the table's documented default. Communication is a rough model on top:
 data-parallel collectives overlap with compute (a step takes the longer of the two), tensor-parallel
-all-reduces do not. Time is split into training (steps x step time) and evaluation (the evaluations
+all-reduces and expert-parallel all-to-alls (MoE: memory holds the total parameters, compute counts the
+active ones) do not. Time is split into training (steps x step time) and evaluation (the evaluations
 train.eval_every calls for, each train.eval_steps forward passes). Energy is the devices' TDP x time, plus
 on a CPU the host's memory power as the energy meter counts it (CodeCarbon's rule, or energy.ram_w), before
 PUE; a GPU host's memory is not known to the plan and not counted. CO2e and cost come from
@@ -27,9 +28,9 @@ from leantrain.config import Config, ModelConfig
 from leantrain.device import DeviceInfo, choose_attention, choose_dtype
 from leantrain.energy.cost import device_hour_price
 from leantrain.errors import ConfigError
-from leantrain.model.flops import active_param_count, flops_per_token, param_count
+from leantrain.model.flops import active_param_count, flops_per_token, is_moe_layer, param_count
 from leantrain.plan.catalog import INTER_NODE_BYTES_S, Hardware, hardware_for
-from leantrain.plan.memory import Layout, estimate_memory, layout_dict, wrapped_blocks
+from leantrain.plan.memory import Layout, estimate_memory, layout_dict, routed_expert_params, wrapped_blocks
 
 GPU_USABLE = 0.95  # CUDA context, allocator fragmentation and NCCL buffers take the rest
 CPU_USABLE = 0.90  # the OS and everything else on the host
@@ -134,6 +135,9 @@ def attention_kernel(cfg: Config, hw: Hardware, dtype: str) -> str:
 def config_layout(cfg: Config, hw: Hardware, devices: int) -> Layout:
     """The layout the trainer would run `cfg` in on `devices` processes."""
     p = cfg.parallel
+    if devices % p.ep:
+        raise ConfigError(f"config: parallel.ep = {p.ep} does not divide {devices} devices; pick an ep that divides "
+                          "the number of devices (--gpus) or lower parallel.ep")
     rest = devices // (p.dp_replicate * p.tp) if p.dp_shard == -1 else p.dp_shard
     if p.dp_replicate * max(rest, 1) * p.tp != devices:
         raise ConfigError(f"config: parallel.dp_replicate x dp_shard x tp = {p.dp_replicate} x {p.dp_shard} x {p.tp} "
@@ -142,7 +146,8 @@ def config_layout(cfg: Config, hw: Hardware, devices: int) -> Layout:
     return Layout(dp_replicate=p.dp_replicate, dp_shard=max(rest, 1), tp=p.tp, ac=cfg.train.activation_checkpointing,
                   ac_every=cfg.train.ac_every, micro_batch_size=cfg.train.micro_batch_size,
                   grad_accum_steps=cfg.train.grad_accum_steps, dtype=dtype,
-                  attention=attention_kernel(cfg, hw, dtype), reshard_after_forward=p.fsdp_reshard_after_forward)
+                  attention=attention_kernel(cfg, hw, dtype), reshard_after_forward=p.fsdp_reshard_after_forward,
+                  ep=p.ep)
 
 
 def _divisors(n: int) -> list[int]:
@@ -153,7 +158,8 @@ def candidate_layouts(cfg: Config, hw: Hardware, devices: int, global_batch: int
     """Every layout worth trying on `devices` that keeps the global batch (sequences per step)."""
     dtype = resolve_dtype(cfg, hw)
     out = []
-    tps = [t for t in (1, 2, 4, 8) if devices % t == 0 and t <= hw.node_size and cfg.model.n_kv_heads % t == 0]
+    tps = [t for t in (1, 2, 4, 8) if devices % t == 0 and t <= hw.node_size and cfg.model.n_kv_heads % t == 0
+           and (t == 1 or not cfg.model.moe_experts)]  # MoE does not combine with tensor parallel (config.py)
     for tp in tps:
         dp = devices // tp
         dp_layouts = [(dp, 1)] if dp == 1 else [(dp, 1), (1, dp)]
@@ -161,13 +167,15 @@ def candidate_layouts(cfg: Config, hw: Hardware, devices: int, global_batch: int
             dp_layouts.append((dp // hw.node_size, hw.node_size))
         per_rank = max(1, math.ceil(global_batch / dp))
         for rep, shard in dp_layouts:
+            # the configured expert parallelism where it applies (FSDP2 ranks it divides)
+            ep = cfg.parallel.ep if rep == 1 and shard % cfg.parallel.ep == 0 and cfg.model.moe_experts else 1
             for ac in ("none", "selective", "full"):
                 for mb in _divisors(per_rank):
                     if mb > 64:
                         break
                     out.append(Layout(dp_replicate=rep, dp_shard=shard, tp=tp, ac=ac, ac_every=cfg.train.ac_every,
                                       micro_batch_size=mb, grad_accum_steps=per_rank // mb, dtype=dtype,
-                                      attention=attention_kernel(cfg, hw, dtype)))
+                                      attention=attention_kernel(cfg, hw, dtype), ep=ep))
     return out
 
 
@@ -227,8 +235,10 @@ def estimate(cfg: Config, hw: Hardware, layout: Layout, calibration: dict[str, A
 
 
 def _comm_seconds(m: ModelConfig, hw: Hardware, layout: Layout) -> tuple[float, float]:
-    """(data-parallel seconds per step, overlapped with compute; tensor-parallel seconds, not overlapped)."""
-    n = param_count(m) / layout.tp
+    """(data-parallel seconds per step, overlapped with compute; tensor- and expert-parallel seconds, not
+    overlapped: the next layer waits for their activations)."""
+    experts = routed_expert_params(m) if layout.ep > 1 else 0  # not gathered by FSDP2 under expert parallel
+    n = (param_count(m) - experts) / layout.tp
     dp = layout.dp_replicate * layout.dp_shard
 
     def bw(group: int) -> float:
@@ -246,7 +256,19 @@ def _comm_seconds(m: ModelConfig, hw: Hardware, layout: Layout) -> tuple[float, 
         a = 2 if layout.dtype == "bf16" else 4
         tokens = layout.micro_batch_size * m.seq_len * layout.grad_accum_steps
         tp_s = 4 * m.n_layers * 2 * a * tokens * m.dim * (layout.tp - 1) / layout.tp / hw.link_bytes_s
-    return dp_s, tp_s
+    return dp_s, tp_s + all_to_all_seconds(m, hw, layout)
+
+
+def all_to_all_seconds(m: ModelConfig, hw: Hardware, layout: Layout) -> float:
+    """Expert parallel: per MoE layer and micro-batch, each token's top_k rows go to their experts' ranks and
+    come back (two all-to-alls forward, two in backward); (ep - 1) / ep of them leave the rank."""
+    if layout.ep <= 1:
+        return 0.0
+    a = 2 if layout.dtype == "bf16" else 4
+    n_moe = sum(is_moe_layer(m, i) for i in range(m.n_layers))
+    rows = layout.micro_batch_size * m.seq_len * layout.grad_accum_steps * m.moe_top_k
+    link = hw.link_bytes_s if layout.ep <= hw.node_size else INTER_NODE_BYTES_S
+    return 4 * n_moe * rows * m.dim * a * (layout.ep - 1) / layout.ep / link
 
 
 # ---- the plan ------------------------------------------------------------------------------
@@ -260,11 +282,13 @@ class Plan:
     candidates: list[Estimate]
     advice: str = ""
     notes: list[str] = field(default_factory=list)
+    serving: dict[str, Any] = field(default_factory=dict)  # plan/serving.py: weights + KV cache per format
 
     def to_dict(self) -> dict[str, Any]:
         return {"configured": self.configured.to_dict() if self.configured else None,
                 "recommended": self.recommended.to_dict() if self.recommended else None,
                 "fits": self.recommended is not None, "advice": self.advice, "notes": self.notes,
+                "serving": self.serving,
                 "candidates": [{**layout_dict(e.layout), "peak_memory_bytes": int(e.memory["total"]), "fits": e.fits,
                                 "step_time_s": e.step_time_s, "time_s": e.time_s} for e in self.candidates]}
 
@@ -299,7 +323,10 @@ def plan(cfg: Config, hw: Hardware, devices: int = 1) -> Plan:
         notes.append("LoRA and frozen parameters are not modelled: memory is that of full training, an upper bound")
     if getattr(cfg.precision, "fp8", False):
         notes.append("precision.fp8 is not modelled: time and memory are those of bf16")
-    return Plan(configured, recommended, cands, advice, notes)
+    from leantrain.plan.serving import serving_memory
+
+    serving = serving_memory(cfg.model, group_size=cfg.quant.group_size) if hasattr(cfg, "quant") else {}
+    return Plan(configured, recommended, cands, advice, notes, serving)
 
 
 def _gib(x: float) -> str:
@@ -432,6 +459,11 @@ def describe(p: Plan) -> list[str]:
         lines += [f"recommended: {_layout_text(p.recommended)}", *_estimate_lines(p.recommended)]
     else:
         lines.append(p.advice)
+    if p.serving:
+        kv = next(iter(p.serving.values()))["kv_cache_bytes"]
+        lines.append("serving (weights, after `leantrain compress`; + " + _mem(kv) + " KV cache per sequence): "
+                     + ", ".join(f"{fmt} {_mem(v['weights_bytes'])}" + (f" ({_mem(v['file_bytes'])} file)"
+                                 if v["file_bytes"] != v["weights_bytes"] else "") for fmt, v in p.serving.items()))
     lines += [f"note: {n}" for n in p.notes]
     return lines
 
@@ -491,7 +523,7 @@ def fitting_options(cfg: Config, hw: Hardware, base: Layout) -> list[str]:
     if fit is not None:
         options.append(_overrides(fit, base))
     for n in (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024):
-        if n <= base.devices or n % base.tp:
+        if n <= base.devices or n % base.tp or n % base.ep:
             continue
         lay = dataclasses.replace(base, dp_replicate=1, dp_shard=n // base.tp)
         if estimate(cfg, hw, lay).fits:

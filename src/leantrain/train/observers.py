@@ -17,6 +17,16 @@ from typing import Any
 import torch
 
 
+class StopRun(Exception):  # noqa: N818 - a request, not an error
+    """Raised by an observer's `on_step` to end the run after this step, checkpointed, as SIGTERM would:
+    `fit` returns with summary["stopped"] = `reason` (a tune trial's pruner uses it). One process only: under
+    torchrun only rank 0 has observers, and the other ranks would not stop."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
 @dataclass
 class StepResult:
     """One optimizer step. `loss` and `grad_norm` stay on the device (reading them syncs it); the same on

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer
 
 from leantrain.config import Config, load_config
-from leantrain.errors import CheckpointError
+from leantrain.errors import CheckpointError, ConfigError
 from leantrain.model import Transformer
 from leantrain.model.lora import apply_lora, merge_lora
 from leantrain.train.checkpoint import Checkpointer, read_checkpoint, restore
@@ -40,10 +42,46 @@ def load_trained(run_dir: str | Path, checkpoint: str | Path | None = None, devi
     model = Transformer(cfg.model)
     if cfg.finetune.lora_rank:  # a LoRA run: load base + adapters, then fold the adapters in
         apply_lora(model, cfg.finetune.lora_rank, cfg.finetune.lora_alpha, 0.0, cfg.finetune.lora_targets)
-    restore(snap, model, None)
+    if "quantization" in snap.state:  # a `leantrain compress` output: torchao tensors, rebuilt as saved
+        from leantrain.model.quant import load_quantized
+
+        try:
+            load_quantized(model, snap.model, snap.state["quantization"])
+        except (ValueError, KeyError, RuntimeError, TypeError) as e:
+            raise CheckpointError(f"the quantized checkpoint of {run_dir} does not load ({str(e).splitlines()[0]}); "
+                                  "compress the source run again") from None
+    else:
+        restore(snap, model, None)
     if cfg.finetune.lora_rank and merge:
         merge_lora(model).requires_grad_(True)
     tok_path = run_dir / "tokenizer.json"
     if not tok_path.is_file():
         raise CheckpointError(f"{tok_path} is missing; copy the dataset's tokenizer.json into the run directory")
     return model.to(device).eval(), Tokenizer.from_file(str(tok_path)), cfg, snap.step, warnings
+
+
+def run_model_fields(run_dir: str | Path, explicit: dict[str, Any]) -> dict[str, Any]:
+    """[model] fields for `train.init_from` = a leantrain run (or `compress` output) folder: its config's, minus
+    those the user set explicitly; one that contradicts the run on a shape-giving key is a ConfigError."""
+    from leantrain.model.hf import LOCKED_FIELDS
+
+    src = dataclasses.asdict(load_config(Path(run_dir) / "config.toml").model)
+    for key in (*LOCKED_FIELDS, *(("seq_len",) if src["arch"] == "gpt2" else ())):
+        if key in explicit and explicit[key] != src[key]:
+            raise ConfigError(f"config: model.{key} = {explicit[key]!r} contradicts train.init_from {run_dir} (its "
+                              f"config.toml gives {src[key]!r}); drop that model setting")
+    return {k: v for k, v in src.items() if k not in explicit}
+
+
+def init_from_run(model: torch.nn.Module, run_dir: str | Path) -> None:
+    """Copy a leantrain run's newest good weights into `model` (built from `run_model_fields`): fine-tuning a
+    pruned or distilled model goes through the normal trainer. Quantized weights cannot be trained on."""
+    src = load_trained(run_dir)[0]
+    if any(type(p.data) is not torch.Tensor for p in src.parameters()):
+        raise ConfigError(f"train.init_from {run_dir} holds quantized weights, which cannot be trained; fine-tune "
+                          "the source run before quantizing (or train with [quant] qat)")
+    try:
+        model.load_state_dict(src.state_dict(), strict=True)
+    except RuntimeError as e:
+        raise ConfigError(f"train.init_from {run_dir} does not fit this model ({str(e).splitlines()[0][:200]}); "
+                          "leave the [model] section to the run's config.toml") from None

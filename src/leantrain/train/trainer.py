@@ -39,6 +39,8 @@ from leantrain.model.lora import adapter_state_dict, apply_finetune
 from leantrain.model.moe import MoETracker
 from leantrain.parallel.distributed import Layout
 from leantrain.parallel.distributed import setup as setup_distributed
+from leantrain.parallel.expert import clip_grad_norm as clip_expert_parallel
+from leantrain.parallel.expert import reduce_expert_grads
 from leantrain.parallel.parallelize import parallelize, remove_compile, set_grad_sync
 from leantrain.tokens.dataset import TokenDataset
 from leantrain.tokens.loader import BatchLoader, val_batches
@@ -52,11 +54,14 @@ from leantrain.train.checkpoint import (
     set_rng_state,
     snapshot,
 )
+from leantrain.train.distill import Distiller
 from leantrain.train.guard import GradHealth, Guard
-from leantrain.train.observers import StepMeter, StepResult
+from leantrain.train.observers import StepMeter, StepResult, StopRun
 from leantrain.train.optim import build_optimizer, lr_at
 from leantrain.train.precision import apply_float8
+from leantrain.train.pruning import GradualPruner
 from leantrain.train.rundir import claim_run_dir, write_run_file
+from leantrain.train.runs import init_from_run
 from leantrain.train.telemetry import Observer, RunLog
 
 
@@ -94,6 +99,7 @@ class Trainer:
         if self.data.vocab_size > cfg.model.vocab_size:
             raise DataError(f"the dataset's tokenizer has {self.data.vocab_size} tokens but model.vocab_size = "
                             f"{cfg.model.vocab_size}; set --model.vocab_size={self.data.vocab_size} or more")
+        self.distill = Distiller.of(cfg, self.layout.device)  # [distill]: the teacher, checked before any folder
         # before anything is written: a new, empty or leantrain run folder, locked for this process (rank 0)
         self.run_lock = claim_run_dir(self.run_dir, self.layout)
         self.device = self.layout.device
@@ -103,12 +109,19 @@ class Trainer:
         self.model = Transformer(cfg.model).to(self.device)
         # start from a Hugging Face model's weights, unless this run has a checkpoint of its own to resume
         fresh = not (resume and Checkpointer(self.run_dir / "checkpoints", 1).list())
-        if cfg.train.init_from and fresh:
+        if cfg.train.init_from and fresh and (Path(cfg.train.init_from) / "config.toml").is_file():
+            init_from_run(self.model, cfg.train.init_from)  # a leantrain run or compressed folder
+        elif cfg.train.init_from and fresh:
             from leantrain.model.hf import load_hf_weights
 
             load_hf_weights(self.model, cfg.train.init_from)
         # float8 swaps Linear modules, so it goes before FSDP2/compile wrap them
         self.fp8_layers, self.fp8_skipped = apply_float8(self.model, self.device) if cfg.precision.fp8 else (0, None)
+        self.qat_layers = 0
+        if cfg.quant.qat:  # torchao fake quantization (QAT) swaps Linear modules too; the weights keep their names
+            from leantrain.model.quant import apply_qat
+
+            self.qat_layers = apply_qat(self.model, cfg.quant.qat, cfg.quant.group_size)
         # LoRA adapters / frozen layers: after any init_from weights are in, before parallelize and the optimizer
         self.finetune = apply_finetune(self.model, cfg.finetune)
         if cfg.finetune.adapter and fresh:  # adapters trained elsewhere (PEFT) go on before training them on
@@ -119,6 +132,7 @@ class Trainer:
         parallelize(self.model, cfg, self.device, self.dtype, self.layout, self.device_info.attention)
         self._compile_pending = cfg.train.compile  # the first step compiles; timed on its own
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device, self.dtype)
+        self.pruner = GradualPruner.of(self.model, cfg.prune, self.layout.sharded)  # [prune]: None when off
         self.loader = BatchLoader(self.data.shards("train"), cfg.model.seq_len, cfg.train.micro_batch_size,
                                   cfg.train.grad_accum_steps, cfg.train.seed, rank=self.layout.dp_rank,
                                   world_size=self.layout.dp_size, masks=self.data.masks("train"))
@@ -130,6 +144,9 @@ class Trainer:
         self.guard = Guard(cfg.guard, warmup_steps=cfg.optim.warmup_steps)
         self.health = GradHealth(self.model, cfg.log.grad_health_every)
         self.moe = MoETracker.of(self.model)  # None for a dense model: balance losses, expert bias, load telemetry
+        # extra objectives a caller adds to every step's loss (federated FedProx: mu/2 ||w - w_global||^2); each
+        # returns a scalar tensor, counted once per optimizer step and kept out of the logged loss
+        self.loss_terms: list[Any] = []
         self.log: RunLog | _NoLog = RunLog(self.run_dir, self.run_lock) if self.layout.is_rank0 else _NoLog()
         self.observers: list[Observer] = [self.log, *observers] if self.layout.is_rank0 else []
         # energy, CO2 and cost of the job (rank 0's meter scaled to all ranks; see energy/accounting.py)
@@ -241,6 +258,8 @@ class Trainer:
             self.guard.load_state_dict(st["guard"], keep_interventions=rollback)
         if "grad_health" in st:
             self.health.load_state_dict(st["grad_health"])
+        if self.pruner is not None:
+            self.pruner.load(snap.extra)
         set_rng_state(st["rng"])
         if hasattr(self.optimizer, "train"):  # schedule-free: checkpoints hold the averaged weights x
             self.optimizer.train()
@@ -327,6 +346,10 @@ class Trainer:
         tokens = sum(x.numel() for x, _ in batches) * self.layout.dp_size
         self.step += 1
         self.tokens += tokens
+        if self.pruner is not None:  # pruned weights stay zero; the masks tighten on the cubic schedule
+            pruned = self.pruner.after_step(self.step)
+            if pruned is not None:
+                self._emit("prune", **pruned)
         update_ratio = self.health.after_update() if health_due else None
         return StepResult(loss, grad_norm, lr, tokens, None, grad_norms, update_ratio, compile_s)
 
@@ -351,12 +374,21 @@ class Trainer:
                 set_grad_sync(self.model, i == len(batches) - 1)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self._autocast():
-                loss = self.model(x, y, reduction="sum") / n_targets
+                if self.distill is None:
+                    loss = self.model(x, y, reduction="sum") / n_targets
+                else:  # alpha * T^2 * KL to the teacher + (1 - alpha) * cross-entropy (train/distill.py)
+                    loss = self.distill.loss(self.model, x, y) / n_targets
             # MoE balance losses train the routers but stay out of the logged loss
-            (loss if self.moe is None else loss + self.moe.micro_batch_loss(i == 0, len(batches))).backward()
+            objective = loss if self.moe is None else loss + self.moe.micro_batch_loss(i == 0, len(batches))
+            for term in self.loss_terms:
+                objective = objective + term() / len(batches)
+            objective.backward()
             total += loss.detach()
         clip = self.cfg.train.grad_clip or math.inf
-        if self.layout.sharded:  # DTensor gradients: their norm is reduced over the shards
+        if self.layout.ep > 1:  # experts' gradients to the data-parallel mean; their DTensors on a mesh of their own
+            reduce_expert_grads(self.model, self.layout)
+            grad_norm = clip_expert_parallel(self.model.parameters(), clip)
+        elif self.layout.sharded:  # DTensor gradients: their norm is reduced over the shards
             params = [p for p in self.model.parameters() if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
             if hasattr(grad_norm, "full_tensor"):
@@ -441,6 +473,8 @@ class Trainer:
                 snap = snapshot(self.step, self.model, self.optimizer, state)
         if snap is not None and self.cfg.finetune.lora_rank:  # the adapters alone, small enough to share
             snap.extra["adapters.safetensors"] = adapter_state_dict(snap.model)
+        if snap is not None and self.pruner is not None:  # the masks, so a resumed run prunes the same weights
+            snap.extra.update(self.pruner.state())
         try:
             if snap is not None and self.cfg.checkpoint.async_:
                 self.checkpointer.write_async(snap)
@@ -602,6 +636,9 @@ class Trainer:
             self._emit("energy", **self.energy.describe())
         if self.carbon is not None:
             self.carbon.start(self.step)
+        if self.cfg.quant.qat:
+            self._emit("qat", layers=self.qat_layers, message=f"{self.qat_layers} linear layers fake-quantized "
+                       f"({self.cfg.quant.qat}); `leantrain compress RUN --method convert` quantizes them for real")
         if self.cfg.precision.fp8:
             self._emit("fp8", layers=self.fp8_layers, message=self.fp8_skipped
                        or f"{self.fp8_layers} linear layers compute in float8")
@@ -625,9 +662,14 @@ class Trainer:
                 self.last_val_loss = record["val_loss"] = self.evaluate()
         if self.moe is not None:
             record.update(self.moe.metrics())
+        if self.distill is not None:
+            record.update(self.distill.metrics())
         record.update(self.energy.read(self.step))
         for o in self.observers:
-            o.on_step(record)
+            try:
+                o.on_step(record)
+            except StopRun as stop:  # an observer ends the run here, as a signal would (a pruned tune trial)
+                self.request_stop(stop.reason)
         self.window_steps = 0
         self.window_loss.zero_()
         return record

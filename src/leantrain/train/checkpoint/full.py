@@ -87,7 +87,14 @@ def read(folder: Path, listed: dict[str, Any]) -> Snapshot:
             tensors[name] = st_load(blobs[name])
         except (SafetensorError, ValueError, KeyError, OverflowError) as e:
             raise manifest.damaged(folder, f"{name} cannot be parsed ({str(e).strip()[:200]})") from None
-    return Snapshot(listed["step"], tensors["model.safetensors"], tensors["optim.safetensors"], state)
+    extra = {}  # the other safetensors files a trainer wrote beside them (LoRA adapters, pruning masks)
+    for name in blobs:
+        if name.endswith(".safetensors") and name not in tensors:
+            try:
+                extra[name] = st_load(blobs[name])
+            except (SafetensorError, ValueError, KeyError, OverflowError) as e:
+                raise manifest.damaged(folder, f"{name} cannot be parsed ({str(e).strip()[:200]})") from None
+    return Snapshot(listed["step"], tensors["model.safetensors"], tensors["optim.safetensors"], state, extra=extra)
 
 
 def weights(snap: Snapshot) -> dict[str, torch.Tensor]:

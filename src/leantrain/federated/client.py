@@ -1,0 +1,129 @@
+"""The client side: a Flower ClientApp whose training is leantrain's own Trainer and train step.
+
+Each train message carries the global weights and, in its config record, the run's resolved leantrain config
+(TOML text), the round and where the client's partition lies. The client builds a Trainer on its partition
+(same model, optimizer, precision and guard as `leantrain train`), loads the global weights, and takes
+`federated.local_steps` train steps. The work is a pure function of (global weights, round, partition):
+the optimizer starts fresh each round, the loader is placed at the round's first batch and the lr follows
+the schedule over all rounds, so a round that is redone (server resumed, client restarted) gives the same
+update. FedProx adds mu/2 * ||w - w_global||^2 to the loss through the Trainer's `loss_terms`.
+
+With differential privacy on, Flower's `fixedclipping_mod` clips the update before it leaves the client.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+from leantrain.config import Config, load_config
+from leantrain.federated.weights import exchanged, load_record, to_record
+from leantrain.files import write_durable
+
+CONFIG_KEY = "leantrain-config"
+
+
+def client_config(cfg: Config, data_path: str | Path, threads: int | None = None) -> Config:
+    """The config a client trains with: the run's, on its own partition, with the schedule spanning all rounds."""
+    f = cfg.federated
+    train = dataclasses.replace(cfg.train, steps=f.rounds * f.local_steps, sample_tokens=0,
+                                threads=cfg.train.threads if threads is None else threads)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(data_path)), train=train,
+                               log=dataclasses.replace(cfg.log, trackers=(), progress="none"))
+
+
+def local_train(cfg: Config, data_path: str | Path, work_dir: str | Path, weights: ArrayRecord, server_round: int,
+                proximal_mu: float = 0.0, threads: int | None = None) -> tuple[ArrayRecord, dict[str, Any]]:
+    """Train the global `weights` for local_steps on the partition at `data_path`; returns the new weights and
+    what it cost (tokens, mean loss, energy, seconds). `work_dir` holds the client Trainer's run files."""
+    from leantrain.train.rundir import claim_run_dir
+    from leantrain.train.trainer import Trainer
+
+    t0 = time.perf_counter()
+    ccfg = client_config(cfg, data_path, threads)
+    f = cfg.federated
+    first = (server_round - 1) * f.local_steps
+    losses, skipped = [], 0
+    lock = claim_run_dir(work_dir)  # before anything is written there; the Trainer below shares this claim
+    progress = Path(work_dir) / "progress.json"  # which round this client is in, and its process (for operators)
+    write_durable(progress, json.dumps({"round": server_round, "local_step": 0, "pid": os.getpid()}))
+    with Trainer(ccfg, work_dir, resume=False) as trainer:
+        load_record(trainer.model, weights, f.lora_only)
+        state = trainer.loader.state_dict()
+        trainer.loader.load_state_dict({**state, "step": first})
+        trainer.step = first  # the lr schedule runs over all rounds
+        if proximal_mu > 0:
+            anchor = {n: p.detach().clone() for n, p in exchanged(trainer.model, f.lora_only).items()
+                      if p.requires_grad}
+            params = [(p, anchor[n]) for n, p in trainer.model.named_parameters() if n in anchor]
+
+            def proximal() -> torch.Tensor:
+                return proximal_mu / 2 * sum((p - w).pow(2).sum() for p, w in params)
+
+            trainer.loss_terms.append(proximal)
+        start_tokens = trainer.tokens
+        for i in range(f.local_steps):
+            result = trainer.train_step(trainer.loader.next_step())
+            if result.skipped:
+                skipped += 1
+            else:
+                losses.append(result.loss.item())
+            write_durable(progress, json.dumps({"round": server_round, "local_step": i + 1, "of": f.local_steps,
+                                                "pid": os.getpid()}))
+        energy = trainer.energy.summary()
+        out = to_record(trainer.model, f.lora_only)
+        tokens = trainer.tokens - start_tokens
+    lock.release()
+    metrics = {"tokens": tokens, "loss": sum(losses) / len(losses) if losses else float("nan"),
+               "skipped_steps": skipped, "energy_j": float(energy.get("energy_j", 0.0)),
+               "seconds": time.perf_counter() - t0}
+    return out, metrics
+
+
+def _where(msg: Message, context: Context) -> tuple[int, Path, Path]:
+    """(partition id, partition dataset, work folder): from the supernode's --node-config when given
+    (data-path, work-dir), else the run's partitions folder on a shared disk (simulation, local tests)."""
+    node, config = context.node_config, msg.content["config"]
+    pid = int(node["partition-id"])
+    data = Path(str(node["data-path"])) if "data-path" in node else Path(str(config["partitions"])) / f"client-{pid}"
+    work = Path(str(node["work-dir"])) if "work-dir" in node else \
+        Path(str(config["run-dir"])) / "clients" / f"client-{pid}"
+    return pid, data, work
+
+
+def _train(msg: Message, context: Context) -> Message:
+    config = msg.content["config"]
+    cfg = load_config(overrides=tomllib.loads(str(config[CONFIG_KEY])))  # the server's resolved config
+    pid, data, work = _where(msg, context)
+    threads = int(config["client-threads"]) if "client-threads" in config else None
+    received = msg.content["arrays"]
+    arrays, m = local_train(cfg, data, work, received, int(config["server-round"]),
+                            float(config.get("proximal-mu", 0.0)), threads)
+    metrics = MetricRecord({
+        "num-examples": int(m["tokens"]), "tokens": int(m["tokens"]), "loss": float(m["loss"]),
+        "skipped-steps": int(m["skipped_steps"]), "energy-j": m["energy_j"], "seconds": m["seconds"],
+        "partition-id": pid, "bytes-received": int(received.count_bytes()), "bytes-sent": int(arrays.count_bytes()),
+    })
+    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+client_app = ClientApp()
+
+
+@client_app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Flower's train entry: local training, with the update clipped by Flower when the server asks (DP)."""
+    if KEY_CLIPPING_NORM in msg.content["config"]:
+        return fixedclipping_mod(msg, context, _train)
+    return _train(msg, context)
