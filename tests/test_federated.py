@@ -225,7 +225,7 @@ def test_deployment_engine_three_supernodes_survives_a_killed_server_and_a_dead_
     config.write_text(f'[data]\npath = "{dataset}"\n[model]\nn_layers = 2\ndim = 32\nn_heads = 4\nn_kv_heads = 2\n'
                       'seq_len = 64\nvocab_size = 512\n[train]\nmicro_batch_size = 2\neval_steps = 2\n'
                       'sample_tokens = 0\n[precision]\ndtype = "fp32"\n[federated]\nclients = 3\nrounds = 3\n'
-                      'local_steps = 1\nmin_available = 2\nmin_replies = 2\nround_timeout = 30\n')
+                      'local_steps = 1\nmin_available = 2\nmin_replies = 2\nround_timeout = 60\n')
     # round_timeout: each message starts a fresh ClientApp process (python + torch, ~5 s on 2 busy cores), and the
     # round with the dead client waits this long for its reply before aggregating the other two
     app = write_app(tmp_path / "app", config, run).parent

@@ -74,9 +74,19 @@ def open_storage(url: str, heartbeat_s: int, max_retries: int) -> Any:
     else:
         connect = {}
     try:
-        return RDBStorage(url, engine_kwargs={"connect_args": connect} if connect else None,
-                          heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retries))
+        for attempt in range(5):
+            try:
+                return RDBStorage(url, engine_kwargs={"connect_args": connect} if connect else None,
+                                  heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
+                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                                      max_retry=max_retries))
+            except Exception as e:  # noqa: BLE001 - sorted out below
+                # workers started together on a fresh database race to create Optuna's tables (PostgreSQL:
+                # "duplicate key value violates unique constraint"); the loser finds them made on a retry
+                if attempt == 4 or "duplicate key" not in str(getattr(e, "orig", None) or e.__cause__ or e):
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")
     except ImportError as e:
         raise LeantrainError(f"storage {masked(url)} needs a database driver that is missing ({e}); for PostgreSQL: "
                              "pip install 'psycopg[binary]'") from None
