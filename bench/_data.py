@@ -36,3 +36,17 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def run_overrides(data: str, steps: int, seq: int, batch: int, lr: float, log_every: int = 20,
+                  **extra: dict) -> dict:
+    """The config of a short fp32 bench run on `data` (no evals, checkpoints or samples on the way); `extra`
+    sections are merged over it, e.g. `model={...}`, `distill={...}`."""
+    base = {"data": {"path": data}, "model": {"seq_len": seq, "vocab_size": 8192},
+            "train": {"steps": steps, "micro_batch_size": batch, "eval_every": 0, "eval_steps": 8, "sample_tokens": 0,
+                      "seed": 7},
+            "optim": {"lr": lr, "warmup_steps": max(1, steps // 10)}, "precision": {"dtype": "fp32"},
+            "checkpoint": {"every": 0}, "log": {"every": log_every, "progress": "none"}}
+    for section, values in extra.items():
+        base.setdefault(section, {}).update(values)
+    return base

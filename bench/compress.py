@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _data import ROOT, cpu_name, dataset
+from _data import ROOT, cpu_name, dataset, run_overrides
 
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -42,16 +42,6 @@ QAT_FP = "QAT int4 {n}-step fine-tune (fp32 forward)"
 QAT_INT4 = "  QAT int4 g{g} (convert)"
 
 
-
-def overrides(data: str, steps: int, seq: int, batch: int, lr: float, **extra: dict) -> dict:
-    base = {"data": {"path": data}, "model": {"seq_len": seq, "vocab_size": 8192},
-            "train": {"steps": steps, "micro_batch_size": batch, "eval_every": 0, "eval_steps": 8, "sample_tokens": 0,
-                      "seed": 7},
-            "optim": {"lr": lr, "warmup_steps": max(1, steps // 10)}, "precision": {"dtype": "fp32"},
-            "checkpoint": {"every": 0}, "log": {"every": 20, "progress": "none"}}
-    for section, values in extra.items():
-        base.setdefault(section, {}).update(values)
-    return base
 
 
 def train(name: str, out: Path, ov: dict) -> Path:
@@ -127,15 +117,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         data = dataset(args.data, out)
-        ov = overrides(data, args.steps, args.seq, args.batch, 3e-3, model=BASE)
+        ov = run_overrides(data, args.steps, args.seq, args.batch, 3e-3, model=BASE)
         base = train("base", out, ov)
         rows = [("base fp32", base)]
         for method in ("int8", "int8-dynamic", "int4"):
             rows.append((f"PTQ {method}", compress(base, out / method, method)))
         lr, g = args.ft_lr, args.qat_group_size
-        base_ft = train("base-ft", out, overrides(data, args.ft_steps, args.seq, args.batch, lr,
+        base_ft = train("base-ft", out, run_overrides(data, args.ft_steps, args.seq, args.batch, lr,
                                                   train={"init_from": str(base)}))
-        qat = train("qat-ft", out, overrides(data, args.ft_steps, args.seq, args.batch, lr,
+        qat = train("qat-ft", out, run_overrides(data, args.ft_steps, args.seq, args.batch, lr,
                                              train={"init_from": str(base)}, quant={"qat": "int4", "group_size": g}))
         rows.append((FT.format(n=args.ft_steps), base_ft))
         rows.append((PTQ_FT.format(g=g), compress(base_ft, out / "base-ft-int4", "int4", group_size=g)))
@@ -153,14 +143,15 @@ def main() -> None:
                 extra = {"train": {"init_from": str(pruned)}}
                 if hold:  # keep the pruned weights at zero while fine-tuning: masks due at once, held after
                     extra["prune"] = {**hold, "sparsity": 0.5, "start_step": 0, "end_step": 1, "every": 1}
-                rows.append((f"{label} + {args.ft_steps}-step fine-tune", train(f"{name}-ft", out, overrides(
+                rows.append((f"{label} + {args.ft_steps}-step fine-tune", train(f"{name}-ft", out, run_overrides(
                     data, args.ft_steps, args.seq, args.batch, lr, **extra))))
         if have_distill() and not args.quick:
-            rows.append((f"student alone ({args.student_steps} steps)", train("student", out, overrides(
+            rows.append((f"student alone ({args.student_steps} steps)", train("student", out, run_overrides(
                 data, args.student_steps, args.seq, args.batch, 3e-3, model=STUDENT))))
-            rows.append((f"student distilled ({args.student_steps} steps)", train("student-distilled", out, overrides(
+            distilled = run_overrides(
                 data, args.student_steps, args.seq, args.batch, 3e-3, model=STUDENT,
-                distill={"teacher": str(base), "alpha": 0.5, "temperature": 2.0}))))
+                distill={"teacher": str(base), "alpha": 0.5, "temperature": 2.0})
+            rows.append((f"student distilled ({args.student_steps} steps)", train("student-distilled", out, distilled)))
         windows = val_windows(api.load_config(overrides=ov), 8)
         got = measure(rows, windows, args.new_tokens, args.rounds)
     b = got[0]

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _data import ROOT, dataset
+from _data import ROOT, dataset, run_overrides
 
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -37,15 +37,10 @@ TEACHER = {"n_layers": 4, "dim": 192, "n_heads": 8, "n_kv_heads": 2, "ffn_dim": 
 STUDENT = {"n_layers": 3, "dim": 128, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 352}
 
 
-def overrides(data: str, steps: int, seq: int, batch: int, lr: float, **extra: dict) -> dict:
-    base = {"data": {"path": data}, "model": {"seq_len": seq, "vocab_size": 8192},
-            "train": {"steps": steps, "micro_batch_size": batch, "eval_every": 0, "eval_steps": 8, "sample_tokens": 0,
-                      "seed": 7},
-            "optim": {"lr": lr, "warmup_steps": max(1, steps // 10)}, "precision": {"dtype": "fp32"},
-            "checkpoint": {"every": 0}, "log": {"every": 10, "progress": "none"}}
-    for section, values in extra.items():
-        base.setdefault(section, {}).update(values)
-    return base
+
+def overrides10(*args, **kw) -> dict:
+    """run_overrides logging every 10 steps."""
+    return run_overrides(*args, log_every=10, **kw)
 
 
 def train(name: str, out: Path, ov: dict) -> tuple[Path, float]:
@@ -107,10 +102,10 @@ def main() -> None:
         data = dataset(args.data, out)
         print(f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
               f"torch {torch.__version__}", flush=True)
-        base_run, _ = train("base", out, overrides(data, args.steps, args.seq, args.batch, 3e-3, model=TEACHER))
+        base_run, _ = train("base", out, overrides10(data, args.steps, args.seq, args.batch, 3e-3, model=TEACHER))
         runs = [("base", base_run)]
         lr, ft = 3e-4, {"seed": 8}  # about the base's final lr; another seed: batches the base saw less recently
-        run, _ = train("base-ft", out, overrides(data, args.ft_steps, args.seq, args.batch, lr,
+        run, _ = train("base-ft", out, overrides10(data, args.ft_steps, args.seq, args.batch, lr,
                                                  train={"init_from": str(base_run), **ft}))
         runs.append((f"base + {args.ft_steps}-step fine-tune", run))
         for frac in (0.25, 0.5):
@@ -118,14 +113,14 @@ def main() -> None:
             api.compress(base_run, pruned, "prune-structured", options={"heads_fraction": frac,
                                                                         "channels_fraction": frac}, speed_tokens=0)
             runs.append((f"structured {int(frac * 100)}%", pruned))
-            run, _ = train(f"p{int(frac * 100)}-ft", out, overrides(data, args.ft_steps, args.seq, args.batch, lr,
+            run, _ = train(f"p{int(frac * 100)}-ft", out, overrides10(data, args.ft_steps, args.seq, args.batch, lr,
                                                                     train={"init_from": str(pruned), **ft}))
             runs.append((f"structured {int(frac * 100)}% + {args.ft_steps}-step fine-tune", run))
-        plain, _ = train("student", out, overrides(data, args.student_steps, args.seq, args.batch, 3e-3,
+        plain, _ = train("student", out, overrides10(data, args.student_steps, args.seq, args.batch, 3e-3,
                                                    model=STUDENT))
         runs.append((f"student alone ({args.student_steps} steps)", plain))
         t0 = time.perf_counter()
-        distilled, _ = train("student-distilled", out, overrides(
+        distilled, _ = train("student-distilled", out, overrides10(
             data, args.student_steps, args.seq, args.batch, 3e-3, model=STUDENT,
             distill={"teacher": str(base_run), "alpha": 0.5, "temperature": 1.0}))
         runs.append((f"student distilled ({args.student_steps} steps)", distilled))
