@@ -201,6 +201,15 @@ def _wait(what: str, cond, timeout: float, procs: list) -> None:
     pytest.fail(f"timed out waiting for {what} (exited: {dead})")
 
 
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:  # a zombie (exited, not yet reaped by the SuperNode) counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _progress(run: Path, client: int) -> dict:
     try:
         return json.loads((run / "clients" / f"client-{client}" / "progress.json").read_text())
@@ -255,9 +264,15 @@ def test_deployment_engine_three_supernodes_survives_a_killed_server_and_a_dead_
         os.kill(server_pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             first.wait(timeout=10)  # its log stream ends with the run; nothing of ours depends on it
+        # the dead server may have started round 3: its ClientApps finish (or fail) on their own; wait them out so
+        # they neither hold a client's folder nor are mistaken below for the resumed run's
+        first_run = _progress(run, 2)["run"]
+        _wait("the first run's ClientApps", lambda: not any(_alive(_progress(run, c).get("pid")) for c in range(3)),
+              90, procs)
         second = flwr_run()  # the same app again: it resumes after round 2
         # round 3: client 2's ClientApp process dies mid-round (SIGKILL); the round goes on with the other two
-        _wait("client 2 in round 3", lambda: _progress(run, 2).get("round") == 3, 90, procs)
+        _wait("client 2 in round 3", lambda: _progress(run, 2).get("round") == 3
+              and _progress(run, 2).get("run") != first_run, 90, procs)
         os.kill(_progress(run, 2)["pid"], signal.SIGKILL)
         _wait("round 3", lambda: (run / "federated.json").is_file(), 120, procs)
         second.wait(timeout=60)

@@ -44,7 +44,8 @@ def client_config(cfg: Config, data_path: str | Path, threads: int | None = None
 
 
 def local_train(cfg: Config, data_path: str | Path, work_dir: str | Path, weights: ArrayRecord, server_round: int,
-                proximal_mu: float = 0.0, threads: int | None = None) -> tuple[ArrayRecord, dict[str, Any]]:
+                proximal_mu: float = 0.0, threads: int | None = None,
+                run_id: int | None = None) -> tuple[ArrayRecord, dict[str, Any]]:
     """Train the global `weights` for local_steps on the partition at `data_path`; returns the new weights and
     what it cost (tokens, mean loss, energy, seconds). `work_dir` holds the client Trainer's run files."""
     from leantrain.train.rundir import claim_run_dir
@@ -56,8 +57,9 @@ def local_train(cfg: Config, data_path: str | Path, work_dir: str | Path, weight
     first = (server_round - 1) * f.local_steps
     losses, skipped = [], 0
     lock = claim_run_dir(work_dir)  # before anything is written there; the Trainer below shares this claim
-    progress = Path(work_dir) / "progress.json"  # which round this client is in, and its process (for operators)
-    write_durable(progress, json.dumps({"round": server_round, "local_step": 0, "pid": os.getpid()}))
+    progress = Path(work_dir) / "progress.json"  # which run and round this client is in, and its process (operators)
+    where = {"run": run_id, "round": server_round, "pid": os.getpid()}
+    write_durable(progress, json.dumps({**where, "local_step": 0}))
     with Trainer(ccfg, work_dir, resume=False) as trainer:
         load_record(trainer.model, weights, f.lora_only)
         state = trainer.loader.state_dict()
@@ -79,8 +81,7 @@ def local_train(cfg: Config, data_path: str | Path, work_dir: str | Path, weight
                 skipped += 1
             else:
                 losses.append(result.loss.item())
-            write_durable(progress, json.dumps({"round": server_round, "local_step": i + 1, "of": f.local_steps,
-                                                "pid": os.getpid()}))
+            write_durable(progress, json.dumps({**where, "local_step": i + 1, "of": f.local_steps}))
         energy = trainer.energy.summary()
         out = to_record(trainer.model, f.lora_only)
         tokens = trainer.tokens - start_tokens
@@ -109,7 +110,7 @@ def _train(msg: Message, context: Context) -> Message:
     threads = int(config["client-threads"]) if "client-threads" in config else None
     received = msg.content["arrays"]
     arrays, m = local_train(cfg, data, work, received, int(config["server-round"]),
-                            float(config.get("proximal-mu", 0.0)), threads)
+                            float(config.get("proximal-mu", 0.0)), threads, run_id=context.run_id)
     metrics = MetricRecord({
         "num-examples": int(m["tokens"]), "tokens": int(m["tokens"]), "loss": float(m["loss"]),
         "skipped-steps": int(m["skipped_steps"]), "energy-j": m["energy_j"], "seconds": m["seconds"],
