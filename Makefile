@@ -28,7 +28,7 @@ test: $(STAMP)
 
 bench: $(STAMP) data/stdlib/meta.json
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[bench]' "$(TORCH)"
-	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

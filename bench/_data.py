@@ -50,3 +50,23 @@ def run_overrides(data: str, steps: int, seq: int, batch: int, lr: float, log_ev
     for section, values in extra.items():
         base.setdefault(section, {}).update(values)
     return base
+
+
+REPORT_ENV = "LEANTRAIN_BENCH_REPORT"  # bench/all.py names a JSON-lines file here for each child it runs
+
+
+def report_ratio(name: str, value: float, baseline: str, unit: str = "x", better: str = "higher",
+                 **figures: float) -> None:
+    """Record one headline figure of this bench (a ratio against `baseline`, measured in the same run) for
+    bench/all.py: appended as a JSON line to the file $LEANTRAIN_BENCH_REPORT names; nothing when it is unset,
+    so a bench run by hand prints its table only. `figures` are side numbers shown with it (tokens_per_s=...)."""
+    import json
+    import os
+
+    path = os.environ.get(REPORT_ENV)
+    if not path:
+        return
+    row = {"bench": Path(sys.argv[0]).stem, "name": name, "value": float(value), "unit": unit,
+           "baseline": baseline, "better": better, "figures": {k: float(v) for k, v in figures.items()}}
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")

@@ -6,8 +6,10 @@ Rows (all on the same data, model, seed and tokens):
   fedavg / fedprox     Dirichlet(alpha) label skew over source groups, alpha = 0.1 and 1.0
   lora full / lora     full-model vs LoRA-only federation (LoRA rank 8; bytes per round is the point)
   dp eps~8 / eps~1     FedAvg with client-level DP (clip + Gaussian noise), noise solved for the epsilon
+  secagg iid / lora    FedAvg through Flower's SecAgg+ (the server sees only the sum), full model and LoRA-only
 
-Prints final validation loss, the loss after each round, bytes per round each way, epsilon, wall time.
+Prints final validation loss, the loss after each round, bytes per round each way, epsilon, the median
+seconds per round (the first round, with its imports and warm-up, left out) and wall time.
 
     python bench/federated.py                       # ~3-4 minutes on 2 CPU cores
     python bench/federated.py --rounds 10 --clients 8 --dim 128
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -71,6 +74,9 @@ def main() -> None:
         "lora only": {"finetune": {"lora_rank": 8}, "federated": {"lora_only": True}},
         "dp eps~8": {"federated": {"dp_epsilon": 8.0, "dp_clip": 0.5}},
         "dp eps~1": {"federated": {"dp_epsilon": 1.0, "dp_clip": 0.5}},
+        "secagg iid": {"federated": {"partition": "iid", "secure_aggregation": True}},
+        "secagg lora only": {"finetune": {"lora_rank": 8},
+                             "federated": {"lora_only": True, "secure_aggregation": True}},
     }
     only = set(args.only.split(",")) if args.only else None
     print(f"CPU: {cpu_name()}; {c} clients x {r} rounds x {k} local steps, dim {args.dim}, data {data}", flush=True)
@@ -90,24 +96,28 @@ def main() -> None:
         run = scratch / name.replace(" ", "-").replace("~", "")
         out = api.federate(cfg(**over), run)
         lines = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+        round_s = [x["round_s"] for x in lines[2:]] or [x["round_s"] for x in lines[1:]]
         results.append({"name": name, "val_loss": out["val_loss"], "curve": [x["val_loss"] for x in lines[1:]],
-                        "bytes_round": out["bytes_sent"] / r, "eps": out.get("dp_epsilon"),
+                        "bytes_round": out["bytes_sent"] / r, "bytes_back": out["bytes_received"] / r,
+                        "round_s": statistics.median(round_s), "eps": out.get("dp_epsilon"),
                         "noise": out.get("noise_multiplier"), "wall_s": time.perf_counter() - t0,
                         "tokens": out["tokens"]})
         print(f"{name}: val_loss {out['val_loss']:.4f} ({out['tokens']:,} tokens)", flush=True)
 
     central = next((x["val_loss"] for x in results if x["name"] == "centralised"), None)
     print()
-    print("| run | final val loss | vs centralised | val loss per round | MB sent per round | epsilon (delta 1e-5) "
-          "| noise mult. | wall s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| run | final val loss | vs centralised | val loss per round | MB sent per round | MB back per round "
+          "| epsilon (delta 1e-5) | noise mult. | s per round | wall s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for x in results:
         rel = f"{x['val_loss'] - central:+.3f}" if central is not None else "n/a"
         eps = f"{x['eps']:.2f}" if x["eps"] is not None else "-"
         noise = f"{x['noise']:.2f}" if x.get("noise") else "-"
         curve = " ".join(f"{v:.3f}" for v in x["curve"])
-        print(f"| {x['name']} | {x['val_loss']:.4f} | {rel} | {curve} | {x['bytes_round'] / 1e6:.3f} | {eps} | "
-              f"{noise} | {x['wall_s']:.1f} |")
+        back = f"{x['bytes_back'] / 1e6:.3f}" if "bytes_back" in x else "0.000"
+        per_round = f"{x['round_s']:.2f}" if "round_s" in x else "-"
+        print(f"| {x['name']} | {x['val_loss']:.4f} | {rel} | {curve} | {x['bytes_round'] / 1e6:.3f} | {back} "
+              f"| {eps} | {noise} | {per_round} | {x['wall_s']:.1f} |")
 
 
 if __name__ == "__main__":

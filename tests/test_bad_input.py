@@ -100,6 +100,33 @@ def hf_tokenizer(c: Ctx, config: dict | str) -> str:
     return str(d)
 
 
+def mask_dataset(c: Ctx, kind: str) -> str:
+    """The shared dataset with a tokenizer that lacks <|mask|> (`none`: renamed, same ids) or has it as an
+    `ordinary` (non-special) token."""
+    ds = c.tmp / f"mask-{kind}"
+    shutil.copytree(c.dataset, ds)
+    blob = json.loads((ds / "tokenizer.json").read_text())
+    for t in blob["added_tokens"]:
+        if t["content"] == "<|mask|>" and kind == "none":
+            t["content"] = "<|unused|>"
+            blob["model"]["vocab"]["<|unused|>"] = blob["model"]["vocab"].pop("<|mask|>")
+        elif t["content"] == "<|mask|>":
+            t["special"] = False
+    (ds / "tokenizer.json").write_text(json.dumps(blob))
+    return str(ds)
+
+
+def mlm_run(c: Ctx) -> str:
+    """A finished 2-step tiny masked-language-model run (model.objective = mlm) in ./mlmrun."""
+    from leantrain.train.trainer import Trainer
+
+    cfg = tiny_config(c.dataset, train__steps=2, train__eval_every=2, train__eval_steps=1, checkpoint__every=2,
+                      model__n_layers=1, model__dim=32, model__n_heads=2, model__n_kv_heads=2, model__seq_len=32,
+                      model__vocab_size=520, model__objective="mlm")
+    Trainer(cfg, c.tmp / "mlmrun").fit()
+    return str(c.tmp / "mlmrun")
+
+
 def llama(**changes) -> dict:
     c = dict(LLAMA)
     for k, v in changes.items():
@@ -147,6 +174,12 @@ def hf_weights(**shapes) -> dict:
     for k, v in shapes.items():
         base[k.replace("__", ".")] = v
     return {k: torch.zeros(v) for k, v in base.items()}
+
+
+def synth(c: Ctx, *args: str, model: str | None = None, out: str | None = None) -> list[str]:
+    """argv of a small `synth` of the shared run into ./synth (which must not appear unless a row makes it)."""
+    return ["synth", model or str(c.run), "--kind", "python", "--count", "2", "--max-new-tokens", "4",
+            "--out", out or str(c.tmp / "synth"), *args]
 
 
 def damage_checkpoints(ctx: Ctx) -> Path:
@@ -230,6 +263,56 @@ def changed_study(c: Ctx) -> list[str]:
             str(c.tmp / "study")]
 
 
+def mixed_dataset(c: Ctx) -> str:
+    """A token dataset of two weighted sources, `real` and `synthetic`, with the shared dataset's tokenizer."""
+    from leantrain.corpus.readers import Document
+    from leantrain.tokens.prepare import prepare_dataset
+
+    def documents():
+        for i in range(8):
+            yield Document(f"real/{i}", "def f(x):\n    return x + 1\n" * 20, "t")
+            yield Document(f"synthetic/{i}", "class A:\n    pass\n" * 20, "t")
+    prepare_dataset(documents, c.tmp / "mixed", tokenizer_path=c.dataset, val_fraction=0.2,
+                    mix={"real": 0.8, "synthetic": 0.2}, source_of=lambda d: d.id.split("/")[0])
+    return str(c.tmp / "mixed")
+
+
+def source_dirs(c: Ctx) -> tuple[str, str]:
+    """Two small input folders for `data prepare --source`."""
+    return (str(c.write("real/a.txt", "hello world\n" * 50).parent),
+            str(c.write("synth/b.txt", "lorem ipsum\n" * 50).parent))
+
+
+def fim_not_special(text: str) -> str:
+    """A tokenizer.json whose fill-in-the-middle sentinels are ordinary added tokens, not special ones."""
+    tok = json.loads(text)
+    for t in tok["added_tokens"]:
+        if t["content"].startswith("<|fim_"):
+            t["special"] = False
+    return json.dumps(tok)
+
+
+def fim_dataset(c: Ctx, kind: str) -> str:
+    """A copy of the shared dataset: `collide` (its sentinels ordinary tokens) or `chat` (loss masks added)."""
+    import numpy as np
+
+    ds = c.tmp / "ds"
+    shutil.copytree(c.dataset, ds)
+    if kind == "collide":
+        (ds / "tokenizer.json").write_text(fim_not_special((ds / "tokenizer.json").read_text()))
+    else:
+        meta = json.loads((ds / "meta.json").read_text())
+        for split, info in meta["splits"].items():
+            info["masks"] = []
+            for rel in info["shards"]:
+                (ds / split / "mask").mkdir(exist_ok=True)
+                mask = f"{split}/mask/{Path(rel).name}"
+                np.ones((ds / rel).stat().st_size // 2, dtype=np.uint8).tofile(ds / mask)
+                info["masks"].append(mask)
+        (ds / "meta.json").write_text(json.dumps(meta))
+    return str(ds)
+
+
 @dataclass
 class Row:
     id: str
@@ -306,6 +389,10 @@ ROWS: list[Row] = [
     R("parallel-tp-heads", lambda c: c.train("--parallel.tp=3", "--model.tie_embeddings=false"),
       ("parallel.tp = 3",)),
     R("parallel-backend", lambda c: c.train("--parallel.backend=mpi"), ("parallel.backend",)),
+    R("global-batch-and-accum", lambda c: c.train("--train.global_batch_size=8", "--train.grad_accum_steps=2"),
+      ("train.global_batch_size = 8", "train.grad_accum_steps = 2")),
+    R("global-batch-micro", lambda c: c.train("--train.global_batch_size=5"),
+      ("train.global_batch_size = 5", "train.micro_batch_size = 2")),
     R("checkpoint-keep-zero", lambda c: c.train("--checkpoint.keep=0"), ("checkpoint.keep", "0")),
     R("checkpoint-every-negative", lambda c: c.train("--checkpoint.every=-5"), ("checkpoint.every",)),
     R("checkpoint-format", lambda c: c.train("--checkpoint.format=zip"), ("checkpoint.format",)),
@@ -339,6 +426,39 @@ ROWS: list[Row] = [
       ("tokens per micro-batch",)),
     R("train-steps-float", lambda c: c.train("--train.steps=1e3"), ("train.steps", "integer")),
     R("train-seed-negative", lambda c: c.train("--train.seed=-1"), ("train.seed",)),
+    R("train-fim-rate-above-one", lambda c: c.train("--data.fim_rate=1.5"), ("data.fim_rate", "[0.0, 1.0]")),
+    R("train-fim-rate-word", lambda c: c.train("--data.fim_rate=half"), ("data.fim_rate",)),
+    R("train-fim-spm-rate-negative", lambda c: c.train("--data.fim_spm_rate=-0.1"), ("data.fim_spm_rate",)),
+    R("train-fim-with-mlm", lambda c: c.train("--data.fim_rate=0.5", "--model.objective=mlm"),
+      ("data.fim_rate", "objective")),
+    R("train-fim-sentinel-collides",
+      lambda c: c.train("--data.fim_rate=0.5", f"--data.path={fim_dataset(c, 'collide')}"),
+      ("<|fim_prefix|>", "ordinary token")),
+    R("train-fim-on-chat-data", lambda c: c.train("--data.fim_rate=0.5", f"--data.path={fim_dataset(c, 'chat')}"),
+      ("data.fim_rate", "chat data")),
+    R("train-mlm-gpt2", lambda c: c.train("--model.objective=mlm", "--model.arch=gpt2", "--model.vocab_size=520"),
+      ("model.objective = mlm", "model.arch = llama", "gpt2")),
+    R("train-mlm-moe", lambda c: c.train("--model.objective=mlm", "--model.moe_experts=4", "--model.vocab_size=520"),
+      ("model.objective = mlm", "--model.moe_experts=0")),
+    R("train-mlm-distill", lambda c: c.train("--model.objective=mlm", "--distill.teacher=teacher",
+                                             "--model.vocab_size=520"), ("model.objective = mlm", "distill.teacher")),
+    R("train-objective-unknown", lambda c: c.train("--model.objective=prefix-lm"), ("model.objective", "mlm")),
+    R("train-mlm-no-room-for-mask",
+      lambda c: c.train("--model.objective=mlm", f"--data.path={mask_dataset(c, 'none')}"),
+      ("<|mask|>", "--model.vocab_size=513")),
+    R("train-mlm-mask-not-special",
+      lambda c: c.train("--model.objective=mlm", f"--data.path={mask_dataset(c, 'ordinary')}"),
+      ("<|mask|>", "ordinary token")),
+    R("train-mlm-on-chat-data", lambda c: c.train("--model.objective=mlm", f"--data.path={fim_dataset(c, 'chat')}"),
+      ("chat data", "model.objective = mlm")),
+    R("train-mask-rate-zero", lambda c: c.train("--model.objective=mlm", "--data.mask_rate=0"), ("data.mask_rate",)),
+    R("train-mask-rate-above-half", lambda c: c.train("--model.objective=mlm", "--data.mask_rate=0.9"),
+      ("data.mask_rate",)),
+    R("train-mask-span-zero", lambda c: c.train("--model.objective=mlm", "--data.mask_span=0"), ("data.mask_span",)),
+    R("generate-mlm", lambda c: ["generate", mlm_run(c), "--prompt", "def "],
+      ("masked language model", "cannot generate")),
+    R("export-mlm-gguf", lambda c: ["export", mlm_run(c), "--format", "gguf", "--out", "out"],
+      ("--format gguf", "model.objective = mlm", "--format hf")),
     R("train-compile-maybe", lambda c: c.train("--train.compile=maybe"), ("train.compile", "true or false")),
     R("train-device", lambda c: c.train("--train.device=tpu"), ("train.device", "cuda:N")),
     R("train-empty-sample-prompt", lambda c: c.train("--train.sample_tokens=5", "--train.sample_prompt="),
@@ -515,6 +635,26 @@ ROWS: list[Row] = [
     R("prepare-tokenizer-config-not-json", lambda c: ["data", "prepare", str(c.write("a.txt", "hi")), "--out",
                                                       str(c.tmp / "ds"), "--tokenizer", hf_tokenizer(c, "{oops")],
       ("tokenizer_config.json", "not valid JSON")),
+    R("prepare-source-negative", lambda c: ["data", "prepare", "--source", f"real={source_dirs(c)[0]}:-0.5",
+                                            "--source", f"synth={source_dirs(c)[1]}:1", "--out", str(c.tmp / "ds")],
+      ("--source", "weight -0.5", ">= 0")),
+    R("prepare-source-zero-sum", lambda c: ["data", "prepare", *(f"--source={d}:0" for d in source_dirs(c)),
+                                            "--out", str(c.tmp / "ds")], ("do not sum to a positive number",)),
+    R("prepare-source-missing-dir", lambda c: ["data", "prepare", "--source", f"real={c.tmp / 'nope'}:0.8",
+                                               "--out", str(c.tmp / "ds")],
+      ("--source real", "nope", "does not exist")),
+    R("prepare-source-no-weight", lambda c: ["data", "prepare", "--source", source_dirs(c)[0], "--out",
+                                             str(c.tmp / "ds")], ("no weight", "NAME=PATH:WEIGHT")),
+    R("prepare-source-weight-word", lambda c: ["data", "prepare", "--source", f"real={source_dirs(c)[0]}:lots",
+                                               "--out", str(c.tmp / "ds")], ("'lots'", "not a number")),
+    R("prepare-source-twice", lambda c: ["data", "prepare", "--source", f"a={source_dirs(c)[0]}:1", "--source",
+                                         f"a={source_dirs(c)[1]}:1", "--out", str(c.tmp / "ds")],
+      ("'a'", "given twice")),
+    R("prepare-source-and-paths", lambda c: ["data", "prepare", str(c.write("a.txt", "hi")), "--source",
+                                             f"{source_dirs(c)[0]}:1", "--out", str(c.tmp / "ds")],
+      ("--source", "drop the plain input")),
+    R("prepare-source-chat", lambda c: ["data", "prepare", "--format", "chat", "--source", f"{source_dirs(c)[0]}:1",
+                                        "--out", str(c.tmp / "ds")], ("--source", "--format chat")),
 
     # ---- report --------------------------------------------------------------------------------------------
     R("report-missing-run", lambda c: ["report", str(c.tmp / "nope")], ("not a run directory",)),
@@ -555,6 +695,7 @@ ROWS: list[Row] = [
     R("serve-timeout-nan", lambda c: ["serve", str(c.run), "--timeout", "nan"], ("timeout", "nan")),
     R("serve-empty-api-key", lambda c: ["serve", str(c.run), "--api-key", " "], ("API key is empty",)),
     R("serve-threads-zero", lambda c: ["serve", str(c.run), "--threads", "0"], ("threads", "0")),
+    R("serve-mlm-run", lambda c: ["serve", mlm_run(c)], ("masked language model", "model.objective = causal")),
     R("serve-missing-checkpoint", lambda c: ["serve", str(c.run), "--checkpoint", str(c.tmp / "nope")], ("nope",)),
 
     # ---- generate ------------------------------------------------------------------------------------------
@@ -612,6 +753,62 @@ ROWS: list[Row] = [
     R("generate-grammar-undefined-rule", lambda c: ["generate", str(c.run), "--prompt", "x", "--grammar",
                                                     str(c.write("g.ebnf", "root ::= item\n"))],
       ("--grammar", "does not compile", "item")),
+    # fill in the middle (docs/objectives.md)
+    R("generate-infill-run-without-fim", lambda c: ["generate", str(c.run), "--prefix", "def f(", "--suffix", ")"],
+      ("without fill-in-the-middle", "--data.fim_rate")),
+    R("generate-infill-no-sentinels", lambda c: ["generate", changed_run(c, "tokenizer.json", None, fim_not_special),
+                                                 "--prefix", "a", "--suffix", "b"],
+      ("no fill-in-the-middle sentinels",)),
+    R("generate-infill-and-prompt", lambda c: ["generate", str(c.run), "--prompt", "x", "--prefix", "a"],
+      ("--prompt", "--prefix")),
+    R("generate-infill-file-and-prefix", lambda c: ["generate", str(c.run), "--infill", str(c.write("a.py", "<FILL>")),
+                                                    "--prefix", "a"], ("--infill", "--prefix")),
+    R("generate-infill-no-marker", lambda c: ["generate", str(c.run), "--infill", str(c.write("a.py", "x = 1\n"))],
+      ("<FILL>", "0 times")),
+    R("generate-infill-two-markers", lambda c: ["generate", str(c.run), "--infill",
+                                                str(c.write("a.py", "<FILL>\n<FILL>"))], ("<FILL>", "2 times")),
+    R("generate-infill-file-missing", lambda c: ["generate", str(c.run), "--infill", str(c.tmp / "nope.py")],
+      ("--infill", "nope.py")),
+    R("generate-infill-with-chat", lambda c: ["generate", str(c.run), "--prefix", "a", "--suffix", "b", "--chat"],
+      ("--chat",)),
+    R("generate-fim-mode-unknown", lambda c: ["generate", str(c.run), "--prefix", "a", "--fim-mode", "mps"],
+      ("--fim-mode",)),
+    R("generate-fim-mode-without-infill", lambda c: ["generate", str(c.run), "--prompt", "x", "--fim-mode", "spm"],
+      ("--fim-mode", "--prefix")),
+
+    # ---- synth ---------------------------------------------------------------------------------------------
+    R("synth-missing-run", lambda c: synth(c, model=str(c.tmp / "nope")), ("does not exist",)),
+    R("synth-not-a-model", lambda c: synth(c, model=str(c.write("proj/x.txt", "x").parent)),
+      ("neither a run directory",)),
+    R("synth-bad-kind", lambda c: synth(c, "--kind", "yaml"), ("--kind", "python, json, text")),
+    R("synth-count-zero", lambda c: synth(c, "--count", "0"), ("--count 0", ">= 1")),
+    R("synth-count-negative", lambda c: synth(c, "--count", "-3"), ("--count -3", ">= 1")),
+    R("synth-count-word", lambda c: synth(c, "--count", "many"), ("--count",)),
+    R("synth-batch-size-zero", lambda c: synth(c, "--batch-size", "0"), ("--batch-size 0",)),
+    R("synth-temperature-nan", lambda c: synth(c, "--temperature", "nan"), ("temperature",)),
+    R("synth-schema-does-not-compile", lambda c: synth(c, "--kind", "json", "--json-schema",
+                                                       str(c.write("s.json", '{"type": "objec"}'))),
+      ("--json-schema", "does not compile", "objec")),
+    R("synth-schema-not-json", lambda c: synth(c, "--kind", "json", "--json-schema", str(c.write("s.json", "{x"))),
+      ("--json-schema", "not valid JSON")),
+    R("synth-schema-with-python", lambda c: synth(c, "--json-schema", str(c.write("s.json", '{"type": "object"}'))),
+      ("--json-schema", "--kind json")),
+    R("synth-ruff-with-json", lambda c: synth(c, "--kind", "json", "--ruff"), ("--ruff", "--kind json")),
+    R("synth-regex-does-not-compile", lambda c: synth(c, "--kind", "text", "--regex", "[a-"),
+      ("--regex", "does not compile")),
+    R("synth-regex-matches-nothing", lambda c: synth(c, "--kind", "text", "--regex", "[^\\s\\S]"),
+      ("--regex", "matches no text")),
+    R("synth-grammar-undefined-rule", lambda c: synth(c, "--kind", "text", "--grammar",
+                                                      str(c.write("g.ebnf", "root ::= item\n"))),
+      ("--grammar", "does not compile", "item")),
+    R("synth-prompts-missing", lambda c: synth(c, "--prompts", str(c.tmp / "none.txt")), ("--prompts", "no such")),
+    R("synth-prompts-empty", lambda c: synth(c, "--prompts", str(c.write("p.txt", "\n\n"))), ("no prompts",)),
+    R("synth-corpus-missing", lambda c: synth(c, "--corpus", str(c.tmp / "none")), ("--corpus", "does not exist")),
+    R("synth-out-foreign", lambda c: synth(c, out=str(c.write("mine/notes.txt", "mine").parent)),
+      ("did not write", "synth.json"), keeps=("mine/notes.txt",)),
+    R("synth-out-is-file", lambda c: synth(c, out=str(c.write("o.txt", "x"))), ("not a folder",), keeps=("o.txt",)),
+    R("synth-out-earlier-output", lambda c: synth(c, out=str(c.write("o/synth.json", json.dumps(
+        {"format": "leantrain-synth/1"})).parent)), ("--overwrite",), keeps=("o/synth.json",)),
 
     # ---- export --------------------------------------------------------------------------------------------
     R("export-missing-run", lambda c: ["export", str(c.tmp / "nope"), "--out", str(c.tmp / "hf")],
@@ -768,6 +965,13 @@ ROWS: list[Row] = [
     R("memory-too-big", lambda c: c.train("--model.dim=65536", "--model.n_layers=24", "--model.n_heads=512",
                                           "--model.n_kv_heads=512"), ("does not fit", "--force")),
     R("data-path-missing", lambda c: c.train("--data.path=/nonexistent/ds"), ("/nonexistent/ds",)),
+    R("mix-unknown-source", lambda c: c.train(f"--data.path={mixed_dataset(c)}", "--data.mix={ synth = 1 }"),
+      ("data.mix", "'synth'", "real, synthetic")),
+    R("mix-not-mixed-dataset", lambda c: c.train("--data.mix={ real = 1 }"), ("data.mix", "not a mixed dataset")),
+    R("mix-negative-weight", lambda c: c.train("--data.mix={ real = -0.5, synthetic = 1 }"),
+      ("data.mix", "'real'", ">= 0")),
+    R("mix-zero-sum", lambda c: c.train("--data.mix={ real = 0, synthetic = 0 }"), ("data.mix", "positive")),
+    R("mix-weight-not-number", lambda c: c.train('--data.mix={ real = "lots" }'), ("data.mix", "'lots'")),
 
     # ---- federate (docs/federated.md) ----------------------------------------------------------------------
     R("federate-per-round-over-clients", lambda c: c.federate("--federated.clients=3",
@@ -783,6 +987,20 @@ ROWS: list[Row] = [
       ("federated.lora_only", "finetune.lora_rank")),
     R("federate-dp-with-fedadam", lambda c: c.federate("--federated.dp_noise=1", "--federated.strategy=fedadam"),
       ("fedavg", "fedadam")),
+    R("federate-secagg-with-dp", lambda c: c.federate("--federated.secure_aggregation=true", "--federated.dp_noise=1"),
+      ("federated.secure_aggregation", "differential privacy")),
+    R("federate-secagg-with-fedyogi", lambda c: c.federate("--federated.secure_aggregation=true",
+                                                           "--federated.strategy=fedyogi"), ("fedprox", "fedyogi")),
+    R("federate-secagg-one-client", lambda c: c.federate("--federated.secure_aggregation=true",
+                                                         "--federated.clients=1"), ("2 to 1023", "not 1")),
+    R("federate-secagg-two-shares", lambda c: c.federate("--federated.secure_aggregation=true", "--federated.clients=4",
+                                                         "--federated.secagg_shares=2"), ("secagg_shares = 2",)),
+    R("federate-secagg-threshold-all-shares", lambda c: c.federate("--federated.secure_aggregation=true",
+                                                                   "--federated.clients=3",
+                                                                   "--federated.secagg_threshold=3"),
+      ("secagg_threshold = 3", "below the 3 shares")),
+    R("federate-secagg-clip-zero", lambda c: c.federate("--federated.secure_aggregation=true",
+                                                        "--federated.secagg_clip=0"), ("federated.secagg_clip",)),
 
     # ---- tune: the space, the study, the storage -----------------------------------------------------------
     R("tune-space-empty", lambda c: tune(c, space="{}"), ("tune.space is empty",)),

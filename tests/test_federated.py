@@ -9,6 +9,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -180,6 +181,82 @@ def test_lora_only_federation_with_differential_privacy(dataset, tmp_path):
     assert 2 * 4 * adapter < summary["bytes_sent"] < 2 * (4 * adapter + 8 * 1000) < 2 * 4 * full / 5
     assert summary["dp_epsilon"] == pytest.approx(privacy.epsilon(1.0, 1, 2, 2, 1e-5), rel=1e-6)
     assert math.isfinite(summary["val_loss"])
+    from leantrain.report import render
+
+    assert f"ε = {summary['dp_epsilon']:.3g}" in render(tmp_path / "run")  # the report's federation section
+
+
+def _weights(checkpoint: Path) -> dict[str, np.ndarray]:
+    return {n: p.detach().numpy() for n, p in api.load_model(checkpoint).model.named_parameters()}
+
+
+def test_secure_aggregation_gives_fedavg_within_its_quantization(fedavg_run, dataset, tmp_path):
+    """The same federation through Flower's SecAgg+: the server unmasks only the weighted sum of the clients'
+    weights, each clipped to +-secagg_clip and stochastically rounded to 2^22 levels. After round 1 the global
+    model is plain FedAvg's to within one such level, and not bit-equal (it did go through the masks)."""
+    run, _ = fedavg_run
+    secure = tmp_path / "run"
+    summary = api.federate(fed_config(dataset, federated__secure_aggregation=True), secure)
+    level = 2 * 8.0 / 2**22
+    plain, masked = _weights(run / "checkpoints" / "step-0000001"), _weights(secure / "checkpoints" / "step-0000001")
+    diff = max(float(np.abs(plain[n] - masked[n]).max()) for n in plain)
+    assert 0 < diff <= level
+    lines, plain_lines = metrics(secure), metrics(run)
+    assert [r["round"] for r in lines] == [0, 1, 2] and all(r["clients_ok"] == 3 for r in lines[1:])
+    assert sorted(c["client"] for c in lines[2]["clients"]) == [0, 1, 2]
+    assert lines[2]["val_loss"] == pytest.approx(plain_lines[2]["val_loss"], rel=1e-4)
+    # back: masked vectors of 64-bit integers (twice the float32 weights); out: the weights plus the key exchange
+    assert lines[1]["bytes_received"] > 1.8 * plain_lines[1]["bytes_received"]
+    assert plain_lines[1]["bytes_sent"] < lines[1]["bytes_sent"] < 1.1 * plain_lines[1]["bytes_sent"]
+    assert summary["secure_aggregation"] is True and summary["tokens"] == metrics(run)[2]["tokens"]
+
+
+def test_fedyogi_with_clients_trained_in_parallel(dataset, tmp_path):
+    """sim_parallel = 2: the round's clients train in two Ray actors at once (two processes; with 1 all three
+    share one), and FedYogi's server step follows its rule from the moments it keeps for resume:
+    w2 = w1 + eta m2 / (sqrt(v2) + tau), with Yogi's second moment v2 = v1 - (1 - b2) d2^2 sign(v1 - d2^2) for
+    the round's mean update d2 = (m2 - b1 m1) / (1 - b1), which Adam's b2 v1 + (1 - b2) d2^2 does not fit."""
+    from safetensors.numpy import load_file
+
+    eta, tau, b1, b2 = 0.01, 1e-3, 0.9, 0.99  # server_lr, server_tau and Flower's FedYogi betas
+    run = tmp_path / "run"
+    api.federate(fed_config(dataset, federated__strategy="fedyogi", federated__sim_parallel=2,
+                            federated__local_steps=1, federated__server_lr=eta, federated__server_tau=tau), run)
+    lines = metrics(run)
+    assert [r["clients_ok"] for r in lines[1:]] == [3, 3]
+    assert len({_progress(run, c)["pid"] for c in range(3)}) == 2
+    s1, s2 = (load_file(run / "federated" / f"round-000000{r}.safetensors") for r in (1, 2))
+    w1, w2 = _weights(run / "checkpoints" / "step-0000001"), _weights(run / "checkpoints" / "step-0000002")
+    assert set(w1) == {k.split("/", 1)[1] for k in s2 if k.startswith("m_t/")}
+    yogi_err, adam_err = 0.0, 0.0
+    for n in w1:
+        m1, v1, m2, v2 = (s[f"{kind}/{n}"].astype(np.float64) for s in (s1, s2) for kind in ("m_t", "v_t"))
+        np.testing.assert_allclose(w2[n] - w1[n], eta * m2 / (np.sqrt(v2) + tau), rtol=1e-3, atol=1e-6)
+        d2 = (m2 - b1 * m1) / (1 - b1)
+        clear = np.abs(v1 - d2**2) > 1e-3 * v1  # where float32 rounding cannot flip the sign
+        scale = float(np.abs(v2).max())
+        yogi = v1 - (1 - b2) * d2**2 * np.sign(v1 - d2**2)
+        yogi_err = max(yogi_err, float(np.abs(yogi - v2)[clear].max()) / scale)
+        adam_err = max(adam_err, float(np.abs(b2 * v1 + (1 - b2) * d2**2 - v2)[clear].max()) / scale)
+    assert yogi_err < 1e-4 < adam_err
+
+
+def test_report_has_a_federation_section(fedavg_run, tmp_path):
+    from leantrain.report import render
+
+    run, _ = fedavg_run
+    html = render(run)
+    fed = html[html.index("<h2>Federation</h2>"):html.index("<h2>Predicted vs measured</h2>")]
+    assert "Loss per round" in fed and "Communication per round" in fed and "Train loss per client" in fed
+    rows = re.findall(r"<tr><td class=n>(\d+)</td><td class=n>([\d.]+)</td>", fed)
+    assert [int(r) for r, _ in rows] == [0, 1, 2]
+    assert [float(v) for _, v in rows] == [round(r["val_loss"], 4) for r in metrics(run)]
+    mb = metrics(run)[1]["bytes_sent"] / 1e6
+    assert f"<td class=n>{mb:.3f}</td>" in fed and "ε" not in fed
+    # a training run's records (no round, no federated.json) give no such section
+    from leantrain.report.federated import section
+
+    assert section(tmp_path, [{"step": 1, "loss": 5.0, "val_loss": 5.1}]) == ""
 
 
 # ---- the deployment engine: real SuperLink and SuperNode processes -------------------------------------------
@@ -232,9 +309,10 @@ def test_deployment_engine_three_supernodes_survives_a_killed_server_and_a_dead_
     run = tmp_path / "run"
     config = tmp_path / "fed.toml"
     config.write_text(f'[data]\npath = "{dataset}"\n[model]\nn_layers = 2\ndim = 32\nn_heads = 4\nn_kv_heads = 2\n'
-                      'seq_len = 64\nvocab_size = 512\n[train]\nmicro_batch_size = 2\neval_steps = 2\n'
+                      'seq_len = 64\nvocab_size = 512\n[train]\nmicro_batch_size = 2\neval_steps = 2\nthreads = 1\n'
                       'sample_tokens = 0\n[precision]\ndtype = "fp32"\n[federated]\nclients = 3\nrounds = 3\n'
                       'local_steps = 1\nmin_available = 2\nmin_replies = 2\nround_timeout = 60\n')
+    # threads = 1: three ClientApps train at once on 2 cores; two threads each oversubscribe them many times over
     # round_timeout: each message starts a fresh ClientApp process (python + torch, ~5 s on 2 busy cores), and the
     # round with the dead client waits this long for its reply before aggregating the other two
     app = write_app(tmp_path / "app", config, run).parent

@@ -129,7 +129,7 @@ def test_lora_finetune_lowers_loss_keeps_base_bitwise_and_exports_merged(chat_da
     tr.model.eval()
     x = tr.val[0][0][:2]
     with torch.no_grad():
-        assert (merged(x) - tr.model(x)).abs().max() < 1e-5
+        assert (merged(x) - tr.model(x)).abs().max() < 1e-4  # fp32 rounding of W + BA on logits ~10
     assert summary["step"] == 16
     assert (tmp_path / "run" / "chat_template.txt").read_text() == DEFAULT_TEMPLATE
     capsys.readouterr()

@@ -160,6 +160,17 @@ def test_eight_concurrent_requests_each_equal_their_single_text(client, loaded, 
     assert steps < 8 * 99, f"{steps} decode steps for 8 x 99 tokens: the requests were never decoded together"
 
 
+def test_prompts_of_one_length_prefilled_as_one_batch_equal_their_single_text(client, loaded):
+    by_length = {}
+    for p in ["a = 1", "b = 2", "c = 3", "d = 4", "e = 5", "x = y", "if x:", "def f", "n += 1", "i, j", "pass"]:
+        by_length.setdefault(len(loaded.tokenizer.encode(p).ids), []).append(p)
+    prompts = max(by_length.values(), key=len)  # one request, one length: one prefill forward
+    assert len(prompts) >= 3, by_length
+    r = client.completions.create(model="run", prompt=prompts, max_tokens=30, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert [c.text for c in r.choices] == [api.generate(loaded, p, max_new_tokens=30, temperature=0) for p in prompts]
+
+
 def test_sampling_with_a_seed_repeats_and_follows_top_p(client):
     def ask(**kw):
         return client.completions.create(model="run", prompt="def ", max_tokens=20, extra_body={"ignore_eos": True},
@@ -316,3 +327,120 @@ def test_hf_export_folder_loads_as_the_same_model_and_chat_template(run_dir, loa
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
                 {"role": "assistant", "content": "hello"}, {"role": "user", "content": "what is 2+2?"}]
     assert from_export.chat_ids(messages) == from_run.chat_ids(messages)
+
+
+# ---- output constraints (response_format, guided_*) --------------------------------------------
+
+MAIL = r"[a-z]{1,6}@[a-z]{1,6}\.(com|org)"
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+          "required": ["name", "age"], "additionalProperties": False}
+SUMS = 'root ::= term ("+" term){0,3}\nterm ::= [1-9] [0-9]? | "(" term "+" term ")"\n'
+
+
+def test_constrained_samples_at_temperature_1_all_parse(client, server):
+    """16 prompts per request, one batch, each row its own matcher; these wide random weights are noise that
+    never matches unconstrained, so every valid output is the constraint's doing."""
+    import re
+
+    prompts = PROMPTS + [p + "x" for p in PROMPTS]
+    compiled = metric(server, "leantrain_constraints_compiled_total")
+
+    def complete(seed=3, finished=True, **extra):
+        r = client.completions.create(model="run", prompt=prompts, max_tokens=60, temperature=1, seed=seed,
+                                      extra_body=extra)
+        if finished:
+            assert [c.finish_reason for c in r.choices] == ["stop"] * len(prompts), [c.text for c in r.choices]
+            return [c.text for c in r.choices]
+        return [c.text for c in r.choices if c.finish_reason == "stop"]
+
+    mails = complete(guided_regex=MAIL)
+    assert all(re.fullmatch(MAIL, t) for t in mails) and len(set(mails)) > 8, mails
+    assert all(re.fullmatch(MAIL, t) for t in complete(seed=4, guided_regex=MAIL))  # the rule from the cache
+    sums = complete(guided_grammar=SUMS)
+    assert all(isinstance(eval(compile(s, "<sum>", "eval"), {"__builtins__": {}}), int) for s in sums), sums
+    # any object: noise at temperature 1 may still be inside a string when max_tokens runs out; the rest parse
+    for value in map(json.loads, complete(finished=False, response_format={"type": "json_object"})):
+        assert isinstance(value, dict)
+    for value in map(json.loads, complete(guided_json=PERSON)):
+        assert set(value) == {"name", "age"} and len(value["name"]) <= 6 and 0 <= value["age"] <= 99
+    assert metric(server, "leantrain_constraints_compiled_total") == compiled + 4  # the repeat was cached
+    free = client.completions.create(model="run", prompt=prompts, max_tokens=20, temperature=1, seed=3,
+                                     extra_body={"ignore_eos": True})
+    assert not any(re.fullmatch(MAIL, c.text) for c in free.choices)
+
+    def chat(seed):
+        r = client.chat.completions.create(
+            model="run", messages=[{"role": "user", "content": "a person?"}], max_tokens=60, temperature=1,
+            seed=seed, response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
+        return r.choices[0].finish_reason, json.loads(r.choices[0].message.content)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for reason, value in pool.map(chat, range(8)):
+            assert reason == "stop" and set(value) == {"name", "age"}
+
+
+def test_constrained_and_free_requests_in_one_batch_are_each_right(client, loaded, server):
+    """Greedy free rows equal `generate`'s text beside constrained rows, greedy constrained rows equal
+    `generate --regex`'s, sampled constrained rows all match: the masks touch their own rows only."""
+    import re
+
+    free = {p: api.generate(loaded, p, max_new_tokens=60, temperature=0) for p in PROMPTS[:3]}
+    ruled = {p: api.generate(loaded, p, max_new_tokens=60, temperature=0, regex=MAIL) for p in PROMPTS[3:6]}
+    steps_before = metric(server, "leantrain_decode_steps_total")
+
+    def ask(job):
+        kind, prompt, seed = job
+        extra = {"ignore_eos": True} if kind == "free" else {"guided_regex": MAIL}
+        r = client.completions.create(model="run", prompt=prompt, max_tokens=60, temperature=1 if seed else 0,
+                                      seed=seed, extra_body=extra)
+        return r.choices[0].text, r.usage.completion_tokens
+
+    jobs = ([("free", p, None) for p in free] + [("ruled", p, None) for p in ruled]
+            + [("ruled", p, s) for s, p in enumerate(PROMPTS, start=1)])
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        got, tokens = zip(*pool.map(ask, jobs), strict=True)
+    assert list(got[:3]) == list(free.values())
+    assert list(got[3:6]) == list(ruled.values()) and all(re.fullmatch(MAIL, t) for t in ruled.values())
+    assert all(re.fullmatch(MAIL, t) for t in got[6:]), got[6:]
+    steps = metric(server, "leantrain_decode_steps_total") - steps_before
+    assert steps < sum(n - 1 for n in tokens), "the requests were never decoded together"
+
+
+@pytest.mark.parametrize(("extra", "param", "words"), [
+    ({"guided_regex": "("}, "guided_regex", "does not compile"),
+    ({"guided_regex": r"[^\s\S]"}, "guided_regex", "matches no text"),
+    ({"guided_regex": 5}, "guided_regex", "must be"),
+    ({"guided_grammar": "root ::= missing"}, "guided_grammar", "missing"),
+    ({"guided_json": "{not json"}, "guided_json", "not valid JSON"),
+    ({"guided_json": {"type": "objec"}}, "guided_json", "objec"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format.json_schema.schema", "schema"),
+    ({"response_format": {"type": "xml"}}, "response_format.type", "not supported"),
+    ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex", "at most one"),
+])
+def test_bad_constraints_are_400s_naming_the_field(server, extra, param, words):
+    for route, body in (("/v1/completions", {"prompt": "x"}),
+                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
+        r = httpx.post(server + route, json={**body, "max_tokens": 4, **extra}, headers=auth())
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == param and words in error["message"] and "\n" not in error["message"], error
+
+
+def test_a_tokenizer_that_cannot_be_constrained_is_a_400(loaded):
+    """A WordPiece tokenizer (not byte-level BPE), and a byte-level one without an end-of-text token."""
+    from tokenizers import Tokenizer, decoders, models
+
+    from leantrain.serve.guided import Grammars
+    from leantrain.serve.protocol import APIError, Rule
+
+    rule = Rule("regex", "[a-z]+", "guided_regex")
+    wordpiece = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1, "##b": 2}, unk_token="[UNK]"))
+    wordpiece.decoder = decoders.WordPiece()
+    for tok, eos in ((wordpiece, 0), (loaded.tokenizer, None)):
+        with pytest.raises(APIError) as e:
+            Grammars(tok, 512, eos).get(rule)
+        assert e.value.status == 400 and e.value.code == "unsupported_tokenizer" and "guided_regex" in e.value.message
+    grammars = Grammars(loaded.tokenizer, 512, loaded.tokenizer.token_to_id("<|endoftext|>"))
+    assert grammars.get(rule) is grammars.get(Rule("regex", "[a-z]+", "response_format")) and grammars.compiled == 1

@@ -78,7 +78,7 @@ def test_tokenizer_is_deterministic(corpus: Path) -> None:
 
 
 def test_tokenizer_vocab_too_small() -> None:
-    with pytest.raises(DataError, match="at least 257"):
+    with pytest.raises(DataError, match="at least 261"):
         train_tokenizer(["abc"], vocab_size=100)
 
 

@@ -28,7 +28,7 @@ except metadata.PackageNotFoundError:  # a source tree on sys.path that was neve
     __version__ = "0+unknown"
 
 __all__ = ["LoadedModel", "TrainResult", "__version__", "compare", "compress", "evaluate", "export", "federate",
-           "generate", "load_config", "load_model", "prepare", "report", "train", "tune", "tune_show"]
+           "generate", "load_config", "load_model", "prepare", "report", "synth", "train", "tune", "tune_show"]
 _FROM_API = frozenset({"LoadedModel", "TrainResult", "compare", "evaluate", "federate", "generate", "load_config",
                        "load_model", "prepare", "tune_show"})
 
@@ -54,6 +54,7 @@ class _CallableRoom(types.ModuleType):
         return getattr(api, self.__name__.rpartition(".")[2])(*args, **kwargs)
 
 
-for _room in ("train", "export", "report", "compress", "tune"):  # the package __init__ files are light: no torch here
+# the package __init__ files are light: no torch here
+for _room in ("train", "export", "report", "compress", "tune", "synth"):
     importlib.import_module(f"leantrain.{_room}").__class__ = _CallableRoom
 del _room

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from leantrain.model import Transformer
     from leantrain.parallel.distributed import Layout
     from leantrain.report.compare import Comparison
+    from leantrain.synth.run import SynthResult
     from leantrain.train.telemetry import Observer
     from leantrain.tune.results import StudyResult
     from leantrain.tune.study import TuneRun
@@ -50,7 +51,8 @@ def prepare(inputs: str | Path | Sequence[str | Path] = (), out: str | Path = "d
     training one (its special tokens travel with the dataset). `curation` is the
     `[curation]` config section, or a mapping of its settings ({"profile": "code", "executor": "serial",
     "gopher_quality.min_words": 20}). `options` are `leantrain.dataprep.prepare`'s other keywords
-    (format, tokenizer, val_fraction, overwrite, include, exclude, eval_paths, progress, ...).
+    (format, tokenizer, val_fraction, overwrite, include, exclude, eval_paths, progress, ...); `sources=
+    ["real=corpus/:0.8", "synthetic=synth/:0.2"]` makes a mixed dataset trained on by weight (docs/data.md).
     """
     from leantrain.dataprep import prepare as prepare_dataset
 
@@ -246,7 +248,8 @@ def _loaded(model: LoadedModel | str | Path, checkpoint: str | Path | None) -> L
 def generate(model: LoadedModel | str | Path, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
              top_k: int | None = 50, seed: int | None = 0, chat: bool = False,
              checkpoint: str | Path | None = None, regex: str | None = None,
-             json_schema: str | dict | None = None, grammar: str | None = None) -> str:
+             json_schema: str | dict | None = None, grammar: str | None = None, suffix: str | None = None,
+             fim_mode: str = "psm") -> str:
     """The text a model writes after `prompt` (the continuation only), sampled with a KV cache.
 
     `model` is a `LoadedModel` or a run/checkpoint path (loaded for this call). temperature 0 is greedy;
@@ -255,11 +258,18 @@ def generate(model: LoadedModel | str | Path, prompt: str, *, max_new_tokens: in
     At most one of `regex`, `json_schema` (schema text or dict) and `grammar` (EBNF text, xgrammar's GBNF
     dialect) constrains the output to that language (docs/constrained.md); if `max_new_tokens` runs out
     first, the text is returned as far as it got and an `IncompleteOutputWarning` is issued.
+    `suffix` asks a run trained with fill-in-the-middle (data.fim_rate > 0) for the text between `prompt`
+    (the prefix) and `suffix`, in the `fim_mode` layout ("psm" or "spm"); it returns the middle, ended by
+    the end-of-text token (docs/objectives.md).
     """
-    from leantrain.model.generate import check_sampling
+    from leantrain.model.generate import check_can_generate, check_sampling
     from leantrain.model.generate import generate as sample
 
     check_sampling(max_new_tokens, temperature, top_k)  # before a model is loaded
+    if suffix is not None and chat:
+        raise ConfigError("--chat and fill-in-the-middle (--prefix/--suffix) do not combine; drop one")
+    if fim_mode not in ("psm", "spm"):
+        raise ConfigError(f"fim mode {fim_mode!r} is not allowed; expected psm or spm")
     if isinstance(json_schema, dict):
         json_schema = json.dumps(json_schema)
     rules = [(k, v) for k, v in (("regex", regex), ("json_schema", json_schema), ("grammar", grammar))
@@ -267,6 +277,7 @@ def generate(model: LoadedModel | str | Path, prompt: str, *, max_new_tokens: in
     if len(rules) > 1:
         raise ConfigError("pass at most one of --regex, --json-schema and --grammar")
     m = _loaded(model, checkpoint)
+    check_can_generate(m.model)
     if chat:
         from leantrain.tokens.chat import ChatEncoder
         from leantrain.tokens.tokenizer import tokenizer_eos
@@ -277,6 +288,8 @@ def generate(model: LoadedModel | str | Path, prompt: str, *, max_new_tokens: in
                                  "(`leantrain data prepare --format chat`); drop --chat")
         encoder = ChatEncoder(m.tokenizer, template.read_text(), eos=tokenizer_eos(m.run_dir / "tokenizer.json"))
         ids, eos = encoder.encode_prompt(prompt), encoder.eot  # an answer ends at the end-of-text token
+    elif suffix is not None:
+        ids, eos = _infill_ids(m, prompt, suffix, fim_mode)  # the middle ends at the end-of-text token
     else:
         ids, eos = m.tokenizer.encode(prompt).ids, None
     if not ids:
@@ -292,6 +305,22 @@ def generate(model: LoadedModel | str | Path, prompt: str, *, max_new_tokens: in
             f"max-new-tokens = {max_new_tokens} ran out before the output matched the {rules[0][0]} "
             "constraint; raise --max-new-tokens"), stacklevel=2)
     return m.tokenizer.decode(new)
+
+
+def _infill_ids(m: LoadedModel, prefix: str, suffix: str, mode: str) -> tuple[list[int], int]:
+    """The fill-in-the-middle prompt for a run trained with FIM, and the id that ends the middle."""
+    from leantrain.tokens.fim import find_fim_tokens, infill_prompt
+    from leantrain.tokens.tokenizer import eot_id, tokenizer_eos
+
+    tokens = find_fim_tokens(m.tokenizer)
+    if tokens is None:
+        raise LeantrainError(f"{m.run_dir}: its tokenizer has no fill-in-the-middle sentinels, so the model cannot "
+                             "infill; train a run with --data.fim_rate=0.5 (docs/objectives.md)")
+    if not m.config.data.fim_rate:
+        raise LeantrainError(f"{m.run_dir} was trained without fill-in-the-middle (data.fim_rate = 0), so it cannot "
+                             "infill; train a run with --data.fim_rate=0.5 (docs/objectives.md)")
+    eos = eot_id(m.tokenizer, eos=tokenizer_eos(m.run_dir / "tokenizer.json"))
+    return infill_prompt(m.tokenizer, prefix, suffix, tokens, mode), eos
 
 
 class IncompleteOutputWarning(UserWarning):
@@ -331,6 +360,8 @@ def evaluate(model: LoadedModel | str | Path, data: str | Path | None = None, *,
                         f"{cfg.model.vocab_size}; evaluate on a dataset made with the run's tokenizer")
     windows = val_batches(ds.shards(split), cfg.model.seq_len, batch_size or cfg.train.micro_batch_size,
                           batches or cfg.train.eval_steps, name=f"the {split} split", masks=ds.masks(split))
+    if cfg.model.objective == "mlm":  # an encoder: the masked tokens' cross-entropy, on the trainer's masks
+        return _masked_scores(m, ds, windows)["loss"]
     device = next(m.model.parameters()).device
     was_training = m.model.training
     m.model.eval()
@@ -340,6 +371,94 @@ def evaluate(model: LoadedModel | str | Path, data: str | Path | None = None, *,
     finally:
         m.model.train(was_training)
     return torch.stack(losses).mean().item()
+
+
+# ---- synth -----------------------------------------------------------------------------
+
+def synth(model: str | Path, out: str | Path, *, kind: str = "python", count: int = 100,
+          prompts: Sequence[str] = (), prompts_file: str | Path | None = None, seed_docs: bool = True,
+          corpus: Sequence[str | Path] = (), eval_paths: Sequence[str | Path] = (), profile: str | None = None,
+          json_schema: str | dict | None = None, regex: str | None = None, grammar: str | None = None,
+          constrain: bool = True, ruff: bool = False, exec_check: bool = False, max_new_tokens: int = 200,
+          temperature: float = 0.8, top_k: int | None = 50, seed: int = 0, batch_size: int = 16,
+          checkpoint: str | Path | None = None, overwrite: bool = False, dedup: bool = True,
+          progress: Callable[[str, int, int | None], None] | None = None) -> SynthResult:
+    """Write a checked, curated synthetic corpus to `out` (docs/synthetic-data.md): `count` candidates sampled
+    from `model` (a run directory or a `leantrain export --format hf` folder; batched, KV cache), each checked by
+    the symbolic checks of its `kind` ("python": ast + compile, `ruff` optionally, `exec_check` in a sandbox with
+    no network; "json": parses, and fits `json_schema`; any kind: `regex` / `grammar` match), then curated
+    like any source (`profile`, default code / none / web by kind; exact and near dedup against itself and the
+    real corpus; decontamination against `eval_paths`). A rule (`regex`, `json_schema`, `grammar`) also
+    constrains decoding unless `constrain=False`.
+
+    Prompts: `prompts`, then `prompts_file` lines; else seed documents of the real corpus (Python function
+    signatures with docstrings, first lines of texts) when `seed_docs`; else templates. The real corpus is
+    `corpus` (files/folders) or the run's token dataset. Candidate i uses seed `seed + i`. Writes
+    OUT/synthetic.jsonl (text + meta: generator, prompt, seed, sampling, checks passed), the data card and
+    OUT/synth.json; returns the counts, card and manifest. An OUT leantrain did not write is never replaced."""
+    from leantrain.synth.run import synthesize
+
+    if isinstance(json_schema, dict):
+        json_schema = json.dumps(json_schema)
+    return synthesize(model, out, kind=kind, count=count, load_model=load_model, prompts=prompts,
+                      prompts_file=prompts_file, seed_docs=seed_docs, corpus=corpus, eval_paths=eval_paths,
+                      profile=profile, json_schema=json_schema, regex=regex, grammar=grammar, constrain=constrain,
+                      ruff=ruff, exec_check=exec_check, max_new_tokens=max_new_tokens, temperature=temperature,
+                      top_k=top_k, seed=seed, batch_size=batch_size, checkpoint=checkpoint, overwrite=overwrite,
+                      dedup=dedup, progress=progress)
+
+
+def evaluate_masked(model: LoadedModel | str | Path, data: str | Path | None = None, *, split: str = "val",
+                    batch_size: int | None = None, batches: int | None = None,
+                    checkpoint: str | Path | None = None) -> dict[str, float]:
+    """A masked language model's (model.objective = mlm) scores on a token dataset's `split`: {"loss": mean
+    cross-entropy of the masked tokens, "masked_accuracy": share of them predicted right (argmax),
+    "masked_tokens": how many were scored}. The windows and their masks are the trainer's validation ones
+    (tokens/masking.py, the same for every run), so a run's last val_masked_accuracy is reproduced here."""
+    from leantrain.errors import DataError
+    from leantrain.tokens.dataset import TokenDataset
+    from leantrain.tokens.loader import val_batches
+
+    m = _loaded(model, checkpoint)
+    cfg = m.config
+    if cfg.model.objective != "mlm":
+        raise ConfigError(f"{m.run_dir} is a causal model (model.objective = {cfg.model.objective}); masked-token "
+                          "accuracy needs a masked language model (model.objective = mlm); use evaluate()")
+    ds = TokenDataset(data if data is not None else cfg.data.path)
+    if ds.vocab_size >= cfg.model.vocab_size:
+        raise DataError(f"the dataset's tokenizer has {ds.vocab_size} tokens but the model only "
+                        f"{cfg.model.vocab_size} with its mask token; evaluate on a dataset made with the run's "
+                        "tokenizer")
+    windows = val_batches(ds.shards(split), cfg.model.seq_len, batch_size or cfg.train.micro_batch_size,
+                          batches or cfg.train.eval_steps, name=f"the {split} split", masks=ds.masks(split))
+    return _masked_scores(m, ds, windows)
+
+
+def _masked_scores(m: LoadedModel, ds: Any, windows: list) -> dict[str, float]:
+    """Masked-token loss, accuracy and count of an MLM model over validation windows, masked as the trainer does."""
+    import torch
+
+    from leantrain.tokens.masking import MASK, SpanMasker, masked_scores
+
+    cfg = m.config
+    mask_id = m.tokenizer.token_to_id(MASK)
+    if mask_id is None:
+        raise LeantrainError(f"{m.run_dir}/tokenizer.json has no {MASK} token, so it was not written by an MLM "
+                             "run; re-run training with model.objective = mlm")
+    masker = SpanMasker(mask_id, ds.vocab_size, cfg.data.mask_rate, cfg.data.mask_span, cfg.train.seed)
+    device = next(m.model.parameters()).device
+    was_training = m.model.training
+    m.model.eval()
+    try:
+        with torch.no_grad():
+            per_batch = torch.stack([masked_scores(m.model, x.to(device), y.to(device)).cpu()
+                                     for x, y in masker.val_batches(windows)])
+    finally:
+        m.model.train(was_training)
+    # the loss as the trainer logs val_loss: the mean of the batches' means
+    loss = (per_batch[:, 0] / per_batch[:, 2]).mean().item()
+    total = per_batch.sum(0)
+    return {"loss": loss, "masked_accuracy": (total[1] / total[2]).item(), "masked_tokens": int(total[2])}
 
 
 # ---- tune ------------------------------------------------------------------------------
@@ -462,7 +581,9 @@ def export(run_dir: str | Path, out: str | Path, *, format: str = "hf", checkpoi
     if format not in ("hf", "peft", "onnx", "gguf"):
         raise ConfigError(f"export format {format!r} is not allowed; expected 'hf', 'peft', 'onnx' or 'gguf'")
     from leantrain.compress.run import quantized_by
+    from leantrain.export.hf import check_objective_format
 
+    check_objective_format(run_dir, format)  # an MLM encoder: hf only
     quantized = quantized_by(run_dir)
     if quantized:  # a `leantrain compress` int8/int4 output: torchao tensors, in transformers' TorchAoConfig form
         from leantrain.export.quantized import check_quantized_export, export_quantized_hf

@@ -26,7 +26,7 @@ from leantrain.corpus.readers import BUILTIN_CORPORA
 from leantrain.errors import CheckpointError, ConfigError, LeantrainError
 
 console = Console(soft_wrap=True)
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, emoji=False)  # a path or spec like "a:-1:" stays as typed
 
 
 # ---- data ------------------------------------------------------------------------------
@@ -75,7 +75,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
                              val_fraction=args.val_fraction, overwrite=args.overwrite,
                              prompt_field=args.prompt_field, response_field=args.response_field,
                              chat_template=template, progress=progress, hf_dataset=args.hf_dataset,
-                             hf_split=args.hf_split)
+                             hf_split=args.hf_split, sources=args.source or ())
     except KeyboardInterrupt:
         err_console.print(f"interrupted: the partial output was removed and {args.out} was not changed; run the "
                           "same command again to prepare the dataset", highlight=False, markup=False, soft_wrap=True)
@@ -97,6 +97,10 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         named = ", ".join(f"{k.removesuffix('_token')} {v}" for k, v in meta["special_tokens"].items())
         console.print(f"tokenizer {args.tokenizer} ({named}); train with --model.vocab_size={meta['vocab_size']} "
                       "or more", highlight=False, markup=False)
+    for name, src in meta.get("mix", {}).get("sources", {}).items():  # --source: what each source holds and weighs
+        console.print(f"source {name}: weight {src['weight']:.3g}, train {src['train_tokens']:,} tokens "
+                      f"({src['train_documents']:,} docs), val {src['val_tokens']:,} tokens; seen once every "
+                      f"{src['tokens_per_epoch'] or 0:,} trained tokens", highlight=False, markup=False)
     console.print(result.read_stats.summary(), highlight=False, markup=False)
     console.print(f"curation ({result.executor}), data card in {Path(args.out) / 'data_card.md'}:",
                   highlight=False, markup=False)
@@ -260,7 +264,8 @@ def cmd_federate(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = api.load_config(args.config, recipe=args.recipe, overrides=_overrides(extra))
     f = cfg.federated
     console.print(f"federate: {f.clients} clients ({f.partition}), {f.rounds} rounds x {f.local_steps} local steps, "
-                  f"{f.strategy}" + (", LoRA adapters only" if f.lora_only else ""))
+                  f"{f.strategy}" + (", LoRA adapters only" if f.lora_only else "")
+                  + (", secure aggregation (SecAgg+)" if f.secure_aggregation else ""))
     r = api.federate(cfg, args.run_dir)
     eps = f", epsilon {r['dp_epsilon']:.3g} at delta {r['dp_delta']:g}" if r.get("dp_epsilon") is not None else ""
     console.print(f"[bold]round {r['rounds']}: val_loss {r['val_loss']:.4f}[/bold], {r['tokens']:,} tokens, "
@@ -296,7 +301,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         console.print(f"load it with peft: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
                       f"{info['base']!r}), {info['out_dir']!r})", markup=False, highlight=False)
         return 0
-    console.print(f"load it with transformers: AutoModelForCausalLM.from_pretrained({info['out_dir']!r})",
+    auto = info.get("auto_class", "AutoModelForCausalLM")  # AutoModelForMaskedLM for an MLM encoder
+    console.print(f"load it with transformers: {auto}.from_pretrained({info['out_dir']!r})",
                   markup=False, highlight=False)
     return 0
 
@@ -379,19 +385,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_sampling(args.max_new_tokens, args.temperature, args.top_k)  # before a model is loaded
     schema = _read_rule_file(args.json_schema, "--json-schema")
     grammar = _read_rule_file(args.grammar, "--grammar")
+    prompt, suffix = _generate_input(args)
     loaded = api.load_model(args.run_dir, checkpoint=args.checkpoint)
     for w in loaded.warnings:
         err_console.print(f"[yellow]warning[/yellow]: {w}; used an older checkpoint")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", api.IncompleteOutputWarning)
-        text = api.generate(loaded, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        text = api.generate(loaded, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, seed=args.seed, chat=args.chat, regex=args.regex,
-                            json_schema=schema, grammar=grammar)
+                            json_schema=schema, grammar=grammar, suffix=suffix, fim_mode=args.fim_mode or "psm")
     for w in caught:
         if issubclass(w.category, api.IncompleteOutputWarning):
             err_console.print(f"[yellow]warning[/yellow]: {escape(str(w.message))}", soft_wrap=True)
-    print(text if args.chat else args.prompt + text)  # --chat prints only the answer
+    print(text if args.chat or suffix is not None else prompt + text)  # --chat: the answer; infilling: the middle
     return 0
+
+
+def _generate_input(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(prompt, suffix): --prompt alone continues it; --prefix/--suffix or --infill FILE ask for the middle."""
+    from leantrain.tokens.fim import split_at_marker
+
+    infill = args.prefix is not None or args.suffix is not None or args.infill is not None
+    if args.prompt is not None and infill:
+        raise ConfigError("--prompt continues text, --prefix/--suffix and --infill fill in the middle; pass one kind")
+    if args.infill is not None and (args.prefix is not None or args.suffix is not None):
+        raise ConfigError("--infill FILE holds both the prefix and the suffix; drop --prefix/--suffix")
+    if args.fim_mode is not None and not infill:
+        raise ConfigError("--fim-mode lays out a fill-in-the-middle prompt; add --prefix/--suffix or --infill FILE")
+    if args.infill is not None:
+        return split_at_marker(_read_rule_file(args.infill, "--infill") or "", f"--infill {args.infill}")
+    if infill:
+        return args.prefix or "", args.suffix or ""
+    if args.prompt is None:
+        raise ConfigError("pass --prompt TEXT to continue, or --prefix TEXT --suffix TEXT (or --infill FILE) to "
+                          "fill in the middle")
+    return args.prompt, None
 
 
 def _read_rule_file(path: str | None, flag: str) -> str | None:
@@ -402,6 +430,63 @@ def _read_rule_file(path: str | None, flag: str) -> str | None:
         return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{flag} {path}: cannot read it ({e.strerror or e}); pass an existing UTF-8 file") from None
+
+
+# ---- synth -----------------------------------------------------------------------------
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    """`synth`: a thin shell over `leantrain.api.synth` (generate, check, curate, write with the data card)."""
+    from leantrain import api
+
+    schema = _read_rule_file(args.json_schema, "--json-schema")
+    grammar = _read_rule_file(args.grammar, "--grammar")
+
+    def first_interrupt(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, first_interrupt) \
+        if threading.current_thread() is threading.main_thread() else None
+    try:
+        with Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console, disable=not console.is_terminal) as bar:
+            tasks: dict[str, int] = {}
+
+            def progress(stage: str, done: int, total: int | None) -> None:
+                if stage not in tasks:
+                    tasks[stage] = bar.add_task(stage, total=total)
+                bar.update(tasks[stage], completed=done, total=total)
+
+            result = api.synth(args.model, args.out, kind=args.kind, count=args.count, prompts=args.prompt or (),
+                               prompts_file=args.prompts, seed_docs=not args.no_seed_docs, corpus=args.corpus or (),
+                               eval_paths=args.decontaminate or (), profile=args.profile, json_schema=schema,
+                               regex=args.regex, grammar=grammar, constrain=not args.unconstrained, ruff=args.ruff,
+                               exec_check=args.exec_check, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                               batch_size=args.batch_size, checkpoint=args.checkpoint, overwrite=args.overwrite,
+                               dedup=not args.no_dedup, progress=progress)
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted: nothing was written and {args.out} was not changed; run the same command "
+                          "again to generate", highlight=False, markup=False, soft_wrap=True)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    for w in result.warnings:
+        err_console.print(f"[yellow]warning[/yellow]: {escape(w)}")
+    syn, gen = result.card["synthetic"], result.manifest["generation"]
+    console.print(f"{result.accepted:,} of {result.generated:,} {args.kind} candidates kept "
+                  f"({syn['acceptance']['overall']:.1%}; {syn['acceptance']['checks']:.1%} passed the checks), "
+                  f"written to {Path(args.out) / 'synthetic.jsonl'}; {gen['new_tokens']:,} tokens generated at "
+                  f"{gen['tokens_per_s'] or 0:,.0f} tokens/s", highlight=False, markup=False)
+    for c in syn["checks"]:
+        rate = "-" if c["acceptance"] is None else f"{c['acceptance']:.1%}"
+        console.print(f"  check {c['check']:<14} {c['passed']:>7,} / {c['in']:<7,} {rate}", highlight=False,
+                      markup=False)
+    console.print(f"data card in {Path(args.out) / 'data_card.md'}", highlight=False, markup=False)
+    for note in result.card["notes"]:
+        console.print(f"  note: {note}", highlight=False, markup=False)
+    return 0
 
 
 # ---- serve -----------------------------------------------------------------------------
@@ -555,7 +640,8 @@ _EXAMPLES = {
   leantrain data prepare corpus/ --include '*.jsonl.zst' --profile web --decontaminate evals/ --out data/web
   leantrain data prepare my_docs/ --tokenizer HF_DIR/tokenizer.json --out data/mine
   leantrain data prepare --hf-dataset saved_ds/ --hf-split train --text-field content --tokenizer HF_DIR --out data/hf
-  leantrain data prepare --format chat pairs.jsonl --tokenizer HF_DIR/tokenizer.json --out data/chat""",
+  leantrain data prepare --format chat pairs.jsonl --tokenizer HF_DIR/tokenizer.json --out data/chat
+  leantrain data prepare --source real=corpus/:0.8 --source synthetic=synth/:0.2 --out data/mixed""",
     "train": """\
   leantrain train --recipe tiny --run-dir runs/tiny
   leantrain train config.toml --train.steps=1000 --precision.dtype=fp32
@@ -579,7 +665,13 @@ _EXAMPLES = {
   leantrain lr-find config.toml --optim.name=muon --min-lr 1e-4 --max-lr 1""",
     "generate": """\
   leantrain generate runs/tiny --prompt "def " --max-new-tokens 80
-  leantrain generate runs/chat --chat --prompt "Write a haiku about GPUs" --temperature 0""",
+  leantrain generate runs/chat --chat --prompt "Write a haiku about GPUs" --temperature 0
+  leantrain generate runs/fim --prefix $'def add(a, b):\\n    ' --suffix $'\\n    return c\\n' --temperature 0
+  leantrain generate runs/fim --infill hole.py --temperature 0      # hole.py marks the gap with <FILL>""",
+    "synth": """\
+  leantrain synth runs/tiny --kind python --count 200 --ruff --out synth/py
+  leantrain synth runs/tiny --kind json --json-schema person.json --count 100 --out synth/json
+  leantrain synth hf/my-model --kind text --regex '[A-Z][a-z ]+\\.' --prompt "Note: " --count 50 --out synth/t""",
     "serve": """\
   leantrain serve runs/tiny                     # http://127.0.0.1:8000/ (chat page), /v1 (OpenAI API)
   LEANTRAIN_API_KEY=secret leantrain serve runs/chat --host 0.0.0.0 --port 8080""",
@@ -647,6 +739,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="read a local Hugging Face datasets folder (save_to_disk) or .parquet/.arrow/.json/.jsonl "
                       "file through `datasets`, streamed; never the Hub (needs the hf extra)")
     prep.add_argument("--hf-split", default="train", help="split of --hf-dataset to read (default train)")
+    prep.add_argument("--source", action="append", metavar="NAME=PATH:WEIGHT",
+                      help="a weighted source of a mixed dataset (repeatable, instead of plain inputs): training "
+                      "draws each sequence's source with probability weight/sum, e.g. --source real=corpus/:0.8 "
+                      "--source synthetic=synth/:0.2; NAME defaults to the folder's name")
     prep.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out (0.02)")
     prep.add_argument("--text-field", default=None,
                       help="field of .jsonl/parquet records or --hf-dataset rows holding the text (default text)")
@@ -785,7 +881,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="sample text from a trained run")
     gen.add_argument("run_dir", help="run directory written by `leantrain train`")
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", help="text to continue (or --prefix/--suffix, --infill to fill in the middle)")
+    gen.add_argument("--prefix", help="fill in the middle: the text before the gap (runs trained with "
+                     "data.fim_rate > 0); prints only the middle")
+    gen.add_argument("--suffix", help="fill in the middle: the text after the gap")
+    gen.add_argument("--infill", metavar="FILE", help="fill in the middle of a UTF-8 file that marks the gap with "
+                     "<FILL> once; prints only the middle")
+    gen.add_argument("--fim-mode", choices=("psm", "spm"),
+                     help="fill-in-the-middle prompt layout: prefix-suffix-middle (psm, the default) or "
+                     "suffix-prefix-middle (spm)")
     gen.add_argument("--max-new-tokens", type=int, default=200)
     gen.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
     gen.add_argument("--top-k", type=int, default=50, help="0 disables top-k")
@@ -798,6 +902,44 @@ def build_parser() -> argparse.ArgumentParser:
     rule.add_argument("--json-schema", metavar="FILE", help="only emit JSON valid under this JSON schema file")
     rule.add_argument("--grammar", metavar="FILE", help="only emit text of this EBNF grammar (xgrammar's GBNF; "
                       "the start rule is `root`)")
+
+    syn = sub.add_parser("synth", help="generate a checked, curated synthetic corpus from a trained model",
+                         description="Sample candidates from a run or an HF export, keep those that pass the "
+                         "symbolic checks of their kind (Python: parses and compiles; JSON: parses and fits a "
+                         "schema; any: a regex or grammar), curate them like any source (filters, dedup against "
+                         "themselves and the real corpus, decontamination) and write OUT/synthetic.jsonl with a "
+                         "data card (docs/synthetic-data.md).")
+    syn.add_argument("model", metavar="RUN_DIR|HF_DIR", help="run directory, or a `leantrain export --format hf` "
+                     "folder")
+    syn.add_argument("--kind", required=True, help="python, json or text: which checks apply")
+    syn.add_argument("--count", type=int, required=True, help="candidates to generate")
+    syn.add_argument("--out", required=True, help="folder to write (new, empty, or an earlier synth output)")
+    syn.add_argument("--prompt", action="append", help="a prompt (repeatable; default: seed documents of the "
+                     "real corpus, else templates)")
+    syn.add_argument("--prompts", metavar="FILE", help="prompts, one per line (or .jsonl with a prompt field)")
+    syn.add_argument("--no-seed-docs", action="store_true", help="do not cut prompts from the real corpus")
+    syn.add_argument("--corpus", action="append", metavar="PATH", help="the real corpus (files or folders) to seed "
+                     "prompts and dedup against (default: the run's token dataset)")
+    syn.add_argument("--decontaminate", action="append", metavar="PATH", help="evaluation sets to decontaminate "
+                     "against (repeatable)")
+    syn.add_argument("--profile", choices=["none", "code", "web"], help="curation profile (default: code for "
+                     "python, none for json, web for text)")
+    syn.add_argument("--no-dedup", action="store_true", help="skip exact and near dedup")
+    srule = syn.add_mutually_exclusive_group()
+    srule.add_argument("--regex", help="check (and constrain decoding to) this regular expression")
+    srule.add_argument("--json-schema", metavar="FILE", help="check (and constrain decoding to) this JSON schema")
+    srule.add_argument("--grammar", metavar="FILE", help="check (and constrain decoding to) this EBNF grammar")
+    syn.add_argument("--unconstrained", action="store_true", help="only check the rule; decode freely")
+    syn.add_argument("--ruff", action="store_true", help="python: also require `ruff check` to find no error")
+    syn.add_argument("--exec-check", action="store_true", help="python: also run each program in a sandbox (no "
+                     "network, 5 s, 512 MB, temporary folder) and require exit 0")
+    syn.add_argument("--max-new-tokens", type=int, default=200)
+    syn.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    syn.add_argument("--top-k", type=int, default=50, help="0 disables top-k")
+    syn.add_argument("--seed", type=int, default=0, help="candidate i samples with seed SEED + i")
+    syn.add_argument("--batch-size", type=int, default=16, help="candidates decoded together (16)")
+    syn.add_argument("--checkpoint", help="a specific checkpoint folder of the run instead of the newest")
+    syn.add_argument("--overwrite", action="store_true", help="replace an earlier synth output at --out")
 
     srv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible API with a chat page",
                          description="Serve a run (newest good checkpoint) or an HF export folder: POST "
@@ -931,6 +1073,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "synth":
+            return cmd_synth(args)
         if args.command == "report":
             return cmd_report(args)
         if args.command == "compare":

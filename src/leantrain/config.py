@@ -96,6 +96,9 @@ class ModelConfig:
     moe_capacity: float = _f(0.0, "capacity factor: each expert takes at most ceil(factor * tokens * top_k / "
                              "experts) tokens per micro-batch in training, the rest are dropped; 0 means "
                              "dropless", min=0.0, max=1024.0)
+    objective: str = _f("causal", "what the model learns: causal (predict the next token) or mlm (masked language "
+                        "modelling: an encoder with bidirectional attention predicts masked spans, data.mask_rate "
+                        "and data.mask_span; llama arch, dense; docs/objectives.md)", choices=("causal", "mlm"))
 
 
 @dataclass
@@ -104,6 +107,19 @@ class DataConfig:
     prefetch: str = _f("auto", "prepare the next steps' batches in a background thread: auto (on CUDA only; on "
                        "CPU the thread would compete with training for the cores), on or off",
                        choices=("auto", "on", "off"))
+    fim_rate: float = _f(0.0, "fill-in-the-middle: share of the documents in each training window rearranged into "
+                         "prefix/suffix/middle form, so the model learns to infill (`generate --prefix/--suffix`); "
+                         "0 trains plain next-token prediction (docs/objectives.md)", min=0.0, max=1.0)
+    fim_spm_rate: float = _f(0.5, "fill-in-the-middle: share of the rearranged documents laid out suffix-prefix-middle "
+                             "(SPM) rather than prefix-suffix-middle (PSM)", min=0.0, max=1.0)
+    mix: dict = field(default_factory=dict, metadata={
+        "help": "re-weigh the sources of a mixed dataset (`data prepare --source`) for this run: source name = "
+                "weight, sources left out get 0; empty trains with the weights recorded at prepare time",
+        "allowed": "a table of source names and weights >= 0", "min": None, "max": None, "choices": None})
+    mask_rate: float = _f(0.15, "model.objective = mlm: share of each sequence's tokens masked (80% become "
+                          "<|mask|>, 10% a random token, 10% stay)", min=0.0, max=0.5, min_exclusive=True)
+    mask_span: int = _f(3, "model.objective = mlm: mean length in tokens of a masked span; 1 masks single tokens "
+                        "(BERT)", min=1, max=4096)
 
 
 @dataclass
@@ -111,6 +127,11 @@ class TrainConfig:
     steps: int = _f(300, "optimizer steps", min=1, max=10**12)
     micro_batch_size: int = _f(16, "sequences per forward/backward on one process", min=1, max=2**20)
     grad_accum_steps: int = _f(1, "micro-batches accumulated per optimizer step", min=1, max=2**20)
+    global_batch_size: int = _f(0, "sequences per optimizer step over all data-parallel processes; 0 means "
+                                "micro_batch_size x grad_accum_steps x data-parallel processes. Set, the "
+                                "accumulation is derived from the world size at each start, so an elastic run "
+                                "(torchrun --nnodes 1:2) keeps its batch and loss curve when it loses or gains a "
+                                "node (leave grad_accum_steps at 1)", min=0, max=2**40)
     seed: int = _f(1337, "seed for init, data order and sampling", min=0, max=2**63 - 1)
     eval_every: int = _f(100, "steps between validation runs; 0 evaluates only at the end", min=0,
                         max=10**12)
@@ -409,6 +430,14 @@ class FederatedConfig:
                          min_exclusive=True)
     sim_parallel: int = _f(1, "simulation: clients trained at the same time (Ray actors); threads are shared "
                            "among them", min=1, max=1024)
+    secure_aggregation: bool = _f(False, "SecAgg+ (Flower): clients mask their weights so the server learns only "
+                                  "their weighted sum; fedavg or fedprox, without DP (docs/federated.md)")
+    secagg_shares: int = _f(0, "secure_aggregation: shares each client's secrets are split into (itself and its "
+                            "neighbours); 0 means every sampled client, else at least 3", min=0, max=100000)
+    secagg_threshold: int = _f(0, "secure_aggregation: shares that rebuild a dropped client's mask; 0 means two "
+                               "thirds of the shares (at least 2)", min=0, max=100000)
+    secagg_clip: float = _f(8.0, "secure_aggregation: weights are clipped to [-secagg_clip, secagg_clip] and "
+                            "quantized to 2^22 levels over that range", min=0.0, max=1e6, min_exclusive=True)
 
 
 def _toml_or_text(text: str) -> Any:
@@ -724,6 +753,15 @@ def _check_relations(cfg: Config) -> None:
                           "is not supported; combine tensor parallel with dp_shard (FSDP2) instead")
     if cfg.parallel.dp_shard == 0:
         raise ConfigError("config: parallel.dp_shard = 0 is not allowed; expected -1 (the rest) or an integer >= 1")
+    t = cfg.train
+    if t.global_batch_size and t.grad_accum_steps != 1:
+        raise ConfigError(f"config: train.global_batch_size = {t.global_batch_size} derives the accumulation from the "
+                          f"world size, but train.grad_accum_steps = {t.grad_accum_steps} is set too; set one of them "
+                          "(leave grad_accum_steps = 1)")
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(f"config: train.global_batch_size = {t.global_batch_size} is not a multiple of "
+                          f"train.micro_batch_size = {t.micro_batch_size}; pick a global batch that is "
+                          "micro_batch_size x accumulation x data-parallel processes")
     if cfg.energy.carbon_aware and not (cfg.energy.intensity_csv and cfg.energy.deadline):
         raise ConfigError("config: energy.carbon_aware needs energy.intensity_csv (an hourly forecast) and "
                           "energy.deadline (ISO 8601 UTC); set both")
@@ -734,8 +772,29 @@ def _check_relations(cfg: Config) -> None:
     _check_prune_distill(cfg)
     _check_quant(cfg)
     _check_sizes_and_more(cfg)
+    _check_objective(cfg)
+    if cfg.data.fim_rate and cfg.model.objective != "causal":
+        raise ConfigError(f"config: data.fim_rate = {cfg.data.fim_rate} rearranges text for a causal model, not for "
+                          f"model.objective = {cfg.model.objective}; set --data.fim_rate=0")
     _check_tune(cfg.tune)
     _check_federated(cfg)
+
+
+def _check_objective(cfg: Config) -> None:
+    """model.objective = mlm: the encoder is the Llama block with bidirectional attention (transformers' EuroBERT),
+    so the other archs, MoE and a causal teacher are refused here rather than trained into something unexportable."""
+    m = cfg.model
+    if m.objective != "mlm":
+        return
+    if m.arch != "llama":
+        raise ConfigError(f"config: model.objective = mlm trains model.arch = llama only (its bidirectional encoder "
+                          f"exports as transformers' EuroBertForMaskedLM), not {m.arch}; set --model.arch=llama")
+    if m.moe_experts:
+        raise ConfigError(f"config: model.objective = mlm does not support a mixture of experts (model.moe_experts = "
+                          f"{m.moe_experts}); set --model.moe_experts=0")
+    if cfg.distill.teacher:
+        raise ConfigError("config: model.objective = mlm cannot distill from distill.teacher (a causal model predicts "
+                          "other tokens than an encoder); set distill.teacher = \"\"")
 
 
 def _check_federated(cfg: Config) -> None:
@@ -760,6 +819,28 @@ def _check_federated(cfg: Config) -> None:
     if (f.dp_noise or f.dp_epsilon) and f.strategy != "fedavg":
         raise ConfigError(f"config: differential privacy (federated.dp_noise / dp_epsilon) is accounted for "
                           f"federated.strategy = fedavg only, not {f.strategy}; use fedavg or turn DP off")
+    if f.secure_aggregation:
+        _check_secure_aggregation(f, per_round)
+
+
+def _check_secure_aggregation(f: FederatedConfig, per_round: int) -> None:
+    """SecAgg+ (federated/secure.py): what Flower's SecAggPlusWorkflow can run and leantrain wires to it."""
+    if f.dp_noise or f.dp_epsilon:
+        raise ConfigError("config: federated.secure_aggregation does not combine with differential privacy "
+                          "(federated.dp_noise / dp_epsilon) yet; turn one of them off")
+    if f.strategy not in ("fedavg", "fedprox"):
+        raise ConfigError(f"config: federated.secure_aggregation runs with federated.strategy = fedavg or fedprox, "
+                          f"not {f.strategy} (its server state is not kept under SecAgg+); use fedavg or fedprox")
+    if not 2 <= per_round <= 1023:
+        raise ConfigError(f"config: federated.secure_aggregation needs 2 to 1023 clients per round (the masked sum "
+                          f"must fit 32 bits), not {per_round}; change federated.clients / clients_per_round")
+    if f.secagg_shares and not 3 <= f.secagg_shares <= per_round:
+        raise ConfigError(f"config: federated.secagg_shares = {f.secagg_shares} must be 0 (every sampled client) or "
+                          f"3 to {per_round} (the clients per round)")
+    shares = f.secagg_shares or per_round
+    if f.secagg_threshold and not 2 <= f.secagg_threshold < max(shares, 3):
+        raise ConfigError(f"config: federated.secagg_threshold = {f.secagg_threshold} must be 0 (two thirds of the "
+                          f"shares) or from 2 to below the {shares} shares")
 
 
 def _check_quant(cfg: Config) -> None:
@@ -879,6 +960,14 @@ def _check_sizes_and_more(cfg: Config) -> None:
     if cfg.train.sample_tokens and not cfg.train.sample_prompt:
         raise ConfigError("config: train.sample_prompt = '' is not allowed with train.sample_tokens > 0 (the "
                           "end-of-run sample needs a prompt); give a prompt or set train.sample_tokens = 0")
+    mix = cfg.data.mix  # the names are checked against the dataset when training starts
+    for name, w in mix.items():
+        if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
+            raise ConfigError(f"config: data.mix weight of {name!r} = {w!r} is not allowed; expected a number >= 0 "
+                              "(in TOML: mix = { real = 0.8, synthetic = 0.2 })")
+    if mix and not sum(mix.values()) > 0:
+        raise ConfigError(f"config: data.mix = {mix} does not sum to a positive number; give at least one source "
+                          "a weight > 0")
     g = cfg.guard
     if g.min_history > g.window:
         raise ConfigError(f"config: guard.min_history = {g.min_history} is more than guard.window = {g.window}, so "

@@ -28,10 +28,11 @@ from leantrain.corpus.card import build_card, write_card
 from leantrain.corpus.chat import read_chat_documents
 from leantrain.corpus.executors import make_executor
 from leantrain.corpus.pipeline import Pipeline, Plan, Source, plan_for, read_spill, write_spill
-from leantrain.corpus.readers import ReadStats, read_builtin, read_paths
+from leantrain.corpus.readers import Document, ReadStats, read_builtin, read_paths
 from leantrain.corpus.steps import Executor
 from leantrain.errors import DataError
 from leantrain.files import fresh_sibling, remove_stale_temps
+from leantrain.tokens.mix import SourceSpec, check_sources, parse_source
 from leantrain.tokens.prepare import Progress, check_out_dir, prepare_dataset
 from leantrain.tokens.tokenizer import load_tokenizer
 
@@ -116,6 +117,11 @@ def curate_dataset(sources: Source | Iterable[Source], out_dir: str | Path, *, p
     return meta, card
 
 
+def source_of(doc: Document) -> str:
+    """The `--source` name of a document of a mixed prepare (its id starts with `NAME/`)."""
+    return doc.id.split("/", 1)[0]
+
+
 def prepare(inputs: Sequence[str | Path] = (), out: str | Path = "data/dataset", *, builtin: str | None = None,
             format: str = "text", curation: CurationConfig | None = None, eval_paths: Sequence[str | Path] = (),
             include: Sequence[str] = (), exclude: Sequence[str] = (), vocab_size: int = 8192,
@@ -123,18 +129,27 @@ def prepare(inputs: Sequence[str | Path] = (), out: str | Path = "data/dataset",
             overwrite: bool = False, prompt_field: str = "prompt", response_field: str = "response",
             chat_template: str | None = None, progress: Progress | None = None,
             executor: Executor | None = None, plot: bool = True, hf_dataset: str | Path | None = None,
-            hf_split: str = "train") -> Prepared:
+            hf_split: str = "train", sources: Sequence[str | SourceSpec] = ()) -> Prepared:
     """Build a curated token dataset in `out` from files/folders `inputs`, the built-in corpus `builtin`
     or a local Hugging Face `datasets` folder or data file `hf_dataset` (split `hf_split`).
 
     `curation` is the `[curation]` config section (profile, dedup, PII, language, executor, reader
     safety, text_field); `format="chat"` reads prompt/response records and writes loss masks. Every
     check (paths, settings, the text field of jsonl files and datasets) happens before any folder is written.
+    `sources` (`--source NAME=PATH:WEIGHT` strings or `tokens.mix.SourceSpec`s) makes a mixed dataset instead
+    of `inputs`: curated together (so dedup keeps a document shared by two sources in the first one given),
+    tokenized with one tokenizer, written and split per source, trained on by weight (`tokens/mix.py`).
     """
     cur = curation if curation is not None else CurationConfig()
     out = Path(out)
     inputs = [inputs] if isinstance(inputs, str | Path) else list(inputs)
-    if sum(map(bool, (builtin, inputs, hf_dataset))) != 1:
+    if sources:
+        if builtin or inputs or hf_dataset:
+            raise DataError("--source gives every input of a mixed dataset; drop the plain input paths, --builtin "
+                            "and --hf-dataset (or drop --source)")
+        if format != "text":
+            raise DataError("--source mixes text sources; --format chat takes plain inputs")
+    elif sum(map(bool, (builtin, inputs, hf_dataset))) != 1:
         raise DataError("give input files/folders, --builtin stdlib or --hf-dataset PATH (one of the three)")
     if hf_dataset and (include or exclude):
         raise DataError("--include/--exclude pick files inside input folders; they do not apply to --hf-dataset")
@@ -153,7 +168,21 @@ def prepare(inputs: Sequence[str | Path] = (), out: str | Path = "data/dataset",
         load_tokenizer(tokenizer)  # a missing or broken tokenizer fails before the curation work
     stats = ReadStats()
     documents: Callable[[], Iterable[Any]]
-    if hf_dataset:
+    mix: dict[str, float] | None = None
+    if sources:
+        specs = [parse_source(x) if isinstance(x, str) else x for x in sources]
+        mix = check_sources(specs)
+        reader_kw = dict(text_field=cur.text_field, include=include, exclude=exclude,
+                         max_file_bytes=cur.max_file_bytes, follow_symlinks=cur.follow_symlinks)
+        for spec in specs:
+            read_paths([spec.path], **reader_kw)  # checks paths, reader packages and jsonl text fields first
+
+        def documents():
+            for spec in specs:  # ids carry the source name, which routes each document to its source's shards
+                for d in read_paths([spec.path], stats=stats, **reader_kw):
+                    yield Document(f"{spec.name}/{d.id}", d.text, d.source)
+        provenance = {"sources": {s.name: {"path": str(s.path.resolve()), "weight": s.weight} for s in specs}}
+    elif hf_dataset:
         from leantrain.corpus.hf import read_hf_chat, read_hf_dataset
 
         if format == "chat":  # opens the dataset and checks its fields before any work
@@ -200,7 +229,8 @@ def prepare(inputs: Sequence[str | Path] = (), out: str | Path = "data/dataset",
         meta, card = curate_dataset(documents, out, plan=plan, executor=ex, read_stats=stats, provenance=provenance,
                                     progress=progress, plot=plot, format=format, chat_template=chat_template,
                                     vocab_size=vocab_size, tokenizer_path=tokenizer, val_fraction=val_fraction,
-                                    shard_tokens=shard_tokens, overwrite=overwrite)
+                                    shard_tokens=shard_tokens, overwrite=overwrite,
+                                    **({"mix": mix, "source_of": source_of} if mix is not None else {}))
         described = ex.describe()
     finally:
         if own:

@@ -56,6 +56,8 @@ class Hardware:
     spec_source: str = ""  # the datasheet the figures above come from
     price_hour_usd: float = 0.0  # on-demand rental per device-hour (0: owned, or no listed price)
     price_source: str = ""  # where and when that price was listed
+    matmul_efficiency: float = 0.0  # measured best bf16 matmul / peak_bf16 (0: not measured; the planner's default)
+    matmul_source: str = ""  # where that measurement comes from
 
     def peak(self, dtype: str) -> float:
         return self.peak_bf16 if dtype == "bf16" else self.peak_fp32

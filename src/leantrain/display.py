@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 # Events worth a line in the terminal; the rest are only in events.jsonl.
 _SHOWN = {"resume", "restart", "checkpoint_damaged", "checkpoint_failed", "config_changed", "preempted",
           "checkpoint", "skip", "rollback", "diverged", "grad_warning", "compiled", "compile_failed", "fp8",
-          "energy", "pause", "unpause", "carbon_saved", "tracker_failed"}
+          "energy", "pause", "unpause", "carbon_saved", "tracker_failed", "mix"}
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -51,6 +51,8 @@ class TrainDisplay:
 
     def _line(self, r: dict[str, Any]) -> str:
         val = f" val {r['val_loss']:.4f}" if "val_loss" in r else ""
+        if "val_masked_accuracy" in r:  # an MLM run (model.objective = mlm)
+            val += f" masked acc {r['val_masked_accuracy'] * 100:.1f}%"
         return (f"step {r['step']}/{self.total} loss {r['loss']:.4f}{val} lr {r['lr']:.2e} "
                 f"gnorm {r['grad_norm']:.2f} tok/s {r['tokens_per_s']:,.0f} MFU {r['mfu'] * 100:.1f}% "
                 f"mem {fmt_bytes(r['peak_mem_bytes'])} eta {fmt_duration(self._eta(r))}")

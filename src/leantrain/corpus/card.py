@@ -95,6 +95,8 @@ def build_card(pipe: Any, plan: Any, meta: dict[str, Any], doc_tokens: list[int]
                              "examples": d["examples"].get(reason, [])})
     duplicates = {}
     for name, report in pipe.reports.items():
+        if not report:  # a global step with nothing to add to its counts (synth's checks)
+            continue
         clusters = report.get("clusters")
         if isinstance(clusters, list):
             report = {**report, "n_clusters": len(clusters), "docs_removed": sum(len(c.get("removed", []))
@@ -131,6 +133,7 @@ def build_card(pipe: Any, plan: Any, meta: dict[str, Any], doc_tokens: list[int]
         },
         "lengths": {"chars_in": histogram(pipe.lengths["in"], chars),
                     "chars_out": histogram(pipe.lengths["out"], chars), "tokens_out": histogram(doc_tokens)},
+        **({"mix": meta["mix"]} if "mix" in meta else {}),  # data prepare --source: the weighted sources
         "settings": plan.settings,
         "notes": list(plan.notes),
         "timing": {"seconds_by_step": timing, "pipeline_seconds": round(pipe.seconds, 3), "executor": executor,
@@ -175,6 +178,35 @@ def length_tables(hists: dict[str, dict[str, list[int]]]) -> list[str]:
     return out
 
 
+def synthetic_lines(syn: dict[str, Any]) -> list[str]:
+    """The card's synthetic-data section: generator, acceptance per check, share, rejected examples."""
+    g = syn["generator"]
+    rule = syn.get("constraint")
+    out = ["## Synthetic data", "",
+           f"Generated {syn['generated']:,} {syn['kind']} candidates with {g.get('kind')} {g.get('path')} "
+           f"(step {g.get('step')}), prompts from {syn['prompt_source']}, sampling {json.dumps(syn['sampling'])}"
+           + (f", {'constrained by' if rule.get('applied') else 'checked against'} a {rule['kind']}" if rule else "")
+           + f"; {syn['passed_checks']:,} passed the checks ({syn['acceptance']['checks']:.1%}), "
+           f"{syn['accepted']:,} were kept after curation ({syn['acceptance']['overall']:.1%}).", "",
+           "| check | candidates in | passed | acceptance |", "| --- | ---: | ---: | ---: |"]
+    for c in syn["checks"]:
+        rate = "-" if c["acceptance"] is None else f"{c['acceptance']:.1%}"
+        out.append(f"| {c['check']} | {c['in']:,} | {c['passed']:,} | {rate} |")
+    share = syn.get("share_with_reference")
+    if share:
+        out += ["", f"Synthetic share of real + synthetic: {share['documents']:.1%} of documents "
+                f"({share['synthetic_documents']:,} synthetic, {share['real_documents']:,} real), "
+                f"{share['characters']:.1%} of characters."]
+    if syn["rejected"]:
+        out += ["", "Rejected, with the reason (the first few of each):", ""]
+        for r in syn["rejected"]:
+            out.append(f"- **{r['reason']}** ({r['documents']:,})")
+            for ex in r["examples"]:
+                out.append(f"  - `{_md_escape(ex['id'], 40)}`: {_md_escape(ex['detail'])} — "
+                           f"\"{_md_escape(ex['text'], 100)}\"")
+    return out + [""]
+
+
 def to_markdown(card: dict[str, Any]) -> str:
     sm = card["summary"]
     out = ["# Data card", "",
@@ -187,6 +219,8 @@ def to_markdown(card: dict[str, Any]) -> str:
         out += [f"Read {rs['files']:,} files -> {rs['documents']:,} documents"
                 + (f"; skipped or repaired: {', '.join(f'{k} {v:,}' for k, v in skipped.items())}" if skipped else "")
                 + ".", ""]
+    if "synthetic" in card:  # `leantrain synth`: where the documents came from and what the checks let through
+        out += synthetic_lines(card["synthetic"])
     out += ["## Steps", "", "| step | docs in | docs out | bytes in | bytes out | dropped | changed |",
             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for s in card["steps"]:
@@ -222,6 +256,18 @@ def to_markdown(card: dict[str, Any]) -> str:
             (f"Tokens per document: mean {tpd.get('mean')}, median {tpd.get('median')}, p90 {tpd.get('p90')}, "
              f"max {tpd.get('max')}." if tpd.get("count") else ""),
             "", "## Lengths", "", *length_tables(card["lengths"])]
+    if "mix" in card:
+        out += ["## Mixture", "", "Training draws each sequence's source with probability = weight; a run of T "
+                "trained tokens sees a source weight x T / its train tokens times (its effective epochs, printed "
+                "when training starts), so a small source repeats.", "",
+                "| source | weight | train tokens | train docs | val tokens | share of train tokens | "
+                "trained tokens per epoch |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        train_total = sum(v["train_tokens"] for v in card["mix"]["sources"].values()) or 1
+        for name, v in card["mix"]["sources"].items():
+            per_epoch = f"{v['tokens_per_epoch']:,}" if v["tokens_per_epoch"] else "never drawn"
+            out.append(f"| {_md_escape(name)} | {v['weight']:.3g} | {v['train_tokens']:,} | {v['train_documents']:,} "
+                       f"| {v['val_tokens']:,} | {v['train_tokens'] / train_total:.1%} | {per_epoch} |")
+        out.append("")
     if card["notes"]:
         out += ["", "## Notes", ""] + [f"- {n}" for n in card["notes"]]
     out += ["", "## Settings", "", "```json", json.dumps(card["settings"], indent=1, sort_keys=True), "```", ""]

@@ -30,6 +30,7 @@ from leantrain.errors import CheckpointError, ConfigError, LeantrainError
 from leantrain.files import fresh_sibling, swap_in, write_durable
 from leantrain.model.hf import hf_config, to_hf
 from leantrain.model.hf_moe import moe_family
+from leantrain.tokens.masking import MASK
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -142,6 +143,10 @@ def write_hf_folder(folder: Path, state: dict[str, Tensor], tok: Any, cfg: Any, 
     state = {k: v.detach().cpu().to(torch_dtype) for k, v in state.items()}
     files = write_safetensors(to_hf(state, cfg.model), folder, max_shard_bytes)
     config = {**hf_config(cfg.model, eot), "bos_token_id": bos, "torch_dtype": str(torch_dtype).removeprefix("torch.")}
+    masked = {}
+    if cfg.model.objective == "mlm":  # the run's tokenizer holds <|mask|> (tokens/masking.py); both name it
+        masked = {"mask_token": MASK}
+        config["mask_token_id"] = tok.token_to_id(MASK)
     write_durable(folder / "config.json", json.dumps(config, indent=2), sync_dir=False)
     write_durable(folder / "generation_config.json", json.dumps(
         {"bos_token_id": bos, "eos_token_id": eot, "pad_token_id": eot}, indent=2), sync_dir=False)
@@ -149,7 +154,7 @@ def write_hf_folder(folder: Path, state: dict[str, Tensor], tok: Any, cfg: Any, 
     write_durable(folder / "tokenizer_config.json", json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eot_token, "eos_token": eot_token,
          "pad_token": eot_token, "clean_up_tokenization_spaces": False, **hf_tok,
-         "model_max_length": cfg.model.seq_len, **template}, indent=2), sync_dir=False)
+         "model_max_length": cfg.model.seq_len, **masked, **template}, indent=2), sync_dir=False)
     return [*files, "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
 
 
@@ -205,5 +210,15 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Path |
         return files
 
     files = publish(out, fill)
+    auto = "AutoModelForMaskedLM" if cfg.model.objective == "mlm" else "AutoModelForCausalLM"
     return {"out_dir": str(out), "step": step, "arch": cfg.model.arch, "files": sorted(files), "dtype": dtype,
-            "params": sum(p.numel() for p in model.parameters()), "warnings": warnings}
+            "params": sum(p.numel() for p in model.parameters()), "warnings": warnings, "auto_class": auto}
+
+
+def check_objective_format(run_dir: str | Path, format: str) -> None:
+    """An MLM encoder exports as transformers' EuroBertForMaskedLM (format hf) only: ONNX, GGUF and PEFT exports
+    here are causal decoders, so they are refused in one line before anything is written."""
+    run_cfg = Path(run_dir) / "config.toml"
+    if format != "hf" and run_cfg.is_file() and load_config(run_cfg).model.objective == "mlm":
+        raise ConfigError(f"--format {format} exports causal decoders, but {run_dir} is a masked language model "
+                          "(model.objective = mlm); export it with --format hf (transformers' EuroBertForMaskedLM)")

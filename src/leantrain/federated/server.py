@@ -10,13 +10,16 @@ last checkpointed round (the strategy's own state, FedAdam/FedYogi moments and t
 beside each checkpoint in `federated/round-NNNNNNN.*`).
 
 Per round and per client the line records tokens, loss, energy and the bytes of weights each way (the
-payload of the ArrayRecords; gRPC framing adds a little on the wire). Replies are aggregated in partition
+payload of the ArrayRecords; gRPC framing adds a little on the wire). With `federated.secure_aggregation` the
+round's exchange goes through Flower's SecAgg+ workflow instead (secure.py; the bytes are then every message of
+its four stages) and the rest of the round is the same. Replies are aggregated in partition
 order and every random draw is seeded by the round, so with deterministic clients a resumed federation
 gives the same numbers as one never interrupted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -26,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message
+from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
 from leantrain.config import Config, to_toml
@@ -80,20 +83,28 @@ class FederatedServer:
         cfg, f = self.cfg, self.cfg.federated
         server_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=f.rounds, sample_tokens=0))
         strategy = make_strategy(cfg, self.noise)
-        with Trainer(server_cfg, self.run_dir, resume=True) as trainer:
+        with Trainer(server_cfg, self.run_dir, resume=True) as trainer, contextlib.ExitStack() as stack:
             start = trainer.step
             totals = self._restore(strategy, start) if start else {"bytes_sent": 0, "bytes_received": 0,
                                                                     "client_energy_j": 0.0}
             self._emit(trainer, "federated_start" if not start else "federated_resume", round=start,
-                       strategy=f.strategy, clients=f.clients, rounds=f.rounds, noise_multiplier=self.noise)
+                       strategy=f.strategy, clients=f.clients, rounds=f.rounds, noise_multiplier=self.noise,
+                       secure_aggregation=f.secure_aggregation)
+            secure = None
+            if f.secure_aggregation:
+                from leantrain.federated.secure import SecureAggregation
+
+                secure = SecureAggregation(cfg, grid)
+                stack.callback(secure.close)
             if not start:
                 trainer.last_val_loss = trainer.evaluate()
                 self._log(trainer, {"step": 0, "round": 0, "tokens": 0, "val_loss": trainer.last_val_loss})
             record: dict[str, Any] = {}
             for rnd in range(start + 1, f.rounds + 1):
-                record = self._round(trainer, strategy, grid, rnd, totals)
+                record = self._round(trainer, strategy, secure, grid, rnd, totals)
             summary = {"rounds": trainer.step, "val_loss": trainer.last_val_loss, "tokens": trainer.tokens,
-                       "resumed_from_round": start, "noise_multiplier": self.noise, **totals,
+                       "resumed_from_round": start, "noise_multiplier": self.noise,
+                       "secure_aggregation": f.secure_aggregation, **totals,
                        **({"dp_epsilon": record.get("dp_epsilon"), "dp_delta": f.dp_delta} if self.noise else {})}
             summary["energy_j"] = totals["client_energy_j"] + float(trainer.energy.summary().get("energy_j", 0.0))
             self._emit(trainer, "end", **summary)
@@ -103,7 +114,8 @@ class FederatedServer:
 
     # ---- one round -------------------------------------------------------------------------
 
-    def _round(self, trainer: Any, strategy: Any, grid: Grid, rnd: int, totals: dict[str, Any]) -> dict[str, Any]:
+    def _round(self, trainer: Any, strategy: Any, secure: Any, grid: Grid, rnd: int,
+               totals: dict[str, Any]) -> dict[str, Any]:
         cfg, f = self.cfg, self.cfg.federated
         t0 = time.perf_counter()
         config = ConfigRecord({CONFIG_KEY: to_toml(cfg), "partitions": str(self.partitions.resolve()),
@@ -112,26 +124,12 @@ class FederatedServer:
             config["client-threads"] = self.client_threads
         random.seed(cfg.train.seed * 1_000_003 + rnd)  # which clients are sampled: the same again on resume
         arrays = to_record(trainer.model, f.lora_only)
-        messages = list(strategy.configure_train(rnd, arrays, config, grid))
-        sent = sum(m.content["arrays"].count_bytes() for m in messages)
-        replies = list(grid.send_and_receive(messages, timeout=f.round_timeout))
-        ok = sorted((r for r in replies if not r.has_error()),
-                    key=lambda r: int(r.content["metrics"]["partition-id"]))
-        failed = len(messages) - len(ok)
-        for r in replies:
-            if r.has_error():
-                self._emit(trainer, "client_failed", round=rnd, node=r.metadata.src_node_id, message=r.error.reason)
-        clients = [self._client_row(r) for r in ok]
-        received = sum(c["bytes_sent"] for c in clients)
-        if len(ok) >= f.min_replies:
-            np.random.seed((cfg.train.seed * 1_000_003 + rnd) % 2**32)  # DP noise: the same again on resume
-            new, _ = strategy.aggregate_train(rnd, ok)
-            if new is not None:
-                load_record(trainer.model, new, f.lora_only)
+        if secure is None:
+            new, clients, failed, sent, received = self._exchange(trainer, strategy, grid, rnd, arrays, config)
         else:
-            self._emit(trainer, "round_failed", round=rnd, replies=len(ok), min_replies=f.min_replies,
-                       message=f"round {rnd}: {len(ok)} replies, fewer than federated.min_replies = {f.min_replies}; "
-                       "the global model stays as it was")
+            new, clients, failed, sent, received = self._secure_exchange(trainer, secure, rnd, arrays, config)
+        if new is not None:
+            load_record(trainer.model, new, f.lora_only)
         trainer.step = rnd
         tokens = sum(c["tokens"] for c in clients)
         trainer.tokens += tokens
@@ -143,7 +141,7 @@ class FederatedServer:
         record = {
             "step": rnd, "round": rnd, "tokens": trainer.tokens, "round_tokens": tokens,
             "loss": sum(c["loss"] * c["tokens"] for c in clients) / weight if weight else None,
-            "val_loss": trainer.last_val_loss, "clients_ok": len(ok), "clients_failed": failed,
+            "val_loss": trainer.last_val_loss, "clients_ok": len(clients), "clients_failed": failed,
             "bytes_sent": sent, "bytes_received": received, "round_s": round(time.perf_counter() - t0, 3),
             "client_energy_j": round(sum(c["energy_j"] for c in clients), 3), "clients": clients,
             **trainer.energy.read(rnd),
@@ -156,9 +154,58 @@ class FederatedServer:
         trainer.save_checkpoint()
         return record
 
+    def _exchange(self, trainer: Any, strategy: Any, grid: Grid, rnd: int, arrays: Any,
+                  config: ConfigRecord) -> tuple[Any, list[dict[str, Any]], int, int, int]:
+        """A round through a Message-API strategy: (new global arrays or None, client rows, failed, bytes sent,
+        bytes received)."""
+        f = self.cfg.federated
+        messages = list(strategy.configure_train(rnd, arrays, config, grid))
+        sent = sum(m.content["arrays"].count_bytes() for m in messages)
+        replies = list(grid.send_and_receive(messages, timeout=f.round_timeout))
+        ok = sorted((r for r in replies if not r.has_error()),
+                    key=lambda r: int(r.content["metrics"]["partition-id"]))
+        for r in replies:
+            if r.has_error():
+                self._emit(trainer, "client_failed", round=rnd, node=r.metadata.src_node_id, message=r.error.reason)
+        clients = [self._client_row(r.content["metrics"]) for r in ok]
+        new = None
+        if len(ok) >= f.min_replies:
+            np.random.seed((self.cfg.train.seed * 1_000_003 + rnd) % 2**32)  # DP noise: the same again on resume
+            new, _ = strategy.aggregate_train(rnd, ok)
+        else:
+            self._round_failed(trainer, rnd, len(ok))
+        return new, clients, len(messages) - len(ok), sent, sum(c["bytes_sent"] for c in clients)
+
+    def _secure_exchange(self, trainer: Any, secure: Any, rnd: int, arrays: Any,
+                         config: ConfigRecord) -> tuple[Any, list[dict[str, Any]], int, int, int]:
+        """A round through SecAgg+ (secure.py), returning what `_exchange` does; a client's bytes are all the
+        protocol's messages to and from it."""
+        f = self.cfg.federated
+        fit_config = {**dict(config), "server-round": rnd}
+        if f.strategy == "fedprox":
+            fit_config["proximal-mu"] = f.proximal_mu
+        out = secure.round(rnd, arrays, fit_config)
+        clients = sorted(({**self._client_row(m), "bytes_received": out["bytes_to"].get(node, 0),
+                           "bytes_sent": out["bytes_from"].get(node, 0)} for node, m in out["replies"]),
+                         key=lambda c: c["client"])
+        failed = out["sampled"] - len(clients)
+        if failed:
+            self._emit(trainer, "client_failed", round=rnd, clients=failed,
+                       message=f"{failed} of {out['sampled']} sampled clients did not finish the SecAgg+ round")
+        new = out["new"]
+        if new is None or len(clients) < f.min_replies:
+            new = None
+            self._round_failed(trainer, rnd, len(clients))
+        return new, clients, failed, sum(out["bytes_to"].values()), sum(out["bytes_from"].values())
+
+    def _round_failed(self, trainer: Any, rnd: int, replies: int) -> None:
+        f = self.cfg.federated
+        self._emit(trainer, "round_failed", round=rnd, replies=replies, min_replies=f.min_replies,
+                   message=f"round {rnd}: {replies} replies, fewer than federated.min_replies = {f.min_replies} (or "
+                   "the SecAgg+ protocol halted); the global model stays as it was")
+
     @staticmethod
-    def _client_row(reply: Message) -> dict[str, Any]:
-        m = reply.content["metrics"]
+    def _client_row(m: Any) -> dict[str, Any]:
         loss = float(m["loss"])
         return {"client": int(m["partition-id"]), "tokens": int(m["tokens"]),
                 "loss": loss if math.isfinite(loss) else None, "energy_j": float(m["energy-j"]),

@@ -35,6 +35,13 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None) -
         raise ConfigError(f"top-k = {top_k!r} is not allowed; expected an integer >= 0 (0 disables top-k)")
 
 
+def check_can_generate(model: nn.Module) -> None:
+    """An MLM encoder (model.objective = mlm) predicts masked tokens from both sides; it cannot continue a text."""
+    if getattr(getattr(model, "cfg", None), "objective", "causal") == "mlm":
+        raise ConfigError("this model is a masked language model (model.objective = mlm): it fills in <|mask|> "
+                          "tokens and cannot generate text; generate with a causal run (model.objective = causal)")
+
+
 def _next_token(logits: Tensor, temperature: float, top_k: int | None, gen: torch.Generator) -> Tensor:
     if temperature == 0:
         return logits.argmax()
@@ -59,6 +66,7 @@ def generate(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, *, te
     `model.constrained`) masks every token that would leave its regex/schema/grammar, and generation ends
     when it takes its end-of-text token.
     """
+    check_can_generate(model)
     if not prompt_ids:
         raise ValueError("generate needs at least one prompt token")
     check_sampling(max_new_tokens, temperature, top_k)

@@ -51,11 +51,13 @@ _FAMILY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "qwen2_moe": ("llama", "Qwen2MoeForCausalLM", {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6}),
     "qwen3_moe": ("qwen3", "Qwen3MoeForCausalLM", {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6}),
     "glm4_moe": ("llama", "Glm4MoeForCausalLM", {"max_position_embeddings": 131072, "rms_norm_eps": 1e-5}),
+    # the Llama block attending both ways, with a masked-token head: leantrain's model.objective = mlm
+    "eurobert": ("llama", "EuroBertForMaskedLM", {"max_position_embeddings": 8192, "rms_norm_eps": 1e-5}),
 }
 SUPPORTED = ("Llama (LlamaForCausalLM), GPT-2 (GPT2LMHeadModel), Mistral (MistralForCausalLM), Qwen2 "
              "(Qwen2ForCausalLM), Qwen3 (Qwen3ForCausalLM), Phi-3 (Phi3ForCausalLM) and the mixtures of experts "
              "Mixtral (MixtralForCausalLM), Qwen2-MoE (Qwen2MoeForCausalLM), Qwen3-MoE (Qwen3MoeForCausalLM) and "
-             "GLM-4.5 MoE (Glm4MoeForCausalLM)")
+             "GLM-4.5 MoE (Glm4MoeForCausalLM), and the encoder EuroBERT (EuroBertForMaskedLM)")
 # [model] fields that decide the weights' shapes or the function they compute: an explicit value must agree
 # with the checkpoint. seq_len (a window, not a shape, except GPT-2's position table) and init_std may differ.
 LOCKED_FIELDS = ("arch", "n_layers", "dim", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "rope_theta",
@@ -211,6 +213,8 @@ def model_config_from_hf(hf_dir: str | Path) -> dict[str, Any]:
         if problems:
             raise HFFormatError(f"{where}: {problems[0]}; leantrain cannot express this {MOE_FAMILIES[kind]}")
         return _llama_family(c, kind, where) | fields
+    if kind == "eurobert":  # an encoder: model.objective = mlm
+        return _llama_family(c, kind, where) | {"objective": "mlm"}
     if kind in _FAMILY:
         return _llama_family(c, kind, where)
     if kind == "gpt2":
@@ -277,6 +281,8 @@ def hf_config(cfg: ModelConfig, eot_id: int) -> dict[str, Any]:
         family |= {"use_sliding_window": False, "sliding_window": None}
     if cfg.arch == "phi3":  # Phi-3's default pad id (32000) must lie inside the vocabulary
         family["pad_token_id"] = eot_id
+    if cfg.objective == "mlm":  # the Llama block attending both ways, its output the MLM head: EuroBERT exactly
+        family |= {"architectures": ["EuroBertForMaskedLM"], "model_type": "eurobert", "pad_token_id": eot_id}
     return moe_config_json(cfg, family) if cfg.moe_experts else family
 
 

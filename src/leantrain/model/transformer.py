@@ -16,6 +16,10 @@ biases to wq/wk/wv, `qwen3` RMS-normalises each query and key head before RoPE (
 `head_dim` may set the head width apart from dim / n_heads (wq: dim -> n_heads * head_dim). phi3
 differs from mistral only in its Hugging Face checkpoint layout (model/hf.py).
 
+`objective = "mlm"` makes the Llama block an encoder: every position attends to every other (no causal
+mask) and the output projection is the masked-token head, as in transformers' EuroBERT (export/hf.py).
+Such a model has no incremental decoding: a KV cache is refused.
+
 This file knows nothing of devices, precision or parallelism: it runs unchanged on CPU or GPU,
 in fp32 or under autocast, and `parallel/` wraps it from outside.
 """
@@ -85,7 +89,7 @@ def window_mask(T: int, S: int, window: int, device: torch.device) -> Tensor:
     return (d >= 0) & (d < window)
 
 
-def matmul_attention(q: Tensor, k: Tensor, v: Tensor, window: int = 0) -> Tensor:
+def matmul_attention(q: Tensor, k: Tensor, v: Tensor, window: int = 0, causal: bool = True) -> Tensor:
     """Causal attention as two batched matmuls around a softmax, for q [B, H, T, D] and k, v [B, H, S, D].
 
     It materialises the [T, S] scores, so it is only for short contexts; there, in bf16 on CPU,
@@ -93,10 +97,13 @@ def matmul_attention(q: Tensor, k: Tensor, v: Tensor, window: int = 0) -> Tensor
     The softmax runs in the scores' dtype; PyTorch accumulates it in float32 internally.
     S > T (cached decoding) means the queries are the last T of S positions: the causal mask is
     aligned bottom-right. In training S == T and the mask is the usual triu(1). A sliding `window`
-    shorter than S masks the keys out of reach as well (`window_mask`).
+    shorter than S masks the keys out of reach as well (`window_mask`). `causal=False` (an MLM encoder)
+    masks nothing.
     """
     T, S = q.size(-2), k.size(-2)
-    if window and window < S:
+    if not causal:
+        mask = torch.zeros(T, S, device=q.device, dtype=q.dtype)
+    elif window and window < S:
         mask = torch.zeros(T, S, device=q.device, dtype=q.dtype).masked_fill_(
             ~window_mask(T, S, window, q.device), float("-inf"))
     else:
@@ -172,6 +179,7 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps), RMSNorm(self.head_dim, cfg.norm_eps)
         # 0 unless a window is shorter than the longest sequence the model sees: then the plain causal path
         self.window = cfg.sliding_window if 0 < cfg.sliding_window < cfg.seq_len else 0
+        self.causal = cfg.objective != "mlm"  # an MLM encoder attends both ways
 
     def forward(self, x: Tensor, rope: Tensor | None, kv: LayerKV | None = None) -> Tensor:
         """rope None (GPT-2): positions were already added to the input embeddings. With `kv` the
@@ -192,12 +200,13 @@ class Attention(nn.Module):
             if self.n_kv_heads != self.n_heads:
                 group = self.n_heads // self.n_kv_heads
                 k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-            y = matmul_attention(q.to(v.dtype), k.to(v.dtype), v, self.window)
+            y = matmul_attention(q.to(v.dtype), k.to(v.dtype), v, self.window, self.causal)
         elif self.window and self.window < T:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, T, self.window, q.device),
                                                enable_gqa=self.n_kv_heads != self.n_heads)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
     def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor, kv: LayerKV) -> Tensor:
@@ -331,6 +340,8 @@ class Transformer(nn.Module):
         cached positions and only logits come back; training never passes one.
         """
         if cache is not None:
+            if self.cfg.objective == "mlm":
+                raise ValueError("an MLM encoder (model.objective = mlm) has no incremental decoding")
             return self._forward_cached(idx, cache)
         if idx.size(1) > self.cfg.seq_len:
             raise ValueError(f"sequence of {idx.size(1)} tokens is longer than seq_len {self.cfg.seq_len}")

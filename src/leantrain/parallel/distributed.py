@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from leantrain.config import Config, ParallelConfig
+from leantrain.config import Config, ParallelConfig, TrainConfig
 from leantrain.errors import ConfigError
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
@@ -124,6 +124,21 @@ def resolve_degrees(p: ParallelConfig, world_size: int) -> tuple[int, int, int]:
     return rep, shard, tp
 
 
+def grad_accum_steps(train: TrainConfig, dp_size: int) -> int:
+    """Micro-batches per optimizer step on each data-parallel rank: train.grad_accum_steps, or, with
+    train.global_batch_size set, the number that makes micro_batch_size x it x dp_size that global batch, so
+    a run restarted at another world size (an elastic run that lost a node) keeps its batch and loss curve."""
+    if not train.global_batch_size:
+        return train.grad_accum_steps
+    per_pass = train.micro_batch_size * dp_size
+    if train.global_batch_size % per_pass:
+        raise ConfigError(f"config: train.global_batch_size = {train.global_batch_size} is not a multiple of "
+                          f"train.micro_batch_size = {train.micro_batch_size} x {dp_size} data-parallel processes = "
+                          f"{per_pass}; pick a global batch every world size the run may have divides, or lower "
+                          "train.micro_batch_size")
+    return train.global_batch_size // per_pass
+
+
 def check_ep(p: ParallelConfig, world_size: int) -> None:
     """A ConfigError when parallel.ep cannot split this world size into expert groups."""
     if world_size % p.ep:
@@ -143,6 +158,7 @@ def setup(cfg: Config, device: torch.device) -> Layout:
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rep, shard, tp = resolve_degrees(cfg.parallel, world)
+    grad_accum_steps(cfg.train, rep * shard)  # a global batch this world cannot split: refused before any work
     check_ep(cfg.parallel, world)
     if world == 1:
         return Layout(device=device)

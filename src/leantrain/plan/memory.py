@@ -139,6 +139,12 @@ def block_activation_bytes(m: ModelConfig, dtype: str, attention: str, tp: int =
     return norms + inputs + (attn + wo_in + ffn) / tp
 
 
+def head_activation_bytes(m: ModelConfig, dtype: str, tp: int = 1) -> float:
+    """Bytes autograd saves per token outside the blocks: ids, final norm, output input, fp32 log-probs."""
+    a = 2 if dtype == "bf16" else 4
+    return 8 + (8 * m.dim + 4) + a * m.dim + 4 * m.vocab_size / tp
+
+
 def estimate_memory(m: ModelConfig, layout: Layout, *, cpu: bool = False, checkpoint_snapshot: bool = False,
                     optimizer: str = "adamw") -> dict[str, Any]:
     """Peak bytes of one rank, by component, plus "total" and the phase of the peak.
@@ -171,7 +177,7 @@ def estimate_memory(m: ModelConfig, layout: Layout, *, cpu: bool = False, checkp
     per_block = block_activation_bytes(m, lay.dtype, lay.attention, lay.tp)
     kept = (m.n_layers - wrapped) * per_block + wrapped * 4 * m.dim  # a wrapped block keeps its input
     recompute = per_block if wrapped else 0.0  # one block's activations rebuilt at a time in backward
-    head = 8 + (8 * m.dim + 4) + a * m.dim + 4 * m.vocab_size / lay.tp  # ids, final norm, output input, log-probs
+    head = head_activation_bytes(m, lay.dtype, lay.tp)
     activations = tokens * (kept + recompute + head)
     # bf16 copies of the matmul weights autograd keeps (those inside recomputed blocks are rebuilt)
     casts = 0.0

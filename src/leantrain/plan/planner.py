@@ -4,7 +4,9 @@ on a hardware kind, and the fastest layout that fits.
 Time is FLOPs / (devices x peak x MFU). The MFU is not a hope but a measurement: plan/calibration.json
 holds the MFU this project's own runs reached per device kind and dtype (written by
 `python bench/plan_accuracy.py --calibrate`); the entry nearest in FLOPs per token is used. GPUs
-without a measured entry get the table's documented default. Communication is a rough model on top:
+without a measured entry get, in bf16, a roofline (`roofline_mfu`: matmuls at the part's measured best matmul
+rate plus memory-bound traffic at its HBM bandwidth, checked against published runs by
+bench/plan_vs_published.py), in fp32 the table's documented default. Communication is a rough model on top:
 data-parallel collectives overlap with compute (a step takes the longer of the two), tensor-parallel
 all-reduces and expert-parallel all-to-alls (MoE: memory holds the total parameters, compute counts the
 active ones) do not. Time is split into training (steps x step time) and evaluation (the evaluations
@@ -30,7 +32,15 @@ from leantrain.energy.cost import device_hour_price
 from leantrain.errors import ConfigError
 from leantrain.model.flops import active_param_count, flops_per_token, is_moe_layer, param_count
 from leantrain.plan.catalog import INTER_NODE_BYTES_S, Hardware, hardware_for
-from leantrain.plan.memory import Layout, estimate_memory, layout_dict, routed_expert_params, wrapped_blocks
+from leantrain.plan.memory import (
+    Layout,
+    block_activation_bytes,
+    estimate_memory,
+    head_activation_bytes,
+    layout_dict,
+    routed_expert_params,
+    wrapped_blocks,
+)
 
 GPU_USABLE = 0.95  # CUDA context, allocator fragmentation and NCCL buffers take the rest
 CPU_USABLE = 0.90  # the OS and everything else on the host
@@ -107,9 +117,10 @@ def load_calibration() -> dict[str, Any]:
     return json.loads(resources.files("leantrain.plan").joinpath("calibration.json").read_text())
 
 
-def mfu_for(hw: Hardware, dtype: str, m: ModelConfig, table: dict[str, Any] | None = None) -> tuple[float, str]:
+def mfu_for(hw: Hardware, dtype: str, m: ModelConfig, table: dict[str, Any] | None = None, attention: str = "sdpa",
+            tp: int = 1) -> tuple[float, str]:
     """(MFU, where it came from): the measured entry of this device kind and dtype nearest in FLOPs per
-    token, else the table's default for the kind."""
+    token; else, for bf16 on a GPU, the roofline below; else the table's default for the kind."""
     table = table or load_calibration()
     fpt = flops_per_token(m)
     rows = [r for r in table["measured"] if r["device"] == hw.key and r["dtype"] == dtype]
@@ -117,7 +128,33 @@ def mfu_for(hw: Hardware, dtype: str, m: ModelConfig, table: dict[str, Any] | No
         best = min(rows, key=lambda r: abs(math.log(r["flops_per_token"] / fpt)))
         return best["mfu"], f"measured: {best['name']} ({best['date']})"
     default = table["defaults"][hw.kind][dtype]
+    if "traffic_per_saved_byte" in default:
+        return roofline_mfu(hw, m, default, attention, tp)
     return default["mfu"], f"assumed: {default['source']}"
+
+
+def roofline_mfu(hw: Hardware, m: ModelConfig, model: dict[str, Any], attention: str = "sdpa",
+                 tp: int = 1) -> tuple[float, str]:
+    """MFU of a bf16 training step on a GPU from two measured ceilings instead of one guessed percentage.
+
+    A token's time on one device = its FLOPs / (peak x the part's best measured matmul efficiency, MAMF)
+    + its memory-bound traffic / HBM bandwidth. The traffic is `traffic_per_saved_byte` x the bytes autograd
+    saves per token (plan/memory.py's audited count): every saved activation is written by an elementwise
+    kernel (norms, RoPE, SwiGLU, residuals, casts) and read back, with its gradient, in backward. That one
+    constant is fitted once, on one published run (plan/calibration.json names it), not per case; the matmul
+    efficiency is the catalog's (hardware.toml) or the default for parts nobody measured. Why it matters:
+    an H100 has 3.2x an A100's matmul FLOP/s but only 1.6x its bandwidth, so the same model reaches a
+    lower MFU on it (34% against 57% in torchtitan's published Llama 3 8B runs; bench/plan_vs_published.py).
+    """
+    eff = hw.matmul_efficiency or model["matmul_efficiency"]
+    fpt = flops_per_token(m) / tp
+    saved = m.n_layers * block_activation_bytes(m, "bf16", attention, tp) + head_activation_bytes(m, "bf16", tp)
+    traffic = model["traffic_per_saved_byte"] * saved
+    seconds = fpt / (hw.peak_bf16 * eff) + traffic / hw.bandwidth_bytes_s
+    mfu = fpt / hw.peak_bf16 / seconds
+    where = "measured" if hw.matmul_efficiency else "assumed"
+    return mfu, (f"roofline: matmuls at {eff:.0%} of peak ({where}) + {traffic / 1e6:,.0f} MB/token of memory "
+                 f"traffic at {hw.bandwidth_bytes_s / 1e12:.2g} TB/s; {model['source']}")
 
 
 # ---- layouts -------------------------------------------------------------------------------
@@ -210,7 +247,7 @@ def estimate(cfg: Config, hw: Hardware, layout: Layout, calibration: dict[str, A
     fpt = flops_per_token(m)
     dp = layout.dp_replicate * layout.dp_shard
     tokens_per_step = layout.micro_batch_size * layout.grad_accum_steps * dp * m.seq_len
-    mfu, mfu_source = mfu_for(hw, layout.dtype, m, calibration)
+    mfu, mfu_source = mfu_for(hw, layout.dtype, m, calibration, layout.attention, layout.tp)
     recompute = 1 + wrapped_blocks(m.n_layers, layout.ac, layout.ac_every) / m.n_layers / 3  # forward again
     peak_all = hw.peak(layout.dtype) * layout.devices
     compute_s = tokens_per_step * fpt * recompute / (peak_all * mfu)
@@ -247,7 +284,8 @@ def _comm_seconds(m: ModelConfig, hw: Hardware, layout: Layout) -> tuple[float, 
     dp_s = 0.0
     if layout.dp_shard > 1:  # all-gather in forward and backward, reduce-scatter of fp32 gradients
         s = layout.dp_shard
-        dp_s += 3 * 4 * n * (s - 1) / s / bw(s) * layout.grad_accum_steps
+        gather = 2 if layout.dtype == "bf16" else 4  # under bf16, FSDP2's MixedPrecisionPolicy gathers bf16
+        dp_s += (2 * gather + 4) * n * (s - 1) / s / bw(s) * layout.grad_accum_steps
     if layout.dp_replicate > 1:  # ring all-reduce of the (sharded) gradients
         r = layout.dp_replicate
         dp_s += 2 * 4 * n / layout.dp_shard * (r - 1) / r / (INTER_NODE_BYTES_S if layout.dp_shard > 1 else bw(r))

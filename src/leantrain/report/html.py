@@ -20,6 +20,7 @@ from typing import Any
 
 from leantrain.errors import LeantrainError
 from leantrain.files import write_durable
+from leantrain.report.federated import section as federated_section
 from leantrain.report.svg import heat_map, line_chart
 
 # events marked on the loss chart; the BAD ones are also shown in red in the events table
@@ -417,6 +418,7 @@ def render(run_dir: str | Path) -> str:
         "the last logged window, evaluation time excluded.</p>",
         "<h2>Curves</h2><div class=grid>" + "".join(charts) + "</div>"
         + "".join(f"<p class=note>{escape(n)}</p>" for n in notes),
+        federated_section(run, metrics),  # "" unless the run is a federation
         "<h2>Predicted vs measured</h2>" + _comparison(plan, meas, rf.config, energy_event,
                                                          final.get("energy_source") or (sources or [None])[-1]),
         "<h2>Events</h2>" + _events_table(events),

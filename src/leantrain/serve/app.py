@@ -8,6 +8,8 @@ to the engine thread, and turn the tokens it sends back (through `call_soon_thre
 handler that ends early -- its client disconnected, it timed out -- cancels its sequence, and the engine
 frees the slot before its next step. Limits: a body larger than `max_body` is refused with 413 before it
 is parsed, a full queue is 429, an API key (when set) is checked in constant time on every /v1 route.
+An output constraint (`response_format`, `guided_json`, `guided_regex`, `guided_grammar`) is compiled off the
+event loop, once per distinct rule (`serve.guided`), and each of the request's sequences gets its own matcher.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from leantrain.errors import LeantrainError
 from leantrain.serve import protocol
 from leantrain.serve.engine import CANCELLED, ERROR, STOP, Engine, QueueFull, Sampling, Sequence
+from leantrain.serve.guided import Grammars
 from leantrain.serve.loader import ServedModel
 from leantrain.serve.metrics import Metrics
 from leantrain.serve.protocol import APIError
@@ -91,8 +94,8 @@ class Detokenizer:
 class Generation:
     """The prompts of one request running in the engine; iterate to get (index, text piece, finish reason)."""
 
-    def __init__(self, app: ServerState, prompts: list[list[int]], params: protocol.Params, max_tokens: list[int]
-                 ) -> None:
+    def __init__(self, app: ServerState, prompts: list[list[int]], params: protocol.Params, max_tokens: list[int],
+                 grammar: Any = None) -> None:
         self.state, self.params = app, params
         self.start = time.perf_counter()
         self.first_token: float | None = None
@@ -105,7 +108,8 @@ class Generation:
         try:
             for i, (ids, n) in enumerate(zip(prompts, max_tokens, strict=True)):
                 sampling = Sampling(n, params.temperature, params.top_p, params.top_k, params.seed, stop_ids)
-                self.seqs.append(app.engine.submit(ids, sampling, self._sink(i)))
+                constraint = None if grammar is None else grammar.matcher()  # one matcher per sequence
+                self.seqs.append(app.engine.submit(ids, sampling, self._sink(i), constraint))
         except QueueFull as e:
             self.cancel()
             raise APIError(429, f"the server is busy ({e}); retry later", code="queue_full",
@@ -194,6 +198,13 @@ class ServerState:
     limits: Limits
     metrics: Metrics
     dispatcher: Dispatcher
+    grammars: Grammars
+
+
+async def _grammar(state: ServerState, body: dict[str, Any]) -> Any:
+    """The request's compiled output rule (None without one); compiled on a worker thread, then cached."""
+    rule = protocol.constraint_rule(body)
+    return None if rule is None else await asyncio.to_thread(state.grammars.get, rule)
 
 
 def _max_tokens(state: ServerState, prompts: list[list[int]], params: protocol.Params, where: str) -> list[int]:
@@ -233,7 +244,8 @@ async def _completions(state: ServerState, body: dict[str, Any]) -> Response:
     if params.max_tokens == COMPLETION_DEFAULT_MAX_TOKENS and body.get("max_tokens") is None:
         params.max_tokens = min(COMPLETION_DEFAULT_MAX_TOKENS, *(state.served.seq_len - len(p) for p in prompts))
         params.max_tokens = max(params.max_tokens, 1)
-    gen = Generation(state, prompts, params, _max_tokens(state, prompts, params, "prompt"))
+    budgets = _max_tokens(state, prompts, params, "prompt")
+    gen = Generation(state, prompts, params, budgets, await _grammar(state, body))
     rid, name, created = protocol.new_id("cmpl"), state.served.name, int(time.time())
     if params.stream:
         async def stream() -> AsyncIterator[bytes]:
@@ -264,7 +276,8 @@ async def _chat(state: ServerState, body: dict[str, Any]) -> Response:
         raise APIError(400, f"the chat template cannot render these messages: {e}", "messages", "invalid_value"
                        ) from None
     params = protocol.sampling_params(body, None, chat=True)
-    gen = Generation(state, [ids], params, _max_tokens(state, [ids], params, "messages"))
+    budgets = _max_tokens(state, [ids], params, "messages")
+    gen = Generation(state, [ids], params, budgets, await _grammar(state, body))
     rid, name, created = protocol.new_id("chatcmpl"), state.served.name, int(time.time())
     if params.stream:
         async def stream() -> AsyncIterator[bytes]:
@@ -374,6 +387,7 @@ def create_app(served: ServedModel, limits: Limits | None = None, engine: Engine
     """The ASGI app serving `served`; its lifespan starts the engine thread and, on shutdown, drains it."""
     limits = limits or Limits()
     engine = engine or Engine(served.model, max_batch=limits.max_batch, max_queue=limits.max_queue)
+    grammars = Grammars(served.tokenizer, served.model.cfg.vocab_size, served.eos_id)
     metrics = Metrics({
         "leantrain_queue_depth": ("gauge", "Requests waiting for a decode slot.", lambda: engine.queued),
         "leantrain_running_requests": ("gauge", "Requests being decoded.", lambda: engine.running),
@@ -383,8 +397,10 @@ def create_app(served: ServedModel, limits: Limits | None = None, engine: Engine
         "leantrain_cancelled_requests_total": ("counter", "Requests dropped early: client gone, timeout, stop string.",
                                                lambda: engine.cancelled),
         "leantrain_engine_errors_total": ("counter", "Engine steps that failed (their requests got 500).",
-                                          lambda: engine.errors)})
-    state = ServerState(served, engine, limits, metrics, Dispatcher())
+                                          lambda: engine.errors),
+        "leantrain_constraints_compiled_total": ("counter", "Output constraints compiled (the others came from the "
+                                                 "cache).", lambda: grammars.compiled)})
+    state = ServerState(served, engine, limits, metrics, Dispatcher(), grammars)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -1,9 +1,10 @@
 """Continuous batching: one thread decodes every active request together, one token per step.
 
 Requests wait in a queue; between decode steps the engine admits as many as there are free slots. A new
-request's prompt is run alone through the model's own cached forward (`Transformer(ids, cache=...)`, the
-very call `leantrain generate` makes), and its keys and values are copied into the request's slot of one
-padded cache per layer, [slots, kv_heads, seq_len, head_dim]. A decode step then feeds the last token of
+request's prompt is run through the model's own cached forward (`Transformer(ids, cache=...)`, the very
+call `leantrain generate` makes; prompts admitted together that have one length go as one batch), and its
+keys and values are copied into the request's slot of one padded cache per layer, [slots, kv_heads,
+seq_len, head_dim]. A decode step then feeds the last token of
 every active request at once: the projections, feed-forwards and output head run as one batch, each token
 is rotated by its own position, written at that position of its slot, and attends over its slot's first
 `position + 1` keys (a boolean mask hides the rest of the padding). A request that finishes or is cancelled
@@ -13,6 +14,11 @@ requests always hold slots 0..n-1 and attention reads one slice of the cache.
 At temperature 0 the tokens equal `leantrain generate`'s: same prompt pass, same per-token arithmetic, a
 batch of rows instead of one. Sampling (temperature, top-k, then top-p) draws from a per-request
 generator seeded like `generate`'s, so a seeded request with top_p 1 also draws the same tokens.
+
+A request may carry an output constraint (`model.constrained.Constraint`, one matcher per sequence): before
+sampling, its row's logits get -inf for every token that would break the rule, its sampled token is fed to
+its matcher, and the request ends (finish reason "stop") once the matcher takes the end-of-text token. Rows
+without one are untouched, so constrained and free requests share a batch.
 """
 
 from __future__ import annotations
@@ -21,12 +27,16 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from leantrain.model.transformer import apply_rope
+
+if TYPE_CHECKING:
+    from leantrain.model.constrained import Constraint
 
 # finish reasons, as OpenAI names them; "cancelled" (the client left) and "error" never reach a client
 LENGTH, STOP, CANCELLED, ERROR = "length", "stop", "cancelled", "error"
@@ -64,6 +74,7 @@ class Sequence:
     finish: str | None = None
     position: int = 0  # where the next fed token goes (= tokens in the cache)
     gen: torch.Generator | None = None
+    constraint: Constraint | None = None  # this sequence's own matcher, when the request has a rule
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -99,14 +110,16 @@ class Engine:
     def running(self) -> int:
         return len(self._active)
 
-    def submit(self, prompt: list[int], sampling: Sampling, sink: Sink) -> Sequence:
-        """Queue a request; raises QueueFull when max_batch are running and max_queue wait already."""
+    def submit(self, prompt: list[int], sampling: Sampling, sink: Sink, constraint: Constraint | None = None
+               ) -> Sequence:
+        """Queue a request; raises QueueFull when max_batch are running and max_queue wait already.
+        `constraint` (a fresh matcher, not shared with another sequence) keeps its output inside a rule."""
         if not prompt:
             raise ValueError("a request needs at least one prompt token")
         if len(prompt) + sampling.max_tokens > self.cfg.seq_len:
             raise ValueError(f"{len(prompt)} prompt + {sampling.max_tokens} new tokens exceed seq_len "
                              f"{self.cfg.seq_len}")
-        seq = Sequence(list(prompt), sampling, sink)
+        seq = Sequence(list(prompt), sampling, sink, constraint=constraint)
         with self._cond:
             if self._closing:
                 raise QueueFull("the server is shutting down")
@@ -145,8 +158,7 @@ class Engine:
                 for seq in admit:
                     if seq.cancelled:
                         self._end(seq, CANCELLED)
-                    else:
-                        self._prefill(seq)
+                self._prefill([seq for seq in admit if not seq.cancelled])
                 self._compact()
                 if self._active:
                     self._decode()
@@ -168,7 +180,9 @@ class Engine:
         """Record a sampled token and tell the client; decides whether the request is done."""
         seq.generated.append(token)
         reason = None
-        if token in seq.sampling.stop_ids:
+        if seq.constraint is not None:
+            seq.constraint.accept(token)
+        if token in seq.sampling.stop_ids or (seq.constraint is not None and seq.constraint.terminated):
             reason = STOP
         elif len(seq.generated) >= seq.sampling.max_tokens:
             reason = LENGTH
@@ -182,27 +196,35 @@ class Engine:
         self._k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.cfg.n_layers)]
         self._v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.cfg.n_layers)]
 
-    def _prefill(self, seq: Sequence) -> None:
-        """The prompt alone through the model's cached forward, then its keys/values into the next slot."""
+    def _prefill(self, admitted: list[Sequence]) -> None:
+        """Prompts through the model's cached forward, those of one length together as one batch (a burst of
+        requests costs one forward, not one each), then each prompt's keys/values into the next free slot."""
         device = next(self.model.parameters()).device
-        seq.gen = torch.Generator(device=device)
-        if seq.sampling.seed is None:
-            seq.gen.seed()
-        else:
-            seq.gen.manual_seed(seq.sampling.seed)
-        ids = torch.tensor([seq.prompt], dtype=torch.long, device=device)
-        cache = self.model.new_cache()
-        with torch.compiler.set_stance("force_eager"):
-            logits = self.model(ids, cache=cache)[:, -1].float()
-        first = cache.layers[0].k
-        self._slots(first.dtype, first.device, first.size(1), first.size(3))
-        slot, n = len(self._active), ids.size(1)
-        for layer, k, v in zip(cache.layers, self._k, self._v, strict=True):
-            k[slot, :, :n] = layer.k[0, :, :n]
-            v[slot, :, :n] = layer.v[0, :, :n]
-        seq.position = n
-        self._active.append(seq)
-        self._emit(seq, self._sample(logits, [seq])[0])
+        for seq in admitted:
+            seq.gen = torch.Generator(device=device)
+            if seq.sampling.seed is None:
+                seq.gen.seed()
+            else:
+                seq.gen.manual_seed(seq.sampling.seed)
+        by_length: dict[int, list[Sequence]] = {}
+        for seq in admitted:
+            by_length.setdefault(len(seq.prompt), []).append(seq)
+        for n, group in by_length.items():
+            ids = torch.tensor([seq.prompt for seq in group], dtype=torch.long, device=device)
+            cache = self.model.new_cache(n)  # the prompt's positions only: the slots hold the rest
+            with torch.compiler.set_stance("force_eager"):
+                logits = self.model(ids, cache=cache)[:, -1].float()
+            first = cache.layers[0].k
+            self._slots(first.dtype, first.device, first.size(1), first.size(3))
+            slot = len(self._active)
+            for layer, k, v in zip(cache.layers, self._k, self._v, strict=True):
+                k[slot:slot + len(group), :, :n] = layer.k[:, :, :n]
+                v[slot:slot + len(group), :, :n] = layer.v[:, :, :n]
+            for seq in group:
+                seq.position = n
+            self._active.extend(group)
+            for seq, token in zip(group, self._sample(logits, group), strict=True):
+                self._emit(seq, token)
 
     def _compact(self) -> None:
         """Drop finished and cancelled requests; move the rest up so they hold slots 0..n-1 in order."""
@@ -266,7 +288,11 @@ class Engine:
 
     @staticmethod
     def _sample(logits: Tensor, seqs: list[Sequence]) -> list[int]:
-        """Greedy rows in one argmax; sampled rows as `generate` samples (temperature, top-k), plus top-p."""
+        """Greedy rows in one argmax; sampled rows as `generate` samples (temperature, top-k), plus top-p.
+        Constrained rows are masked first, in place, each by its own matcher."""
+        for i, seq in enumerate(seqs):
+            if seq.constraint is not None:
+                seq.constraint.mask_(logits[i])
         out = logits.argmax(-1).tolist()
         for i, seq in enumerate(seqs):
             s = seq.sampling

@@ -83,6 +83,7 @@ def load_served(path: str | Path, *, name: str | None = None, checkpoint: str | 
                 load_model: Callable[..., Any] | None = None) -> ServedModel:
     """Load RUN_DIR (its newest good checkpoint, or `checkpoint`) or an HF export folder for serving.
     `load_model` is `leantrain.api.load_model`, handed in (serve sits above the API); runs need it."""
+    from leantrain.model.generate import check_can_generate
     from leantrain.tokens.chat import DEFAULT_TEMPLATE
     from leantrain.tokens.tokenizer import eot_id, hf_tokenizer_config, special_tokens, tokenizer_eos
 
@@ -92,6 +93,7 @@ def load_served(path: str | Path, *, name: str | None = None, checkpoint: str | 
         if load_model is None:
             raise ValueError("serving a run directory needs load_model=leantrain.api.load_model")
         loaded = load_model(path, checkpoint=checkpoint)
+        check_can_generate(loaded.model)
         run = loaded.run_dir
         eos = tokenizer_eos(run / "tokenizer.json")
         template = run / "chat_template.txt"
@@ -113,6 +115,7 @@ def load_served(path: str | Path, *, name: str | None = None, checkpoint: str | 
     fields = model_config_from_hf(path)
     with torch.device("cpu"):
         model = Transformer(ModelConfig(**fields))
+    check_can_generate(model)
     load_hf_weights(model, path)
     if not (path / "tokenizer.json").is_file():
         raise CheckpointError(f"{path / 'tokenizer.json'} is missing; export the run again with "

@@ -131,6 +131,59 @@ def sampling_params(body: dict[str, Any], default_max_tokens: int | None, *, cha
                   bool(options.get("include_usage", False)), ignore_eos)
 
 
+CONSTRAINT_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_grammar")
+JSON_OBJECT_SCHEMA = '{"type": "object"}'  # response_format json_object: any JSON object
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A request's output constraint: kind as `model.constrained` names it, its source text, the field it came
+    from (named in every error about it)."""
+
+    kind: str
+    source: str
+    param: str
+
+
+def constraint_rule(body: dict[str, Any]) -> Rule | None:
+    """OpenAI's `response_format` (text, json_object, json_schema) or vLLM's `guided_json` (a schema object or
+    its text), `guided_regex`, `guided_grammar` (EBNF, xgrammar's GBNF dialect); at most one of them."""
+    given = [f for f in CONSTRAINT_FIELDS if body.get(f) is not None]
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "text":
+        given.remove("response_format")  # OpenAI's default: no constraint
+    if len(given) > 1:
+        raise APIError(400, f"{' and '.join(given)} were both sent; send at most one output constraint", given[1],
+                       "conflicting_constraints")
+    if not given:
+        return None
+    field_name = given[0]
+    value = body[field_name]
+    if field_name == "response_format":
+        kinds = '"text", "json_object" or "json_schema"'
+        if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+            raise _type_error("response_format", f'an object with "type" {kinds}', value)
+        if value["type"] == "json_object":
+            return Rule("json_schema", JSON_OBJECT_SCHEMA, "response_format")
+        if value["type"] != "json_schema":
+            raise APIError(400, f"response_format.type = {json.dumps(value['type'])[:40]} is not supported; use "
+                           f"{kinds}", "response_format.type", "invalid_value")
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise _type_error("response_format.json_schema.schema", "a JSON schema object", schema)
+        return Rule("json_schema", json.dumps(schema), "response_format.json_schema.schema")
+    if field_name == "guided_json":
+        if isinstance(value, dict):
+            return Rule("json_schema", json.dumps(value), field_name)
+        if not isinstance(value, str):
+            raise _type_error(field_name, "a JSON schema object (or its text)", value)
+        return Rule("json_schema", value, field_name)
+    if not isinstance(value, str) or not value:
+        raise _type_error(field_name, "a non-empty string", value)
+    return Rule("regex" if field_name == "guided_regex" else "grammar", value, field_name)
+
+
 def completion_prompts(body: dict[str, Any]) -> list[str | list[int]]:
     """`prompt`: a string, a list of strings, or a list of token ids."""
     prompt = body.get("prompt")

@@ -10,6 +10,8 @@ Layout (format 1):
     val/000000.bin
     train/mask/000000.bin   chat data only (`tokens/chat.py`): one uint8 per token, 1 where the loss
                             counts (response tokens and the end token), listed as splits[...]["masks"]
+    train/NAME/000000.bin   a mixed dataset only (`tokens/mix.py`, `data prepare --source`): each source's
+                            shards, listed in splits[...]["sources"][NAME]; meta.json's "mix" holds the weights
 
 Shards are plain arrays so that `numpy.memmap` reads them with no parsing and no copy, and any
 process (or rank) can open them at once. A shard is written under a temporary name and renamed
@@ -28,6 +30,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from leantrain.errors import DataError
+from leantrain.tokens.mix import check_weights
 from leantrain.tokens.tokenizer import eot_id, load_tokenizer, tokenizer_eos
 
 FORMAT = 1
@@ -151,6 +154,7 @@ class TokenDataset:
         self._check_tokenizer(hint)
         for split in SPLITS:
             self._check_split(split, hint)
+        self._check_mix(hint)
         if vocab_size is not None and vocab_size < self.vocab_size:
             raise DataError(f"model.vocab_size = {vocab_size} is smaller than the vocabulary of {self.path} "
                             f"({self.vocab_size}); set --model.vocab_size={self.vocab_size} or prepare the "
@@ -211,6 +215,38 @@ class TokenDataset:
                 want = (self.path / rel).stat().st_size // self.dtype.itemsize
                 if not p.is_file() or p.stat().st_size != want:
                     raise DataError(f"{self.path}: loss mask {mask_rel} is missing or not {want} bytes long; {hint}")
+
+    def _check_mix(self, hint: str) -> None:
+        """A mixed dataset (`tokens/mix.py`): each split's shards are its sources' shards, in the mix's order."""
+        mix, where = self.meta.get("mix"), self.path / META
+        if mix is None:
+            return
+        try:
+            names = list(mix["sources"])
+            weights = {n: mix["sources"][n]["weight"] for n in names}
+            for split in SPLITS:
+                info = self.meta["splits"][split]
+                parts = info["sources"]
+                if list(parts) != names or [r for n in names for r in parts[n]["shards"]] != info["shards"] \
+                        or sum(parts[n]["tokens"] for n in names) != info["tokens"]:
+                    raise DataError(f"{where}: the {split} split's sources do not match its shards; {hint}")
+        except (KeyError, TypeError, AttributeError):
+            raise DataError(f"{where}: its mix section is damaged; {hint}") from None
+        check_weights(weights, f"{where} mix")
+
+    @property
+    def mix(self) -> dict[str, float] | None:
+        """The source weights recorded by `data prepare --source` (normalised, in order), or None for one source."""
+        mix = self.meta.get("mix")
+        return None if mix is None else {n: float(v["weight"]) for n, v in mix["sources"].items()}
+
+    def source_tokens(self, split: str) -> dict[str, int]:
+        """Tokens per source of a mixed dataset's split, in the mix's order (empty without a mix)."""
+        return {n: int(v["tokens"]) for n, v in self.meta["splits"][split].get("sources", {}).items()}
+
+    def source_shard_counts(self, split: str) -> list[int]:
+        """How many of `shards(split)` each source holds, in order: the loader's map from shards to sources."""
+        return [len(v["shards"]) for v in self.meta["splits"][split].get("sources", {}).values()]
 
     def shards(self, split: str) -> list[np.memmap]:
         """Read-only memory maps of the split's shards, opened once and shared by every caller."""

@@ -9,14 +9,22 @@ So the windows of a step depend only on (seed, step, G, data): resuming needs on
 number, and a run may resume with another split of the same G (2 ranks x accum 1 instead of
 1 rank x accum 2) and still see exactly the same data.
 
+A mixed dataset (`tokens/mix.py`) passes `mix`: (name, weight, shard count) per source, its shards
+consecutive in `shards`. Then each of the G windows first draws its source with probability = weight,
+then a start uniformly over that source's valid starts, from the same `default_rng([seed, s])`; so
+the mix, too, depends only on (seed, step, G, data, weights) and resumes from the step alone.
+
 Chat data (`tokens/chat.py`) adds a uint8 loss mask per shard: given `masks`, a target whose mask
 byte is 0 (a prompt token) becomes -100, which the model's loss ignores. Without masks nothing changes.
+
+A `transform` (fill-in-the-middle, `tokens/fim.py`) rewrites each window as a pure function of its tokens
+and its flat index, so it keeps every property above.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -24,6 +32,14 @@ import torch
 from leantrain.errors import DataError
 
 _STATE_VERSION = 1
+
+
+class WindowTransform(Protocol):
+    """Rewrites gathered windows (n, seq_len+1) given their flat indices; same length, deterministic."""
+
+    def __call__(self, windows: np.ndarray, flat: np.ndarray) -> np.ndarray: ...
+
+    def state(self) -> dict[str, Any]: ...
 
 
 def _too_short(name: str, lengths: Sequence[int], seq_len: int) -> DataError:
@@ -53,6 +69,11 @@ class _Windows:
         self.tokens = int(sum(lengths))
         self._ends = np.cumsum(starts)  # flat index i belongs to the first shard with _ends > i
         self._before = self._ends - starts
+
+    def starts_of(self, first: int, stop: int) -> tuple[int, int]:
+        """(first flat index, count) of the valid window starts of shards [first, stop)."""
+        lo = int(self._before[first]) if first < len(self.shards) else self.total
+        return lo, (int(self._ends[stop - 1]) if stop > first else lo) - lo
 
     def gather(self, flat: np.ndarray) -> np.ndarray:
         shard = np.searchsorted(self._ends, flat, side="right")
@@ -89,7 +110,9 @@ class BatchLoader:
 
     def __init__(self, shards: list[np.ndarray], seq_len: int, micro_batch_size: int, grad_accum_steps: int,
                  seed: int, rank: int = 0, world_size: int = 1, *, name: str = "the train split",
-                 masks: list[np.ndarray] | None = None) -> None:
+                 masks: list[np.ndarray] | None = None,
+                 mix: Sequence[tuple[str, float, int]] | None = None,
+                 transform: WindowTransform | None = None) -> None:
         for key, v in (("micro_batch_size", micro_batch_size), ("grad_accum_steps", grad_accum_steps),
                        ("world_size", world_size)):
             if v < 1:
@@ -107,15 +130,52 @@ class BatchLoader:
         self.world_size = world_size
         self.global_batch = micro_batch_size * grad_accum_steps * world_size
         self.step = 0
+        self.transform = transform
+        self.mix: dict[str, float] | None = None
+        if mix is not None:
+            self._set_mix(mix, name)
+
+    def _set_mix(self, mix: Sequence[tuple[str, float, int]], name: str) -> None:
+        """Per source: its probability and the flat range of its window starts (shards are consecutive)."""
+        if sum(n for _, _, n in mix) != len(self._w.shards):
+            raise ValueError("the mix's shard counts must add up to the number of shards")
+        total = sum(w for _, w, _ in mix)
+        if not total > 0 or any(not w >= 0 for _, w, _ in mix):
+            raise ValueError(f"mix weights must be >= 0 and sum to a positive number, got {[w for _, w, _ in mix]}")
+        self.mix = {src: w / total for src, w, _ in mix}
+        self._p = np.array(list(self.mix.values()), dtype=np.float64)
+        lo, count, first = [], [], 0
+        for src, w, n in mix:
+            a, c = self._w.starts_of(first, first + n)
+            if w > 0 and c == 0:
+                lengths = [len(s) for s in self._w.shards[first:first + n]]
+                raise _too_short(f"source {src!r} of {name}", lengths, self.seq_len)
+            lo.append(a)
+            count.append(max(c, 1))  # weight-0 sources are never drawn; 1 keeps integers() well defined
+            first += n
+        self._lo, self._count = np.array(lo, dtype=np.int64), np.array(count, dtype=np.int64)
 
     @property
     def tokens_per_step(self) -> int:
         """Tokens trained on per optimizer step, over all ranks."""
         return self.global_batch * self.seq_len
 
-    def _step_starts(self, step: int) -> np.ndarray:
+    def _draw(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source index, flat window start) of each of the step's G windows, in global batch order."""
         rng = np.random.default_rng([self.seed, step])
-        return rng.integers(0, self._w.total, size=self.global_batch, dtype=np.int64)
+        if self.mix is None:
+            flat = rng.integers(0, self._w.total, size=self.global_batch, dtype=np.int64)
+            return np.zeros(self.global_batch, dtype=np.int64), flat
+        src = rng.choice(len(self._p), size=self.global_batch, p=self._p)
+        return src, self._lo[src] + rng.integers(0, self._count[src], dtype=np.int64)
+
+    def _step_starts(self, step: int) -> np.ndarray:
+        return self._draw(step)[1]
+
+    def sources_of_step(self, step: int) -> np.ndarray:
+        """The source index (in mix order; 0 without a mix) of each of the step's G windows, global batch order:
+        what a report or a test counts to see the realised mix."""
+        return self._draw(step)[0]
 
     def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's `grad_accum_steps` micro-batches (x, y) of the next optimizer step."""
@@ -124,6 +184,8 @@ class BatchLoader:
         mine = np.concatenate([flat[(m * ws + self.rank) * mb:(m * ws + self.rank + 1) * mb]
                                for m in range(self.grad_accum_steps)])
         windows = self._w.gather(mine)
+        if self.transform is not None:  # e.g. fill-in-the-middle: a pure function of each window and its index
+            windows = self.transform(windows, mine)
         self.step += 1
         if self._w.masks is not None:
             masks = self._w.gather_masks(mine)
@@ -140,6 +202,8 @@ class BatchLoader:
             "global_batch": self.global_batch, "micro_batch_size": self.micro_batch_size,
             "grad_accum_steps": self.grad_accum_steps, "world_size": self.world_size, "rank": self.rank,
             "window_starts": self._w.total, "tokens": self._w.tokens,
+            **({"mix": self.mix} if self.mix is not None else {}),
+            **({"transform": self.transform.state()} if self.transform is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -155,6 +219,13 @@ class BatchLoader:
                         "global_batch": "global batch (micro_batch_size*grad_accum_steps*world_size)"}.get(key, key)
                 raise DataError(f"loader state does not match: {what} was {state[key]}, now {mine[key]}; "
                                 "resume with the same data, seed and batch shape or start a new run")
+        if state.get("mix") != mine.get("mix"):
+            raise DataError(f"loader state does not match: the source mix was {state.get('mix')}, now "
+                            f"{mine.get('mix')}; resume with the same data.mix (and dataset) or start a new run")
+        if state.get("transform") != mine.get("transform"):
+            raise DataError(f"loader state does not match: the data transform was {state.get('transform')}, now "
+                            f"{mine.get('transform')}; resume with the same data.fim_rate and data.fim_spm_rate "
+                            "or start a new run")
         step = state.get("step")
         if not isinstance(step, int) or step < 0:
             raise DataError(f"loader state has a bad step {step!r}; the checkpoint is damaged")

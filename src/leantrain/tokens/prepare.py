@@ -18,7 +18,7 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -30,6 +30,7 @@ from leantrain.corpus.readers import Document
 from leantrain.errors import DataError
 from leantrain.files import fresh_sibling, swap_in, write_durable
 from leantrain.tokens.dataset import FORMAT, META, ShardWriter, dtype_for_vocab
+from leantrain.tokens.mix import mix_record
 from leantrain.tokens.tokenizer import HF_CONFIG, copy_hf_config, eot_id, load_tokenizer, train_tokenizer
 
 Progress = Callable[[str, int, int | None], None]
@@ -173,11 +174,53 @@ def _encode_all(docs: Iterator[Document], tok: Any, eot: int, dtype: np.dtype, v
     val.flush()
 
 
+def _split_meta(s: _Split, root: Path) -> dict[str, Any]:
+    return {"shards": [p.relative_to(root).as_posix() for p in s.writer.close()], "tokens": s.writer.tokens,
+            "documents": s.documents, "bytes": s.bytes}
+
+
+def _encode_sources(documents: Callable[[], Iterable[Document]], source_of: Callable[[Document], str],
+                    names: list[str], tmp: Path, tok: Any, eot: int, dtype: np.dtype, val_fraction: float,
+                    shard_tokens: int, progress: Progress | None, total: int | None, doc_tokens: list[int] | None,
+                    add_special: bool) -> dict[str, Any]:
+    """Each source encoded and split on its own into train/NAME/ and val/NAME/; the splits' shard lists are
+    the sources' lists in order (so a reader that ignores the mix still sees every token once)."""
+    splits: dict[str, Any] = {s: {"shards": [], "tokens": 0, "documents": 0, "bytes": 0, "sources": {}}
+                              for s in ("train", "val")}
+    done = 0
+    for name in names:
+        def counted(stage: str, n: int, of: int | None, base: int = done) -> None:
+            if progress:
+                progress(stage, base + n, of)
+
+        def mine(name: str = name) -> Iterator[Document]:
+            return (d for d in documents() if source_of(d) == name)
+
+        with ShardWriter(tmp / "train" / name, dtype, shard_tokens) as tw, \
+                ShardWriter(tmp / "val" / name, dtype, shard_tokens) as vw:
+            train, val = _Split(tw), _Split(vw)
+            try:
+                _encode_all(mine(), tok, eot, dtype, val_fraction, train, val, counted, total, doc_tokens,
+                            add_special=add_special)
+            except DataError as e:
+                raise DataError(f"source {name!r}: {e}") from None
+        done += train.documents + val.documents
+        for split, s in (("train", train), ("val", val)):
+            part = _split_meta(s, tmp)
+            splits[split]["sources"][name] = part
+            splits[split]["shards"] += part["shards"]
+            for key in ("tokens", "documents", "bytes"):
+                splits[split][key] += part[key]
+    return splits
+
+
 def prepare_dataset(documents: Callable[[], Iterable[Document]], out_dir: str | Path, *, vocab_size: int = 8192,
                     tokenizer_path: str | Path | None = None, val_fraction: float = 0.02,
                     shard_tokens: int = 50_000_000, overwrite: bool = False, provenance: dict | None = None,
                     progress: Progress | None = None, doc_tokens: list[int] | None = None,
-                    before_publish: Callable[[Path, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                    before_publish: Callable[[Path, dict[str, Any]], None] | None = None,
+                    mix: Mapping[str, float] | None = None,
+                    source_of: Callable[[Document], str] | None = None) -> dict[str, Any]:
     """Build a token dataset in `out_dir` from `documents()` (called once or twice); returns meta.json.
 
     `tokenizer_path` (a tokenizer.json, a token dataset folder or a local Hugging Face tokenizer folder)
@@ -189,6 +232,9 @@ def prepare_dataset(documents: Callable[[], Iterable[Document]], out_dir: str | 
     `doc_tokens`, if given, gets each written document's token count (without end-of-text), in input
     order; `before_publish(tmp_dir, meta)` may add files (a data card) before the dataset is renamed
     into place, so they appear together or not at all.
+    `mix` (source name -> weight, normalised) with `source_of(document) -> name` writes each source's
+    documents to train/NAME/ and val/NAME/ (each source split on its own, so each has both splits) and
+    records the mixture in meta.json (`tokens/mix.py`); one tokenizer is trained on all of them.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction = {val_fraction} is not allowed; expected a number in [0, 1)")
@@ -232,18 +278,22 @@ def prepare_dataset(documents: Callable[[], Iterable[Document]], out_dir: str | 
         # (Runtime-only flag; the saved tokenizer.json is unaffected.)
         tok.encode_special_tokens = True
         dtype = dtype_for_vocab(vocab)
-        with ShardWriter(tmp / "train", dtype, shard_tokens) as tw, \
-                ShardWriter(tmp / "val", dtype, shard_tokens) as vw:
-            train, val = _Split(tw), _Split(vw)
-            _encode_all(iter(documents()), tok, eot, dtype, val_fraction, train, val, progress, total, doc_tokens,
-                        add_special=bool(specials))
-        splits = {}
-        for name, s in (("train", train), ("val", val)):
-            splits[name] = {"shards": [p.relative_to(tmp).as_posix() for p in s.writer.close()],
-                            "tokens": s.writer.tokens, "documents": s.documents, "bytes": s.bytes}
+        if mix is None:
+            with ShardWriter(tmp / "train", dtype, shard_tokens) as tw, \
+                    ShardWriter(tmp / "val", dtype, shard_tokens) as vw:
+                train, val = _Split(tw), _Split(vw)
+                _encode_all(iter(documents()), tok, eot, dtype, val_fraction, train, val, progress, total, doc_tokens,
+                            add_special=bool(specials))
+            splits = {name: _split_meta(s, tmp) for name, s in (("train", train), ("val", val))}
+        else:
+            if source_of is None:
+                raise ValueError("prepare_dataset(mix=...) needs source_of")
+            splits = _encode_sources(documents, source_of, list(mix), tmp, tok, eot, dtype, val_fraction,
+                                     shard_tokens, progress, total, doc_tokens, bool(specials))
         meta = {
             "format": FORMAT, "vocab_size": vocab, "eot_id": eot, "dtype": dtype.name,
             "tokenizer": "tokenizer.json", "splits": splits,
+            **({"mix": mix_record(mix, splits)} if mix is not None else {}),
             **({"special_tokens": specials} if specials else {}),
             "provenance": {
                 **(provenance or {}),

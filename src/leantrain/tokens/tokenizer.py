@@ -25,7 +25,12 @@ from leantrain.errors import DataError
 from leantrain.files import write_durable
 
 EOT = "<|endoftext|>"
-MIN_VOCAB = 257  # 256 byte symbols + the end-of-text token
+# fill-in-the-middle sentinels (the names Qwen and leantrain use), in the order prefix, suffix, middle;
+# every trained tokenizer reserves them, so one dataset trains with or without FIM (tokens/fim.py)
+FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"
+MASK = "<|mask|>"  # what a masked language model (model.objective = mlm) reads in place of hidden tokens
+RESERVED_TOKENS = (EOT, FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE, MASK)  # EOT first: id 0
+MIN_VOCAB = 256 + len(RESERVED_TOKENS)  # 256 byte symbols + the reserved special tokens
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192) -> Tokenizer:
@@ -35,13 +40,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192) -> Tokenizer:
     """
     if vocab_size < MIN_VOCAB:
         raise DataError(f"vocab_size = {vocab_size} is too small; byte-level BPE needs at least {MIN_VOCAB} "
-                        "(256 bytes + end-of-text)")
+                        "(256 bytes + end-of-text + 3 fill-in-the-middle sentinels + <|mask|>)")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOT],
+        special_tokens=list(RESERVED_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

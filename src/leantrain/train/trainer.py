@@ -37,13 +37,16 @@ from leantrain.model import Transformer, flops_per_token, generate, param_count
 from leantrain.model.flops import active_param_count
 from leantrain.model.lora import adapter_state_dict, apply_finetune
 from leantrain.model.moe import MoETracker
-from leantrain.parallel.distributed import Layout
+from leantrain.parallel.distributed import Layout, grad_accum_steps
 from leantrain.parallel.distributed import setup as setup_distributed
 from leantrain.parallel.expert import clip_grad_norm as clip_expert_parallel
 from leantrain.parallel.expert import reduce_expert_grads
 from leantrain.parallel.parallelize import parallelize, remove_compile, set_grad_sync
 from leantrain.tokens.dataset import TokenDataset
+from leantrain.tokens.fim import fim_for_dataset
 from leantrain.tokens.loader import BatchLoader, val_batches
+from leantrain.tokens.masking import MaskedLoader, SpanMasker, masked_scores, mlm_tokenizer
+from leantrain.tokens.mix import effective_epochs, resolve_weights
 from leantrain.tokens.prefetch import Prefetcher
 from leantrain.train.checkpoint import (
     Checkpointer,
@@ -99,6 +102,20 @@ class Trainer:
         if self.data.vocab_size > cfg.model.vocab_size:
             raise DataError(f"the dataset's tokenizer has {self.data.vocab_size} tokens but model.vocab_size = "
                             f"{cfg.model.vocab_size}; set --model.vocab_size={self.data.vocab_size} or more")
+        # a mixed dataset (data prepare --source): each window's source is drawn by weight ([data] mix re-weighs)
+        self.mix = resolve_weights(self.data.mix, cfg.data.mix, cfg.data.path)
+        self.masker = self.mlm_tok = None
+        if cfg.model.objective == "mlm":  # the run's tokenizer gains <|mask|>; the data path masks spans of tokens
+            if self.data.masks("train") is not None:
+                raise DataError(f"{cfg.data.path} is chat data, whose loss masks train a causal model's answers; "
+                                "model.objective = mlm needs plain text (data prepare without --format chat)")
+            self.mlm_tok, mask_id = mlm_tokenizer(self.data.tokenizer(), cfg.model.vocab_size)
+            self.masker = SpanMasker(mask_id, self.data.vocab_size, cfg.data.mask_rate, cfg.data.mask_span,
+                                     cfg.train.seed)
+        self.fim = self.fim_tok = None
+        if cfg.data.fim_rate:  # fill-in-the-middle: windows rearranged as drawn; the run's tokenizer has the sentinels
+            self.fim, self.fim_tok = fim_for_dataset(self.data, cfg.data.fim_rate, cfg.data.fim_spm_rate,
+                                                     cfg.train.seed, cfg.model.vocab_size)
         self.distill = Distiller.of(cfg, self.layout.device)  # [distill]: the teacher, checked before any folder
         # before anything is written: a new, empty or leantrain run folder, locked for this process (rank 0)
         self.run_lock = claim_run_dir(self.run_dir, self.layout)
@@ -133,12 +150,19 @@ class Trainer:
         self._compile_pending = cfg.train.compile  # the first step compiles; timed on its own
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device, self.dtype)
         self.pruner = GradualPruner.of(self.model, cfg.prune, self.layout.sharded)  # [prune]: None when off
+        # train.global_batch_size: the accumulation this world size needs for it (elastic runs keep their batch)
+        self.grad_accum_steps = grad_accum_steps(cfg.train, self.layout.dp_size)
         self.loader = BatchLoader(self.data.shards("train"), cfg.model.seq_len, cfg.train.micro_batch_size,
-                                  cfg.train.grad_accum_steps, cfg.train.seed, rank=self.layout.dp_rank,
-                                  world_size=self.layout.dp_size, masks=self.data.masks("train"))
+                                  self.grad_accum_steps, cfg.train.seed, rank=self.layout.dp_rank,
+                                  world_size=self.layout.dp_size, masks=self.data.masks("train"),
+                                  mix=None if self.mix is None else [(n, w, k) for (n, w), k in zip(
+                                      self.mix.items(), self.data.source_shard_counts("train"), strict=True)],
+                                  transform=self.fim)
         self.val = val_batches(self.data.shards("val"), cfg.model.seq_len,
                                cfg.train.micro_batch_size * self.layout.dp_size, cfg.train.eval_steps,
                                masks=self.data.masks("val"))
+        if self.masker is not None:  # MLM: (masked inputs, labels) in place of (inputs, next tokens)
+            self.loader, self.val = MaskedLoader(self.loader, self.masker), self.masker.val_batches(self.val)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep,
                                          require=("tokens", "loader"))
         self.guard = Guard(cfg.guard, warmup_steps=cfg.optim.warmup_steps)
@@ -173,7 +197,9 @@ class Trainer:
             self._resume()
         if self.layout.is_rank0:
             write_run_file(self.run_dir, "config.toml", to_toml(cfg) + self._resolved_comment())
-            write_run_file(self.run_dir, "tokenizer.json", (Path(cfg.data.path) / "tokenizer.json").read_bytes())
+            run_tok = self.mlm_tok if self.mlm_tok is not None else self.fim_tok  # one that gained special tokens
+            write_run_file(self.run_dir, "tokenizer.json", (Path(cfg.data.path) / "tokenizer.json").read_bytes()
+                           if run_tok is None else run_tok.to_str(pretty=True))
             hf_tok = Path(cfg.data.path) / "tokenizer_config.json"
             if hf_tok.is_file():  # a Hugging Face tokenizer's special tokens travel with it (export, generate)
                 write_run_file(self.run_dir, "tokenizer_config.json", hf_tok.read_bytes())
@@ -224,6 +250,7 @@ class Trainer:
 
     def _resume(self) -> None:
         found = self.checkpointer.load_latest()
+        self._check_same_checkpoint(None if found is None else found[0].name)
         if found is None:
             if self.log.discard_after(0):
                 self._emit("restart", message="no checkpoint to resume from; starting at step 0")
@@ -239,6 +266,21 @@ class Trainer:
         discarded = self.log.discard_after(self.step)
         self._saved_step = self.step
         self._emit("resume", checkpoint=path.name, discarded_metric_lines=discarded)
+
+    def _check_same_checkpoint(self, name: str | None) -> None:
+        """Every rank resumes from the checkpoint rank 0 found. A node whose run directory is not the shared one
+        (a local folder at the same path) finds other checkpoints or none and would train on from another step
+        with other weights: all ranks stop with one line instead, before any of them loads anything."""
+        lay = self.layout
+        if not lay.distributed:
+            return
+        chosen = lay.from_rank0(name)
+        differ = int(lay.all_sum(torch.tensor(float(name != chosen), device=self.device)).item())
+        if differ:
+            raise CheckpointError(f"{differ} of {lay.world_size} processes do not find the checkpoint rank 0 resumes "
+                                  f"from ({chosen or 'none'}) in {self.run_dir}: every node must see the same run "
+                                  "directory (a shared file system such as NFS or Lustre, at the same path); pass "
+                                  "such a folder with --run-dir")
 
     def _load(self, snap: Snapshot, rollback: bool = False) -> None:
         """Put model, optimizer, counters, loader, guard and RNG back as the snapshot had them. A rollback
@@ -279,7 +321,7 @@ class Trainer:
 
     def _write_plan(self) -> None:
         c = self.cfg
-        tokens_per_step = c.train.micro_batch_size * c.train.grad_accum_steps * self.layout.dp_size * c.model.seq_len
+        tokens_per_step = c.train.micro_batch_size * self.grad_accum_steps * self.layout.dp_size * c.model.seq_len
         plan = {
             "params": param_count(c.model),
             "active_params": active_param_count(c.model),  # MoE: the top_k experts a token uses; MFU counts these
@@ -296,11 +338,19 @@ class Trainer:
             "peak_flops_source": self.peak_source,
             "dataset_train_tokens": self.data.num_tokens("train"),
             "parallel": self.layout.describe(),
+            **({"mix": self._mix_plan(tokens_per_step * c.train.steps)} if self.mix is not None else {}),
         }
         if self.layout.is_rank0:
             plan["estimate"] = self._estimate()
             write_run_file(self.run_dir, "plan.json", json.dumps(plan, indent=1))
         self.plan = plan
+
+    def _mix_plan(self, trained_tokens: int) -> dict[str, dict[str, Any]]:
+        """Per source: weight, train tokens and how many times this run sees it (a small source repeats)."""
+        assert self.mix is not None
+        tokens = self.data.source_tokens("train")
+        epochs = effective_epochs(self.mix, tokens, trained_tokens)
+        return {n: {"weight": w, "train_tokens": tokens[n], "epochs": epochs[n]} for n, w in self.mix.items()}
 
     def _estimate(self) -> dict[str, Any]:
         """The planner's prediction for this run (leantrain plan), kept next to what the run measures;
@@ -309,7 +359,10 @@ class Trainer:
             from leantrain.plan.planner import run_estimate
 
             lay = self.layout
-            return run_estimate(self.cfg, dataclasses.replace(self.device_info, peak_flops=self.peak_flops),
+            # the planner reads grad_accum_steps: give it the one this world size derived from global_batch_size
+            train = dataclasses.replace(self.cfg.train, grad_accum_steps=self.grad_accum_steps, global_batch_size=0)
+            return run_estimate(dataclasses.replace(self.cfg, train=train),
+                                dataclasses.replace(self.device_info, peak_flops=self.peak_flops),
                                 lay.dp_replicate, lay.dp_shard, lay.tp)
         except Exception as e:  # noqa: BLE001 - the estimate is advice; the run goes on without it
             return {"error": f"{type(e).__name__}: {e}"}
@@ -452,6 +505,18 @@ class Trainer:
         self.model.train()
         totals = self.layout.all_sum(torch.stack(stats))
         return (totals[:, 0] / totals[:, 1]).mean().item()
+
+    @torch.no_grad()
+    def masked_accuracy(self) -> float:
+        """MLM: the share of the validation windows' masked tokens whose most likely token is the right one.
+        Every rank scores every window (no collective), so all ranks agree."""
+        self.model.eval()
+        totals = torch.zeros(3, device=self.device)
+        for x, y in self.val:
+            with self._autocast():
+                totals += masked_scores(self.model, x.to(self.device), y.to(self.device))
+        self.model.train()
+        return (totals[1] / totals[2]).item()
 
     def save_checkpoint(self) -> None:
         """Checkpoint now (in the background with checkpoint.async). A failed save is recorded
@@ -602,7 +667,8 @@ class Trainer:
                 self._save_if_stopped()
                 self._wait_for_checkpoint()
                 with self._eval_weights():  # the same round trip whether or not a sample is drawn
-                    sample = self.sample() if self.step == total and self.cfg.train.sample_tokens else None
+                    sample = self.sample() if (self.step == total and self.cfg.train.sample_tokens
+                                               and self.masker is None) else None  # an MLM encoder cannot write
             finally:
                 self.close()
         return self._finish(record, sample)
@@ -632,6 +698,11 @@ class Trainer:
         self._emit("start", total_steps=self.cfg.train.steps, params=self.plan["params"], device=str(self.device),
                    dtype=self.plan["dtype"], threads=self.plan["threads"], run_dir=str(self.run_dir), **layout,
                    **({"finetune": self.finetune} if self.finetune else {}))
+        if "mix" in self.plan:
+            mix = self.plan["mix"]
+            self._emit("mix", sources=mix, message="sources " + ", ".join(
+                f"{n} weight {v['weight']:.3g} (~{v['epochs']:.3g} epochs of {v['train_tokens']:,} tokens)"
+                for n, v in mix.items()) + f" over {self.cfg.train.steps} steps")
         if self.energy.enabled:
             self._emit("energy", **self.energy.describe())
         if self.carbon is not None:
@@ -660,6 +731,8 @@ class Trainer:
         if eval_due:
             with self._eval_weights():
                 self.last_val_loss = record["val_loss"] = self.evaluate()
+                if self.masker is not None:
+                    record["val_masked_accuracy"] = self.masked_accuracy()
         if self.moe is not None:
             record.update(self.moe.metrics())
         if self.distill is not None:
