@@ -269,10 +269,21 @@ if __name__ == "__main__":
 """
 
 
-def test_ctrl_c_inside_a_worker_start_is_held_until_it_ends() -> None:
+@pytest.fixture
+def sigint_handler():
+    """Set SIGINT's handler for one test and put the suite's back after: a suite started with Ctrl-C ignored
+    (`make test &` in a script, where the shell hands its background jobs SIGINT as SIG_IGN) begins with SIG_IGN,
+    not Python's handler, so a test must not take the one it finds for granted."""
+    before = signal.getsignal(signal.SIGINT)
+    yield lambda handler: signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_inside_a_worker_start_is_held_until_it_ends(sigint_handler) -> None:
     """A Ctrl-C during `submit` (which may be starting a worker) waits for the start to finish, then raises."""
     from leantrain.corpus.executors import ctrl_c_deferred
 
+    sigint_handler(signal.default_int_handler)
     reached_end = False
     with pytest.raises(KeyboardInterrupt), ctrl_c_deferred():
         os.kill(os.getpid(), signal.SIGINT)
@@ -280,6 +291,29 @@ def test_ctrl_c_inside_a_worker_start_is_held_until_it_ends() -> None:
         reached_end = True
     assert reached_end
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_ignored_ctrl_c_stays_ignored_through_a_worker_start(sigint_handler) -> None:
+    """In a process started with Ctrl-C ignored, the Ctrl-C held during a worker start is dropped, not raised."""
+    from leantrain.corpus.executors import ctrl_c_deferred
+
+    sigint_handler(signal.SIG_IGN)
+    with ctrl_c_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+
+def test_prepare_started_with_ctrl_c_ignored_runs_through_one(tmp_path: Path) -> None:
+    """`leantrain data prepare &` in a script ignores the terminal's Ctrl-C, as any background job there does."""
+    out = tmp_path / "ds"
+    ignoring = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                "os.execv(sys.executable, [sys.executable, '-m', 'leantrain.cli', *sys.argv[1:]])")
+    cmd = [sys.executable, "-c", ignoring, "data", "prepare", "--builtin", "stdlib", "--profile", "code",
+           "--workers", "2", "--vocab-size", "1000", "--out", str(out)]
+    r = _interrupt_when(cmd, lambda pid: _at(tmp_path, pid, "encoding"))
+    assert r.returncode == 0, r.stderr
+    assert "interrupted" not in r.stderr and (out / "meta.json").is_file() and leftovers(tmp_path) == []
 
 
 def test_curation_workers_ignore_ctrl_c_from_birth(tmp_path: Path) -> None:

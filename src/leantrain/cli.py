@@ -7,6 +7,7 @@ only rank 0 prints; another rank prints only an error of its own, prefixed with 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,38 @@ def _curation_overrides(args: argparse.Namespace) -> list[str]:
     return [*(args.set or ()), *(f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None)]
 
 
+@contextlib.contextmanager
+def _stage_bars(interrupted: str) -> Iterator[Callable[[str, int, int | None], None]]:
+    """A long job's progress callback (a bar per stage, on a terminal) and its Ctrl-C: the first one prints
+    `interrupted` and is re-raised for the caller to exit 130; a second is ignored, so the job's own cleanup
+    and this message run to the end. A job started with Ctrl-C ignored (`cmd &` in a script) keeps ignoring
+    it, as Python itself does."""
+    def first_interrupt(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, first_interrupt) \
+        if threading.current_thread() is threading.main_thread() \
+        and signal.getsignal(signal.SIGINT) != signal.SIG_IGN else None
+    try:
+        with Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console, disable=not console.is_terminal) as bar:
+            tasks: dict[str, int] = {}
+
+            def progress(stage: str, done: int, total: int | None) -> None:
+                if stage not in tasks:
+                    tasks[stage] = bar.add_task(stage, total=total)
+                bar.update(tasks[stage], completed=done, total=total)
+
+            yield progress
+    except KeyboardInterrupt:
+        err_console.print(interrupted, highlight=False, markup=False, soft_wrap=True)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     """`data prepare`: a thin shell over `leantrain.dataprep.prepare` (curation, then tokens, then the card)."""
     from leantrain.corpus.card import summary_lines
@@ -52,23 +86,10 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     # a \n typed in a shell arrives as backslash + n
     template = args.chat_template.replace("\\n", "\n") if args.chat_template else None
 
-    def first_interrupt(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, first_interrupt) \
-        if threading.current_thread() is threading.main_thread() else None
     t0 = time.perf_counter()
     try:
-        with Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=console, disable=not console.is_terminal) as bar:
-            tasks: dict[str, int] = {}
-
-            def progress(stage: str, done: int, total: int | None) -> None:
-                if stage not in tasks:
-                    tasks[stage] = bar.add_task(stage, total=total)
-                bar.update(tasks[stage], completed=done, total=total)
-
+        with _stage_bars(f"interrupted: the partial output was removed and {args.out} was not changed; run the "
+                         "same command again to prepare the dataset") as progress:
             result = prepare(args.paths, args.out, builtin=args.builtin, format=args.format, curation=curation,
                              eval_paths=args.decontaminate or (), include=args.include or (),
                              exclude=args.exclude or (), vocab_size=args.vocab_size, tokenizer=args.tokenizer,
@@ -77,12 +98,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
                              chat_template=template, progress=progress, hf_dataset=args.hf_dataset,
                              hf_split=args.hf_split, sources=args.source or ())
     except KeyboardInterrupt:
-        err_console.print(f"interrupted: the partial output was removed and {args.out} was not changed; run the "
-                          "same command again to prepare the dataset", highlight=False, markup=False, soft_wrap=True)
         return 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
     for w in result.warnings:
         err_console.print(f"[yellow]warning[/yellow]: {escape(w)}")
     meta, card, split = result.meta, result.card, result.meta["splits"]
@@ -441,22 +457,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
     schema = _read_rule_file(args.json_schema, "--json-schema")
     grammar = _read_rule_file(args.grammar, "--grammar")
 
-    def first_interrupt(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, first_interrupt) \
-        if threading.current_thread() is threading.main_thread() else None
     try:
-        with Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=console, disable=not console.is_terminal) as bar:
-            tasks: dict[str, int] = {}
-
-            def progress(stage: str, done: int, total: int | None) -> None:
-                if stage not in tasks:
-                    tasks[stage] = bar.add_task(stage, total=total)
-                bar.update(tasks[stage], completed=done, total=total)
-
+        with _stage_bars(f"interrupted: nothing was written and {args.out} was not changed; run the same "
+                         "command again to generate") as progress:
             result = api.synth(args.model, args.out, kind=args.kind, count=args.count, prompts=args.prompt or (),
                                prompts_file=args.prompts, seed_docs=not args.no_seed_docs, corpus=args.corpus or (),
                                eval_paths=args.decontaminate or (), profile=args.profile, json_schema=schema,
@@ -466,12 +469,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
                                batch_size=args.batch_size, checkpoint=args.checkpoint, overwrite=args.overwrite,
                                dedup=not args.no_dedup, progress=progress)
     except KeyboardInterrupt:
-        err_console.print(f"interrupted: nothing was written and {args.out} was not changed; run the same command "
-                          "again to generate", highlight=False, markup=False, soft_wrap=True)
         return 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
     for w in result.warnings:
         err_console.print(f"[yellow]warning[/yellow]: {escape(w)}")
     syn, gen = result.card["synthetic"], result.manifest["generation"]

@@ -469,3 +469,20 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path) -> None:
     with torch.no_grad():
         for name, t in model.state_dict().items():
             t.copy_(ours[name])
+
+
+def load_hf_export(hf_dir: str | Path) -> tuple[torch.nn.Module, Any]:
+    """A `leantrain export --format hf` folder (or another Llama-family HF folder) as a leantrain Transformer in
+    eval mode and its `tokenizers` Tokenizer, for the commands that generate from one (serve, synth)."""
+    from tokenizers import Tokenizer
+
+    from leantrain.model import Transformer
+
+    hf_dir = Path(hf_dir)
+    with torch.device("cpu"):
+        model = Transformer(ModelConfig(**model_config_from_hf(hf_dir)))
+    load_hf_weights(model, hf_dir)
+    if not (hf_dir / "tokenizer.json").is_file():
+        raise CheckpointError(f"{hf_dir / 'tokenizer.json'} is missing; export the run again with "
+                              "`leantrain export RUN --format hf`")
+    return model.eval(), Tokenizer.from_file(str(hf_dir / "tokenizer.json"))

@@ -106,21 +106,10 @@ def load_served(path: str | Path, *, name: str | None = None, checkpoint: str | 
                               "(config.json); pass the folder `leantrain train` or `leantrain export` wrote")
     if checkpoint is not None:
         raise LeantrainError("--checkpoint applies to a run directory, not to an exported folder; drop it")
-    import torch
+    from leantrain.model.hf import load_hf_export
 
-    from leantrain.config import ModelConfig
-    from leantrain.model import Transformer
-    from leantrain.model.hf import load_hf_weights, model_config_from_hf
-
-    fields = model_config_from_hf(path)
-    with torch.device("cpu"):
-        model = Transformer(ModelConfig(**fields))
+    model, tok = load_hf_export(path)
     check_can_generate(model)
-    load_hf_weights(model, path)
-    if not (path / "tokenizer.json").is_file():
-        raise CheckpointError(f"{path / 'tokenizer.json'} is missing; export the run again with "
-                              "`leantrain export RUN --format hf`")
-    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     tok_config = hf_tokenizer_config(path / "tokenizer.json") or {}
     specials = special_tokens(tok_config)
     eos = specials.get("eos_token")
@@ -132,4 +121,4 @@ def load_served(path: str | Path, *, name: str | None = None, checkpoint: str | 
     except DataError:
         cfg_eos = json.loads((path / "config.json").read_text()).get("eos_token_id")
         eos_id = cfg_eos if isinstance(cfg_eos, int) else None
-    return ServedModel(name or path.resolve().name, model.eval(), tok, eos_id, chat, path)
+    return ServedModel(name or path.resolve().name, model, tok, eos_id, chat, path)

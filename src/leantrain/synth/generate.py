@@ -68,18 +68,9 @@ def load_generator(path: str | Path, *, checkpoint: str | Path | None = None,
                               "(config.json); pass the folder `leantrain train` or `leantrain export` wrote")
     if checkpoint is not None:
         raise LeantrainError("--checkpoint applies to a run directory, not to an exported folder; drop it")
-    from leantrain.config import ModelConfig
-    from leantrain.model import Transformer
-    from leantrain.model.hf import load_hf_weights, model_config_from_hf
+    from leantrain.model.hf import load_hf_export
 
-    fields = model_config_from_hf(path)
-    with torch.device("cpu"):
-        model = Transformer(ModelConfig(**fields))
-    load_hf_weights(model, path)
-    if not (path / "tokenizer.json").is_file():
-        raise CheckpointError(f"{path / 'tokenizer.json'} is missing; export the run again with "
-                              "`leantrain export RUN --format hf`")
-    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    model, tok = load_hf_export(path)
     eos = special_tokens(hf_tokenizer_config(path / "tokenizer.json") or {}).get("eos_token")
     step = None
     marker = path / ".leantrain-export.json"  # export.hf.EXPORT_MARKER
@@ -88,9 +79,9 @@ def load_generator(path: str | Path, *, checkpoint: str | Path | None = None,
             step = json.loads(marker.read_text()).get("step")
         except (OSError, ValueError):
             step = None
-    return Generator(model.eval(), tok, eot_id(tok, where=str(path / "tokenizer.json"), eos=eos),
+    return Generator(model, tok, eot_id(tok, where=str(path / "tokenizer.json"), eos=eos),
                      {"path": str(path.resolve()), "kind": "hf", "step": step, "checkpoint": None},
-                     int(fields["vocab_size"]))
+                     int(model.cfg.vocab_size))
 
 
 @dataclass
