@@ -11,8 +11,10 @@ measured bf16 matmul peak) and peak memory per contender, and the ratios against
 
 Contenders:
   leantrain    leantrain's Trainer at its defaults (bf16 where fast, fused AdamW, sliced loss,
-               matmul attention on CPU)
-  leantrain-compile  the same with train.compile = true (compile time excluded, reported apart)
+               matmul attention on CPU) with train.compile = false: what a short run gets
+  leantrain-compile  the same with train.compile = true (compile time excluded, reported apart): what
+               train.compile = auto picks for a run long enough to pay the compile back (the bench
+               prints the decision for the recipe's own run length)
   plain-fp32   a textbook PyTorch loop and Llama written below: fp32, torch.optim.AdamW defaults
   plain-bf16   the same loop with torch.autocast(bfloat16)
   hf-fp32      transformers.Trainer + LlamaForCausalLM of the same shape (needs `pip install .[bench]`)
@@ -38,10 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CONTENDERS = ["leantrain", "leantrain-compile", "plain-fp32", "plain-bf16", "hf-fp32", "hf-bf16"]
 
 
-def model_config(recipe: str):
+def model_config(args):
+    """The model shape every contender trains: the recipe's, with any --set model.* overrides."""
     from leantrain.config import load_config
 
-    return load_config(recipe=recipe).model
+    return load_config(recipe=args.recipe, overrides=[f"--{kv}" for kv in args.set]).model
 
 
 def peak_rss() -> int:
@@ -119,7 +122,7 @@ class PlainLlama(nn.Module):
 def run_plain(args, dtype: torch.dtype) -> dict:
     from leantrain.model import ffn_hidden_dim
 
-    m = model_config(args.recipe)
+    m = model_config(args)
     torch.manual_seed(0)
     model = PlainLlama(m.vocab_size, m.dim, m.n_layers, m.n_heads, ffn_hidden_dim(m), m.seq_len)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -139,14 +142,16 @@ def run_plain(args, dtype: torch.dtype) -> dict:
 # ---- leantrain -----------------------------------------------------------------------------
 
 def run_leantrain(args, compile: bool = False) -> dict:
-    from leantrain.config import load_config
+    from leantrain.config import load_config, parse_overrides
     from leantrain.train.trainer import Trainer
 
     data = Path(args.data)
     if not (data / "meta.json").exists():
         raise SystemExit(f"leantrain needs a token dataset at {data}: run `make data/stdlib/meta.json`")
     with tempfile.TemporaryDirectory() as run_dir:
+        shape = parse_overrides([f"--{kv}" for kv in args.set]).get("model", {})
         cfg = load_config(recipe=args.recipe, overrides={
+            "model": shape,
             "data": {"path": str(data)},
             "train": {"steps": args.warmup + args.steps, "micro_batch_size": args.batch, "eval_every": 0,
                       "eval_steps": 1, "sample_tokens": 0, "threads": args.threads,
@@ -155,6 +160,13 @@ def run_leantrain(args, compile: bool = False) -> dict:
             **({"precision": {"dtype": args.leantrain_dtype}} if args.leantrain_dtype else {}),
         })
         times: list[float] = []
+        prof = None
+        if args.profile:  # the steps right after warm-up, each op's own CPU time (torch.profiler)
+            from torch.profiler import ProfilerActivity, profile, schedule
+
+            prof = profile(activities=[ProfilerActivity.CPU],
+                           schedule=schedule(wait=args.warmup, warmup=1, active=args.profile, repeat=1))
+            prof.start()
 
         class Clock:
             last = None
@@ -164,6 +176,8 @@ def run_leantrain(args, compile: bool = False) -> dict:
                 if Clock.last is not None:
                     times.append(now - Clock.last)
                 Clock.last = now
+                if prof is not None:
+                    prof.step()
 
             def on_event(self, e):
                 pass
@@ -173,9 +187,42 @@ def run_leantrain(args, compile: bool = False) -> dict:
 
         trainer = Trainer(cfg, run_dir, observers=[Clock()], resume=False)
         summary = trainer.fit()
+    out = {"step_times": times[args.warmup - 1:-1], "tokens_per_step": args.batch * cfg.model.seq_len,
+           "final_loss": summary["loss"], "dtype": str(trainer.dtype)}
+    if prof is not None:
+        prof.stop()
+        out["profile"] = profile_table(prof, args.profile)
     # times[i] is the wall time of step i+2 (log every step; the last one also runs eval)
-    return {"step_times": times[args.warmup - 1:-1], "tokens_per_step": args.batch * cfg.model.seq_len,
-            "final_loss": summary["loss"], "dtype": str(trainer.dtype)}
+    return out
+
+
+def profile_table(prof, steps: int, top: int = 14) -> str:
+    """The ops that took the most of the profiled steps' CPU time (self time: children not counted)."""
+    rows = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in rows) or 1
+    rows.sort(key=lambda e: -e.self_cpu_time_total)
+    lines = [f"    {'op':44} {'ms/step':>8} {'share':>6}"]
+    for e in rows[:top]:
+        lines.append(f"    {e.key[:44]:44} {e.self_cpu_time_total / 1e3 / steps:8.1f} "
+                     f"{100 * e.self_cpu_time_total / total:5.1f}%")
+    return "\n".join(lines)
+
+
+def auto_decision(args) -> str:
+    """What train.compile = auto decides for the recipe's own run length (the bench itself is too short)."""
+    from leantrain.config import load_config
+    from leantrain.device import describe_device
+    from leantrain.plan.planner import run_estimate
+    from leantrain.train.compile_choice import choose_compile
+
+    recipe = args.recipe
+    cfg = load_config(recipe=recipe, overrides=[f"--data.path={args.data}", *[f"--{kv}" for kv in args.set]])
+    info = describe_device(torch.device("cpu"), cfg.precision.dtype, cfg.train.attention, cfg.model.seq_len,
+                           cfg.train.threads, 1, measure_peak=True)
+    eager_s = run_estimate(cfg, info).get("train_time_s")
+    return (f"train.compile = auto for recipe {recipe}'s own {cfg.train.steps} steps: "
+            + ("compiles" if choose_compile(cfg, "cpu", eager_s, "-").on else "stays eager")
+            + f" ({choose_compile(cfg, 'cpu', eager_s, '-').reason})")
 
 
 # ---- Hugging Face Trainer ------------------------------------------------------------------
@@ -187,7 +234,7 @@ def run_hf(args, bf16: bool) -> dict:
         return {"skipped": "transformers is not installed (pip install -e '.[bench]')"}
     from leantrain.model import ffn_hidden_dim
 
-    m = model_config(args.recipe)
+    m = model_config(args)
     hf_cfg = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.dim, intermediate_size=ffn_hidden_dim(m),
                          num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
                          num_key_value_heads=m.n_kv_heads, max_position_embeddings=m.seq_len,
@@ -221,7 +268,7 @@ def worker(args) -> None:
     torch.set_num_threads(args.threads)
     name = args.worker
     if name.startswith("leantrain"):
-        out = run_leantrain(args, compile=name.endswith("compile"))
+        out = run_leantrain(args, compile=name.endswith("compile"))  # "leantrain": compile off (eager)
     elif name.startswith("plain"):
         out = run_plain(args, torch.bfloat16 if name.endswith("bf16") else torch.float32)
     else:
@@ -236,6 +283,10 @@ def measure(name: str, args) -> dict:
            "--data", args.data]
     if args.leantrain_dtype:
         cmd += ["--leantrain-dtype", args.leantrain_dtype]
+    if args.profile:
+        cmd += ["--profile", str(args.profile)]
+    for kv in args.set:
+        cmd += ["--set", kv]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -257,16 +308,21 @@ def main() -> None:
     p.add_argument("--only", help="comma-separated contenders: " + ",".join(CONTENDERS))
     p.add_argument("--leantrain-dtype", choices=["fp32", "bf16"], help="override leantrain's precision")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE",
+                   help="change the model shape, e.g. --set model.n_layers=12 --set model.dim=768 (~100M params)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="profile N steps after warm-up of the leantrain contenders and print the top ops")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)
 
     torch.set_num_threads(args.threads)
-    m = model_config(args.recipe)
+    m = model_config(args)
     fpt = flops_per_token(m)
     peaks = {k: probe_cpu_peak(d, seconds=1.5) for k, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-    print(f"model: recipe {args.recipe}, {param_count(m) / 1e6:.2f}M params, {fpt / 1e6:.1f} MFLOP/token; "
+    print(f"model: recipe {args.recipe}{' ' + ' '.join(args.set) if args.set else ''}, "
+          f"{param_count(m) / 1e6:.2f}M params, {fpt / 1e6:.1f} MFLOP/token; "
           f"batch {args.batch} x {m.seq_len}; {args.threads} threads; {args.warmup} warm-up + {args.steps} steps")
     print(f"measured matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
     names = args.only.split(",") if args.only else CONTENDERS
@@ -282,6 +338,8 @@ def main() -> None:
         print(f"  {name:17} " + (f"{r['tokens_per_s']:8,.0f} tok/s  MFU {r['mfu_bf16_peak'] * 100:5.1f}% "
                                  f"of bf16 peak  peak mem {r['peak_mem_bytes'] / 2**20:7,.0f} MiB"
                                  if "skipped" not in r else f"skipped: {r['skipped']}"), flush=True)
+        if r.get("profile"):
+            print(r["profile"], flush=True)
     for mine in ("leantrain", "leantrain-compile"):
         if "tokens_per_s" not in results.get(mine, {}):
             continue
@@ -290,6 +348,7 @@ def main() -> None:
         for name, r in results.items():
             if not name.startswith("leantrain") and "tokens_per_s" in r:
                 print(f"  vs {name:11} {lt / r['tokens_per_s']:.2f}x")
+    print(auto_decision(args))
     if args.json:
         Path(args.json).write_text(json.dumps({"peaks": peaks, "flops_per_token": fpt, "results": results},
                                               indent=1, default=str))

@@ -455,3 +455,20 @@ def test_kill_during_carbon_pause_loses_nothing_and_energy_continues(dataset, tm
     assert _losses(tmp_path / "run") == reference["losses"]
     recs = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert recs[1]["step"] == 2 and recs[1]["energy_j"] > at_stop  # the totals went on from the checkpoint
+
+
+def test_a_failed_setup_leaves_no_energy_poller(rapl, dataset, tmp_path):
+    """The RAPL meter polls in a thread from the moment the accountant exists; a Trainer whose setup fails
+    after that (here: its only checkpoint is damaged) must stop it, or it outlives the error."""
+    import threading
+
+    from leantrain.errors import CheckpointError
+
+    cfg = tiny_config(dataset, train__steps=2, checkpoint__every=2, energy__rapl_root=str(rapl))
+    Trainer(cfg, tmp_path / "run").fit()
+    for f in (tmp_path / "run" / "checkpoints").glob("step-*/model.safetensors"):
+        f.write_bytes(b"not safetensors")
+    assert not [t for t in threading.enumerate() if t.name == "leantrain-energy-poll"]
+    with pytest.raises(CheckpointError):
+        Trainer(cfg, tmp_path / "run")
+    assert not [t for t in threading.enumerate() if t.name == "leantrain-energy-poll" and t.is_alive()]

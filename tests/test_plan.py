@@ -257,6 +257,14 @@ def test_time_splits_into_training_and_evaluation():
         e.hardware.peak(e.layout.dtype) * e.mfu_assumed))
 
 
+def test_a_global_batch_is_kept_on_any_device_count():
+    """train.global_batch_size: the plan derives the accumulation per device count, as the trainer does."""
+    cfg = load_config(recipe="tiny", overrides={"train": {"global_batch_size": 64, "micro_batch_size": 8}})
+    for devices, accum in ((1, 8), (2, 4), (8, 1)):
+        e = plan(cfg, get_hardware("a100-80gb"), devices).configured
+        assert e.layout.grad_accum_steps == accum and e.tokens_per_step == 64 * cfg.model.seq_len
+
+
 def test_plan_text_and_json_show_the_cost_lines(capsys):
     assert cli.main(["plan", "--recipe", "tiny", "--hardware", "b200", "--gpus", "8"]) == 0
     out = capsys.readouterr().out

@@ -38,6 +38,16 @@ def _key(f: dataclasses.Field) -> str:
     return f.metadata.get("key") or f.name
 
 
+COMPILE_MODES = ("auto", "true", "false")
+
+
+def compile_mode(value: Any) -> str:
+    """train.compile as one of COMPILE_MODES; a Python caller may also set it to True or False."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value
+
+
 # model.arch values; all but gpt2 are the Llama block with the differences model/transformer.py names
 ARCHS = ("llama", "gpt2", "mistral", "qwen2", "qwen3", "phi3")
 SLIDING_WINDOW_ARCHS = ("mistral", "phi3")
@@ -139,7 +149,10 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "max global gradient norm; 0 disables clipping", min=0.0)
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
     threads: int = _f(0, "intra-op CPU threads; 0 means one per physical core", min=0, max=65536)
-    compile: bool = _f(False, "compile the model with torch.compile (compile time is reported separately)")
+    compile: str = _f("auto", "compile the model with torch.compile: true, false, or auto (compile when the "
+                      "planner's estimate of the run says the faster steps pay back the compile; the decision and "
+                      "its reason are printed at the start, compile time is reported separately)",
+                      choices=COMPILE_MODES)
     activation_checkpointing: str = _f("none", "recompute block activations in backward to save memory: "
                                        "none, full (every block) or selective (every ac_every-th block)",
                                        choices=("none", "full", "selective"))
@@ -569,6 +582,8 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
     if want is bool:
         if not isinstance(value, bool):
             raise bad
+    elif _takes_bool_words(f) and isinstance(value, bool | str):  # train.compile: true/false/auto
+        value = compile_mode(value) if isinstance(value, bool) else _bool_word(value)
     elif want is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
@@ -605,6 +620,16 @@ def _coerce_names(key: str, f: dataclasses.Field, value: Any) -> tuple:
 
 
 _TRUE, _FALSE = ("true", "1"), ("false", "0")
+
+
+def _takes_bool_words(f: dataclasses.Field) -> bool:
+    """A str field whose choices include true and false (train.compile) also takes TOML's true/false and 1/0."""
+    return "true" in (f.metadata.get("choices") or ()) and "false" in f.metadata["choices"]
+
+
+def _bool_word(text: str) -> str:
+    low = text.strip().lower()
+    return "true" if low in _TRUE else "false" if low in _FALSE else text
 
 
 def _parse_cli_value(f: dataclasses.Field | None, text: str) -> Any:
@@ -898,7 +923,7 @@ def _check_moe(cfg: Config) -> None:
     if cfg.parallel.ep > 1 and cfg.parallel.dp_replicate > 1:
         raise ConfigError(f"config: parallel.ep = {cfg.parallel.ep} combines with FSDP2 (parallel.dp_shard) only, not "
                           f"parallel.dp_replicate = {cfg.parallel.dp_replicate}; set dp_replicate = 1")
-    if cfg.parallel.ep > 1 and cfg.train.compile:
+    if cfg.parallel.ep > 1 and compile_mode(cfg.train.compile) == "true":
         raise ConfigError(f"config: train.compile = true does not work with parallel.ep = {cfg.parallel.ep} yet (the "
                           "all-to-all sizes change every step); set --train.compile=false")
     if cfg.parallel.ep > 1 and cfg.finetune.lora_rank:

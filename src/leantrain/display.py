@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 # Events worth a line in the terminal; the rest are only in events.jsonl.
 _SHOWN = {"resume", "restart", "checkpoint_damaged", "checkpoint_failed", "config_changed", "preempted",
-          "checkpoint", "skip", "rollback", "diverged", "grad_warning", "compiled", "compile_failed", "fp8",
+          "checkpoint", "skip", "rollback", "diverged", "grad_warning", "compiled", "compile_failed", "compile", "fp8",
           "energy", "pause", "unpause", "carbon_saved", "tracker_failed", "mix"}
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from leantrain.config import Config
+from leantrain.config import Config, compile_mode
 from leantrain.device import choose_attention
 from leantrain.errors import ConfigError
 from leantrain.model.transformer import Attention
@@ -180,14 +180,17 @@ def set_grad_sync(model: nn.Module, enabled: bool) -> None:
 
 
 def parallelize(model: nn.Module, cfg: Config, device: torch.device, dtype: torch.dtype,
-                layout: Layout | None = None, attention: str | None = None) -> nn.Module:
+                layout: Layout | None = None, attention: str | None = None, compile: bool | None = None) -> nn.Module:
     """Lay `model` out in place and return it: there is one handle, whose state-dict names stay those of
     the plain model.
 
     With a distributed `layout`: tensor parallel (tp > 1) splits `model`'s layers first; then FSDP2 (or
     HSDP) shards it when dp_shard > 1, or DDP (`replicate`) hooks its gradient all-reduce on when
-    dp_replicate > 1 alone. One process compiles the whole model in place (`model.compile()`).
+    dp_replicate > 1 alone. One process compiles the whole model in place (`model.compile()`). `compile` is
+    the trainer's decision (train.compile = auto resolved); None reads train.compile = true as on.
     """
+    if compile is None:
+        compile = compile_mode(cfg.train.compile) == "true"
     # the kernel leantrain.device chose (the trainer passes its DeviceInfo's); else the same rule here
     dtype_name = "bf16" if dtype == torch.bfloat16 else "fp32"
     set_attention_kernel(model, attention or choose_attention(cfg.train.attention, device.type, dtype_name,
@@ -198,10 +201,10 @@ def parallelize(model: nn.Module, cfg: Config, device: torch.device, dtype: torc
         apply_expert_parallel(model, layout)
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.ac_every)
     if layout is None or not layout.distributed:
-        if cfg.train.compile:
+        if compile:
             model.compile()
         return model
-    if cfg.train.compile:
+    if compile:
         if layout.tp > 1:  # dynamo fails on the DTensor hooks (torch 2.13, CPU); the step would fall back anyway
             raise ConfigError(f"config: train.compile = true does not work with parallel.tp = {layout.tp} yet; "
                               "set --train.compile=false")

@@ -31,6 +31,7 @@ from leantrain.device import DeviceInfo, choose_attention, choose_dtype
 from leantrain.energy.cost import device_hour_price
 from leantrain.errors import ConfigError
 from leantrain.model.flops import active_param_count, flops_per_token, is_moe_layer, param_count
+from leantrain.parallel.distributed import grad_accum_steps
 from leantrain.plan.catalog import INTER_NODE_BYTES_S, Hardware, hardware_for
 from leantrain.plan.memory import (
     Layout,
@@ -182,7 +183,7 @@ def config_layout(cfg: Config, hw: Hardware, devices: int) -> Layout:
     dtype = resolve_dtype(cfg, hw)
     return Layout(dp_replicate=p.dp_replicate, dp_shard=max(rest, 1), tp=p.tp, ac=cfg.train.activation_checkpointing,
                   ac_every=cfg.train.ac_every, micro_batch_size=cfg.train.micro_batch_size,
-                  grad_accum_steps=cfg.train.grad_accum_steps, dtype=dtype,
+                  grad_accum_steps=grad_accum_steps(cfg.train, p.dp_replicate * max(rest, 1)), dtype=dtype,
                   attention=attention_kernel(cfg, hw, dtype), reshard_after_forward=p.fsdp_reshard_after_forward,
                   ep=p.ep)
 
@@ -348,7 +349,8 @@ def plan(cfg: Config, hw: Hardware, devices: int = 1) -> Plan:
     except ConfigError as e:
         configured = None
         notes.append(str(e))
-        global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * devices
+        global_batch = (cfg.train.global_batch_size
+                        or cfg.train.micro_batch_size * cfg.train.grad_accum_steps * devices)
     if global_batch % max(1, devices) and devices > 1:
         notes.append(f"the global batch of {global_batch} sequences does not divide over {devices} devices; "
                      "layouts round it up per device")

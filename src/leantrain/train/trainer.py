@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from leantrain.config import Config, TrainConfig, to_toml
+from leantrain.config import Config, TrainConfig, compile_mode, to_toml
 from leantrain.device import DeviceInfo, available_memory, describe_device, peak_flops, pick_device
 from leantrain.energy.accounting import EnergyAccountant
 from leantrain.energy.schedule import CarbonScheduler
@@ -56,6 +56,13 @@ from leantrain.train.checkpoint import (
     restore_full,
     set_rng_state,
     snapshot,
+)
+from leantrain.train.compile_choice import (
+    CompileChoice,
+    choose_compile,
+    compile_key,
+    remember_compiled,
+    use_persistent_cache,
 )
 from leantrain.train.distill import Distiller
 from leantrain.train.guard import GradHealth, Guard
@@ -117,8 +124,6 @@ class Trainer:
             self.fim, self.fim_tok = fim_for_dataset(self.data, cfg.data.fim_rate, cfg.data.fim_spm_rate,
                                                      cfg.train.seed, cfg.model.vocab_size)
         self.distill = Distiller.of(cfg, self.layout.device)  # [distill]: the teacher, checked before any folder
-        # before anything is written: a new, empty or leantrain run folder, locked for this process (rank 0)
-        self.run_lock = claim_run_dir(self.run_dir, self.layout)
         self.device = self.layout.device
         self.dtype = self.device_info.dtype
 
@@ -145,13 +150,18 @@ class Trainer:
             from leantrain.model.peft import load_adapter
 
             load_adapter(self.model, cfg.finetune.adapter)
-        # in place: self.model is the one handle
-        parallelize(self.model, cfg, self.device, self.dtype, self.layout, self.device_info.attention)
-        self._compile_pending = cfg.train.compile  # the first step compiles; timed on its own
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device, self.dtype)
-        self.pruner = GradualPruner.of(self.model, cfg.prune, self.layout.sharded)  # [prune]: None when off
+        # before anything is written, after every input (init_from, adapter) loaded, so that a bad input leaves
+        # no folder behind: a new, empty or leantrain run folder, locked for this process (rank 0)
+        self.run_lock = claim_run_dir(self.run_dir, self.layout)
         # train.global_batch_size: the accumulation this world size needs for it (elastic runs keep their batch)
         self.grad_accum_steps = grad_accum_steps(cfg.train, self.layout.dp_size)
+        self.compile = self._choose_compile()  # train.compile = auto: on when the run pays the compile back
+        # in place: self.model is the one handle
+        parallelize(self.model, cfg, self.device, self.dtype, self.layout, self.device_info.attention,
+                    compile=self.compile.on)
+        self._compile_pending = self.compile.on  # the first step compiles; timed on its own
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device, self.dtype)
+        self.pruner = GradualPruner.of(self.model, cfg.prune, self.layout.sharded)  # [prune]: None when off
         self.loader = BatchLoader(self.data.shards("train"), cfg.model.seq_len, cfg.train.micro_batch_size,
                                   self.grad_accum_steps, cfg.train.seed, rank=self.layout.dp_rank,
                                   world_size=self.layout.dp_size, masks=self.data.masks("train"),
@@ -175,41 +185,45 @@ class Trainer:
         self.observers: list[Observer] = [self.log, *observers] if self.layout.is_rank0 else []
         # energy, CO2 and cost of the job (rank 0's meter scaled to all ranks; see energy/accounting.py)
         self.energy = EnergyAccountant(cfg.energy, self.device, self.layout.world_size, self.layout.local_world_size)
-        self.carbon = CarbonScheduler(cfg.energy, self.energy) if cfg.energy.carbon_aware else None
+        try:  # the energy poller runs from here on: a setup failure below must not leave it behind
+            self.carbon = CarbonScheduler(cfg.energy, self.energy) if cfg.energy.carbon_aware else None
 
-        self.flops_per_token = flops_per_token(cfg.model)
-        self.peak_flops, self.peak_source = self.device_info.peak_flops, self.device_info.peak_source
-        self.step = 0
-        self.tokens = 0
-        self.last_val_loss: float | None = None
-        # the logged loss is the mean over steps since the last log line; kept in checkpoints
-        # so a resumed run logs exactly the numbers the uninterrupted one would
-        self.window_loss = torch.zeros((), device=self.device)
-        self.window_steps = 0
-        reprobe = self._reprobe_peak if self.device.type == "cpu" and self.layout.is_rank0 else None
-        self.meter = StepMeter(self.device, self.flops_per_token, self.peak_flops, self.layout.world_size, reprobe)
-        self._stop_signal: str | None = None
-        self._signal_seen: str | None = None  # distributed: a signal this rank got, not yet agreed on
-        self._saved_step: int | None = None  # step of the checkpoint this run last wrote or resumed from
+            self.flops_per_token = flops_per_token(cfg.model)
+            self.peak_flops, self.peak_source = self.device_info.peak_flops, self.device_info.peak_source
+            self.step = 0
+            self.tokens = 0
+            self.last_val_loss: float | None = None
+            # the logged loss is the mean over steps since the last log line; kept in checkpoints
+            # so a resumed run logs exactly the numbers the uninterrupted one would
+            self.window_loss = torch.zeros((), device=self.device)
+            self.window_steps = 0
+            reprobe = self._reprobe_peak if self.device.type == "cpu" and self.layout.is_rank0 else None
+            self.meter = StepMeter(self.device, self.flops_per_token, self.peak_flops, self.layout.world_size, reprobe)
+            self._stop_signal: str | None = None
+            self._signal_seen: str | None = None  # distributed: a signal this rank got, not yet agreed on
+            self._saved_step: int | None = None  # step of the checkpoint this run last wrote or resumed from
 
-        # resume first: when no checkpoint is usable it raises before anything in the run is rewritten
-        if resume:
-            self._resume()
-        if self.layout.is_rank0:
-            write_run_file(self.run_dir, "config.toml", to_toml(cfg) + self._resolved_comment())
-            run_tok = self.mlm_tok if self.mlm_tok is not None else self.fim_tok  # one that gained special tokens
-            write_run_file(self.run_dir, "tokenizer.json", (Path(cfg.data.path) / "tokenizer.json").read_bytes()
-                           if run_tok is None else run_tok.to_str(pretty=True))
-            hf_tok = Path(cfg.data.path) / "tokenizer_config.json"
-            if hf_tok.is_file():  # a Hugging Face tokenizer's special tokens travel with it (export, generate)
-                write_run_file(self.run_dir, "tokenizer_config.json", hf_tok.read_bytes())
-            if self.data.chat_template is not None:  # chat data: its template travels with the tokenizer
-                write_run_file(self.run_dir, "chat_template.txt", self.data.chat_template)
-        self._write_plan()
-        if cfg.data.prefetch == "on" or (cfg.data.prefetch == "auto" and self.device.type == "cuda"):
-            # the host gathers (and on CUDA pins) the next steps while the device computes; started last, so
-            # a failed resume leaves no thread behind (close() stops it)
-            self.loader = Prefetcher(self.loader, pin=self.device.type == "cuda")
+            # resume first: when no checkpoint is usable it raises before anything in the run is rewritten
+            if resume:
+                self._resume()
+            if self.layout.is_rank0:
+                write_run_file(self.run_dir, "config.toml", to_toml(cfg) + self._resolved_comment())
+                run_tok = self.mlm_tok if self.mlm_tok is not None else self.fim_tok  # one that gained special tokens
+                write_run_file(self.run_dir, "tokenizer.json", (Path(cfg.data.path) / "tokenizer.json").read_bytes()
+                               if run_tok is None else run_tok.to_str(pretty=True))
+                hf_tok = Path(cfg.data.path) / "tokenizer_config.json"
+                if hf_tok.is_file():  # a Hugging Face tokenizer's special tokens travel with it (export, generate)
+                    write_run_file(self.run_dir, "tokenizer_config.json", hf_tok.read_bytes())
+                if self.data.chat_template is not None:  # chat data: its template travels with the tokenizer
+                    write_run_file(self.run_dir, "chat_template.txt", self.data.chat_template)
+            self._write_plan()
+            if cfg.data.prefetch == "on" or (cfg.data.prefetch == "auto" and self.device.type == "cuda"):
+                # the host gathers (and on CUDA pins) the next steps while the device computes; started last, so
+                # a failed resume leaves no thread behind (close() stops it)
+                self.loader = Prefetcher(self.loader, pin=self.device.type == "cuda")
+        except BaseException:
+            self.energy.close()
+            raise
 
     # ---- setup helpers -------------------------------------------------------------------
 
@@ -221,6 +235,22 @@ class Trainer:
                                lay.local_world_size, measure_peak=lay.is_rank0)
         peak = lay.from_rank0((info.peak_flops, info.peak_source) if lay.is_rank0 else None)
         return dataclasses.replace(info, peak_flops=peak[0], peak_source=peak[1])
+
+    def _choose_compile(self) -> CompileChoice:
+        """train.compile resolved (auto: from the planner's estimate of this run's eager time), on rank 0 so
+        that every rank compiles or none does."""
+        lay = self.layout
+        choice = None
+        if lay.is_rank0:
+            key = compile_key(self.cfg, lay.device.type, self.device_info.dtype, lay.strategy)
+            eager_s = None
+            if compile_mode(self.cfg.train.compile) == "auto":
+                eager_s = self._estimate().get("train_time_s")
+            choice = choose_compile(self.cfg, lay.device.type, eager_s, key, tp=lay.tp, ep=lay.ep)
+        choice = lay.from_rank0(choice)
+        if choice.on:
+            use_persistent_cache()
+        return choice
 
     def _check_memory(self) -> None:
         """Refuse (one line, exit 2) a config the planner says does not fit in the memory available now,
@@ -338,6 +368,7 @@ class Trainer:
             "peak_flops_source": self.peak_source,
             "dataset_train_tokens": self.data.num_tokens("train"),
             "parallel": self.layout.describe(),
+            "compile": self.compile.as_dict(),
             **({"mix": self._mix_plan(tokens_per_step * c.train.steps)} if self.mix is not None else {}),
         }
         if self.layout.is_rank0:
@@ -361,8 +392,7 @@ class Trainer:
             lay = self.layout
             # the planner reads grad_accum_steps: give it the one this world size derived from global_batch_size
             train = dataclasses.replace(self.cfg.train, grad_accum_steps=self.grad_accum_steps, global_batch_size=0)
-            return run_estimate(dataclasses.replace(self.cfg, train=train),
-                                dataclasses.replace(self.device_info, peak_flops=self.peak_flops),
+            return run_estimate(dataclasses.replace(self.cfg, train=train), self.device_info,
                                 lay.dp_replicate, lay.dp_shard, lay.tp)
         except Exception as e:  # noqa: BLE001 - the estimate is advice; the run goes on without it
             return {"error": f"{type(e).__name__}: {e}"}
@@ -467,6 +497,8 @@ class Trainer:
             out = self.forward_backward(batches)
             seconds = time.perf_counter() - t0
             self._emit("compiled", seconds=round(seconds, 2))
+            if self.layout.is_rank0:
+                remember_compiled(self.compile.key, seconds)
             return out, seconds
         except Exception as e:  # noqa: BLE001 - any compiler failure: train on, uncompiled
             self.optimizer.zero_grad(set_to_none=True)
@@ -698,6 +730,7 @@ class Trainer:
         self._emit("start", total_steps=self.cfg.train.steps, params=self.plan["params"], device=str(self.device),
                    dtype=self.plan["dtype"], threads=self.plan["threads"], run_dir=str(self.run_dir), **layout,
                    **({"finetune": self.finetune} if self.finetune else {}))
+        self._emit("compile", on=self.compile.on, message=self.compile.reason)
         if "mix" in self.plan:
             mix = self.plan["mix"]
             self._emit("mix", sources=mix, message="sources " + ", ".join(
@@ -832,7 +865,7 @@ class Trainer:
         tok = self.data.tokenizer()
         prompt, ids, eos = self._sample_prompt(tok)
         # a compiled model generates eagerly: every new length would be one more compile
-        eager = torch.compiler.set_stance("force_eager") if self.cfg.train.compile else contextlib.nullcontext()
+        eager = torch.compiler.set_stance("force_eager") if self.compile.on else contextlib.nullcontext()
         with self._autocast(), eager:
             new = generate(self.model, ids, self.cfg.train.sample_tokens, seed=self.cfg.train.seed,
                            eos_id=eos)
