@@ -186,6 +186,35 @@ def test_prepare_is_deterministic_and_reuses_tokenizers(prepared: tuple[Path, di
     assert reused["splits"] == meta["splits"]
 
 
+def test_prepare_in_many_batches_writes_the_same_bytes(prepared: tuple[Path, dict], corpus: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several batches encode at once while the one before them is written: still input order, same bytes."""
+    import leantrain.tokens.prepare as prepare_module
+
+    out, meta = prepared
+    monkeypatch.setattr(prepare_module, "_BATCH_DOCS", 2)  # ~20 batches instead of one
+    again, lengths = tmp_path / "small-batches", []
+    meta2 = prepare_dataset(_docs(corpus), again, vocab_size=VOCAB, shard_tokens=2000, val_fraction=0.1,
+                            doc_tokens=lengths)
+    assert meta2["splits"] == meta["splits"]
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file() and p.name != "meta.json")
+    assert len(files) > 2
+    for f in files:
+        assert (out / f).read_bytes() == (again / f).read_bytes(), f
+    tok = load_tokenizer(out)
+    tok.encode_special_tokens = True
+    assert lengths == [len(tok.encode(d.text, add_special_tokens=False).ids) for d in read_paths([corpus]) if d.text]
+
+    def failing():  # a read error after some batches are already encoding: nothing is left behind
+        docs = list(read_paths([corpus]))
+        yield from docs[:9]
+        raise DataError("input vanished")
+
+    with pytest.raises(DataError, match="vanished"):
+        prepare_dataset(failing, tmp_path / "failed", tokenizer_path=out, shard_tokens=2000)
+    assert not any(p.name.startswith((".failed", "failed")) for p in tmp_path.iterdir())
+
+
 def test_prepare_refuses_to_overwrite(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "ds"
     prepare_dataset(_docs(corpus), out, vocab_size=300)

@@ -18,7 +18,9 @@ import hashlib
 import json
 import shutil
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -37,6 +39,7 @@ Progress = Callable[[str, int, int | None], None]
 
 _BATCH_DOCS = 512
 _BATCH_BYTES = 4 << 20
+_IN_FLIGHT = 2  # batches being encoded while this thread writes the one before them
 _PROGRESS_EVERY = 256
 _DATASET_NAMES = frozenset({META, "tokenizer.json", HF_CONFIG, "train", "val", "data_card.md", "data_card.json",
                             "data_card.png"})
@@ -98,6 +101,22 @@ class _Held:
     nbytes: int
 
 
+def _batches(docs: Iterator[Document]) -> Iterator[list[Document]]:
+    """The non-empty documents in order, cut into batches of at most _BATCH_DOCS documents or ~_BATCH_BYTES."""
+    batch: list[Document] = []
+    size = 0
+    for d in docs:
+        if not d.text:
+            continue
+        batch.append(d)
+        size += len(d.text)
+        if len(batch) >= _BATCH_DOCS or size >= _BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
 def _encode_all(docs: Iterator[Document], tok: Any, eot: int, dtype: np.dtype, val_fraction: float,
                 train: _Split, val: _Split, progress: Progress | None, total: int | None,
                 doc_tokens: list[int] | None = None, add_special: bool = False) -> None:
@@ -106,9 +125,8 @@ def _encode_all(docs: Iterator[Document], tok: Any, eot: int, dtype: np.dtype, v
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
     done = 0
 
-    def run(batch: list[Document]) -> None:
+    def run(batch: list[Document], encodings: list[Any]) -> None:
         nonlocal held_train, held_val, done
-        encodings = encode([d.text for d in batch], add_special_tokens=add_special)
         for d, enc in zip(batch, encodings, strict=True):
             ids = enc.ids
             if add_special and ids and ids[-1] == eot:  # the tokenizer's post-processor ends it already
@@ -135,18 +153,22 @@ def _encode_all(docs: Iterator[Document], tok: Any, eot: int, dtype: np.dtype, v
         if progress:
             progress("encode", done, total)
 
-    batch: list[Document] = []
-    size = 0
-    for d in docs:
-        if not d.text:
-            continue
-        batch.append(d)
-        size += len(d.text)
-        if len(batch) >= _BATCH_DOCS or size >= _BATCH_BYTES:
-            run(batch)
-            batch, size = [], 0
-    if batch:
-        run(batch)
+    # The tokenizer encodes a batch on all cores without the GIL; alone, its cores would wait while this thread
+    # reads the next batch and writes the last one, and at each batch's end on its longest document. Two batches
+    # in flight keep them busy; results are taken in input order, so the output is the same.
+    pool = ThreadPoolExecutor(_IN_FLIGHT, thread_name_prefix="encode")
+    pending: deque[tuple[list[Document], Future]] = deque()
+    try:
+        for batch in _batches(docs):
+            pending.append((batch, pool.submit(encode, [d.text for d in batch], add_special_tokens=add_special)))
+            if len(pending) > _IN_FLIGHT:
+                first, encodings = pending.popleft()
+                run(first, encodings.result())
+        while pending:
+            first, encodings = pending.popleft()
+            run(first, encodings.result())
+    finally:  # an error or Ctrl-C: drop the queued batches, wait only for those already encoding
+        pool.shutdown(wait=True, cancel_futures=True)
 
     n = train.documents + val.documents + (held_train is not None) + (held_val is not None)
     if n == 0:
