@@ -1,7 +1,10 @@
 """Checkpoint files: round trip, tied weights, damage detection and fallback, failed writes."""
 
 import json
+import os
 import random
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -130,3 +133,25 @@ def test_save_writes_what_write_of_a_snapshot_writes(tmp_path, how):
         assert torch.equal(a, b)
     for k, s in opt.state_dict()["state"].items():
         assert torch.equal(s["exp_avg"], opt2.state_dict()["state"][k]["exp_avg"])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are Linux's")
+def test_background_writer_yields_the_cores_but_the_training_thread_keeps_its_priority(tmp_path):
+    """The async writer runs at nice 19, in its own thread only: the caller (the training loop) keeps its
+    priority, and the checkpoint is written whole."""
+    m, opt = _trained()
+    ck = Checkpointer(tmp_path, keep=2, model=m, optimizer=opt, background=True)
+    seen = []
+    write = ck.write
+
+    def noting_write(snap):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return write(snap)
+
+    ck.write = noting_write
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    ck.save(4, {"tokens": 40, "loader": {"step": 4}})
+    ck.wait()
+    assert seen == [19]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
+    assert ck.load_latest()[1].step == 4
