@@ -75,9 +75,9 @@ BENCHES: dict[str, Bench] = {
         _p(r"^(?P<label>\w+)\s+fwd\+bwd median:.*after/before (?P<value>NUM)", "step time, {label} attention",
            "x", "the committed transformer.py (git HEAD)", "lower")]),
     "time_to_target": Bench(["--steps", "30", "--seeds", "1", "--warmup", "3", "--eval-every", "10",
-                             "--eval-steps", "2"], [
+                             "--eval-steps", "2", "--sweep-adamw", "3e-3,6e-3"], [
         _p(r"^(?P<label>\S+)\s+\d+/\d+\s+\S+\s+\S+\s+\S+\s+(?:\S+\s+)?(?P<value>NUM)\s+NUM(?:\s|$)",
-           "time to target, {label}", "x", "AdamW + cosine's time to its own final val loss", "lower")]),
+           "time to target, {label}", "x", "AdamW + cosine (lr swept) to its own final val loss", "lower")]),
     "large_batch": Bench(["--steps", "12"], [
         _p(r"^(?P<label>\S+ \d+)\s+\d+\s+NUM\s+NUM\s+(?P<value>NUM)\s", "val loss, {label}", "nats",
            "the small-batch AdamW run (first row)", "lower")]),
@@ -92,6 +92,8 @@ BENCHES: dict[str, Bench] = {
            "no checkpointing (noise floor subtracted)", "lower"),
         _p(r"noise floor: sync NUM%, async (?P<value>NUM)%", "step-time overhead, async save every 5 steps", "%",
            "no checkpointing (noise floor subtracted)", "lower")]),
+    # reports through report_ratio: save / load GB/s vs a dd-style write / read of its bytes, full and sharded
+    "checkpoint_io": Bench(["--repeats", "1", "--dim", "256", "--layers", "4"]),
     "energy_overhead": Bench(["--steps", "6", "--warmup", "2", "--rounds", "1"], [
         _p(r"= ratio (?P<value>NUM)", "step time, energy meter on / off", "x", "the meter off", "lower")]),
     "energy_vs_codecarbon": Bench(["--steps", "15"], [
@@ -116,9 +118,10 @@ BENCHES: dict[str, Bench] = {
                             "--seq", "64", "--batch", "4"], [
         _p(r"distilled - plain student val loss: (?P<value>NUM)", "val loss, distilled student", "nats",
            "the same student trained without a teacher", "lower")]),
-    "dedup": Bench(["--mb", "2"], [
-        _p(r"^(?P<label>leantrain.*?)\s+NUM\s+(?:NUM|-)\s+\d+\s+NUM\s+(?P<value>NUM)x\s", "throughput, {label}", "x",
+    "dedup": Bench([], [  # 20 MB of real documents: below 8 MiB NearDedup skips the pool
+        _p(r"^(?P<label>leantrain.*?)\s+NUM\s+\d+\s+NUM\s+(?P<value>NUM)x\s", "throughput, {label}", "x",
            "datasketch on the same corpus")], needs=("datasketch",)),
+    "prepare": Bench(["--mb", "6"]),  # reports through report_ratio: MB/s vs tokenizers' encode_batch alone
     "curation": Bench(["--repeat", "1"], [
         _p(r"^(?P<label>\S+@\d+)\s.*\s(?P<value>NUM)$", "curation MB/s, {label}", "x", "one serial worker")]),
     "filter_parity": Bench(["--per-source", "40", "--examples", "0"], [

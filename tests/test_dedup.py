@@ -174,7 +174,7 @@ def test_deterministic_and_executor_independent(corpus, pool):
     docs, _, _ = corpus
 
     def run(executor):
-        step = NearDedup(seed=3)
+        step = NearDedup(seed=3, pool_min_bytes=0)  # the pool even for this small corpus
         kept, stats = _run(step, docs, executor)
         out = "".join(json.dumps({"id": d.id, "text": d.text}) + "\n" for d in kept).encode()
         return out, json.dumps(step.report(), sort_keys=True), stats.to_dict()["dropped"]
@@ -182,6 +182,10 @@ def test_deterministic_and_executor_independent(corpus, pool):
     first = run(SerialExecutor())
     assert run(SerialExecutor()) == first
     assert run(pool) == first  # several worker processes, several batches: byte-identical
+    small = NearDedup(seed=3)  # default: a corpus this small runs in process, with the same result
+    kept, _ = _run(small, docs, pool)
+    assert small.executor_used.startswith("in process") and [d.id for d in kept] == [
+        json.loads(line)["id"] for line in first[0].decode().splitlines()]
     other_seed = NearDedup(seed=4)
     _run(other_seed, docs)
     assert json.loads(first[1])["params"]["seed"] == 3 and other_seed.report()["params"]["seed"] == 4

@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from leantrain.corpus.executors import SerialExecutor
 from leantrain.corpus.readers import Document
 from leantrain.corpus.steps import Drop, Executor, GlobalStep, StepStats
 from leantrain.errors import ConfigError
@@ -56,6 +57,9 @@ _COMBINE = _U64(0x9E3779B97F4A7C15)  # odd multiplier that chains n-gram members
 _BLOCK = 1 << 20  # uint32 elements of one signature block ([num_perm, shingles]); smaller blocks measured 3x slower
 _SEGMENT = 1 << 20  # bytes hashed at once: 2 x 8 MiB power tables; 4x longer segments measured 1.6x slower
 _DECIDE_P = 1e-9  # a pair is decided from its signature when the other answer is less likely than this
+# Below this much text a process pool does not pay: on 2 cores, 2 MB took 0.043-0.10 s on a warm 2-worker pool
+# against 0.045 s in process (bench/dedup.py); 20 MB took 0.31-0.49 s against 0.45 s.
+POOL_MIN_BYTES = 8 << 20
 _EMPTY = np.zeros(0, dtype=np.uint64)
 
 # Bytes that belong to words: ASCII letters, digits, underscore, and every byte of a non-ASCII
@@ -494,13 +498,17 @@ class NearDedup(GlobalStep):
 
     Holds the documents of one run in memory (it must see them all before it can yield any) plus a
     `[documents, num_perm]` uint32 signature matrix.
+
+    Input smaller than `pool_min_bytes` of text runs in this process whatever the executor (a pool's
+    start-up and transfers cost more than they save there); `executor_used` says which ran.
     """
 
     name = "near_dedup"
 
     def __init__(self, threshold: float = 0.8, num_perm: int = 128, shingle: str = "word", ngram: int = 5,
                  seed: int = 1, bands_rows: tuple[int, int] | None = None,
-                 weights: tuple[float, float] | None = None, verify: str = "jaccard") -> None:
+                 weights: tuple[float, float] | None = None, verify: str = "jaccard",
+                 pool_min_bytes: int = POOL_MIN_BYTES) -> None:
         if not 0.0 < threshold < 1.0:
             raise ConfigError(f"near dedup threshold {threshold} must be between 0 and 1 (exclusive); try 0.8")
         if num_perm < 2:
@@ -521,6 +529,8 @@ class NearDedup(GlobalStep):
                               f"{num_perm}; leave bands_rows unset to derive it from the threshold")
         self.threshold, self.verify, self.weights = threshold, verify, weights
         self.params = _Params(shingle, ngram, num_perm, bands, rows, seed)
+        self.pool_min_bytes = pool_min_bytes
+        self.executor_used = ""
         self._report: dict[str, Any] = {}
 
     def signatures(self, docs: list[Document], executor: Executor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -555,7 +565,10 @@ class NearDedup(GlobalStep):
         accept = agree >= hi
         unsure = np.flatnonzero((agree > lo) & ~accept)
         if unsure.size:
-            chunks = np.array_split(unsure, max(1, min(len(unsure) // 256, 4 * executor.workers)))
+            parts = max(1, min(len(unsure) // 256, 4 * executor.workers))
+            if executor.workers > 1:  # every worker gets a chunk (under 512 pairs once meant one chunk, one worker)
+                parts = max(parts, min(2 * executor.workers, len(unsure)))
+            chunks = np.array_split(unsure, parts)
             tasks = []
             for chunk in chunks:
                 ids, local = np.unique(pairs[chunk], return_inverse=True)
@@ -568,6 +581,12 @@ class NearDedup(GlobalStep):
 
     def run(self, docs: Iterable[Document], stats: StepStats, executor: Executor) -> Iterator[Document]:
         docs = list(docs)
+        size = sum(len(d.text) for d in docs)
+        if executor.workers > 1 and size < self.pool_min_bytes:
+            executor = SerialExecutor()
+            self.executor_used = f"in process ({size / 1e6:.1f} MB of text < {self.pool_min_bytes / 1e6:.1f} MB)"
+        else:
+            self.executor_used = getattr(executor, "describe", lambda: f"{executor.workers} workers")()
         sig, band_hashes, valid = self.signatures(docs, executor)
         pairs = self._candidates(band_hashes, valid, executor)
         pairs, info = self._verify(docs, sig, pairs, executor)
