@@ -197,6 +197,12 @@ def test_chat_data_goes_through_curation(tmp_path: Path) -> None:
 
 # ---- Ctrl-C, SIGTERM and a full disk -----------------------------------------------------------
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """The child starts with Ctrl-C's default action, as a foreground job does, even when this suite was
+    started with SIGINT ignored (`make test &` from a script), which the child would otherwise inherit."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt_when(cmd: list[str], ready, sig: int = signal.SIGINT, group: bool = True,
                     tries: int = 4) -> subprocess.CompletedProcess:
     """Run `cmd` in its own process group; once `ready()` holds, freeze the main process, send `sig` to
@@ -204,7 +210,7 @@ def _interrupt_when(cmd: list[str], ready, sig: int = signal.SIGINT, group: bool
     let it go on. Retries if the run finished first."""
     for _ in range(tries):
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_ctrl_c_as_in_a_terminal)
         deadline = time.monotonic() + WAIT
         hit = False
         while proc.poll() is None and time.monotonic() < deadline:
