@@ -99,7 +99,8 @@ def main() -> None:
             syn = r.card["synthetic"]
             print(f"{kind:<8} {mode:<12} {r.generated:>10} {syn['acceptance']['checks']:>11.1%} "
                   f"{syn['acceptance']['overall']:>6.1%} {r.manifest['generation']['tokens_per_s']:>9.0f}")
-        checks = " ".join(f"{c['check']} {c['acceptance']:.1%}" for c in py.card["synthetic"]["checks"])
+        checks = " ".join(f"{c['check']} " + ("-" if c["acceptance"] is None else f"{c['acceptance']:.1%}")
+                      for c in py.card["synthetic"]["checks"])  # None: no candidate got as far as this check
         print(f"python checks: {checks}")
         ratio = con.manifest["generation"]["tokens_per_s"] / free.manifest["generation"]["tokens_per_s"]
         print(f"JSON valid: free {free.card['synthetic']['acceptance']['checks']:.1%} -> constrained "
