@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from leantrain.config import SLIDING_WINDOW_ARCHS, ModelConfig
-from leantrain.errors import CheckpointError, ConfigError
+from leantrain.errors import CheckpointError, ConfigError, LeantrainError
 from leantrain.model.flops import ffn_hidden_dim, head_size, is_moe_layer
 from leantrain.model.hf_moe import (
     MOE_FAMILIES,
@@ -471,14 +471,20 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path) -> None:
             t.copy_(ours[name])
 
 
-def load_hf_export(hf_dir: str | Path) -> tuple[torch.nn.Module, Any]:
+def load_hf_export(hf_dir: str | Path, checkpoint: str | None = None) -> tuple[torch.nn.Module, Any]:
     """A `leantrain export --format hf` folder (or another Llama-family HF folder) as a leantrain Transformer in
-    eval mode and its `tokenizers` Tokenizer, for the commands that generate from one (serve, synth)."""
+    eval mode and its `tokenizers` Tokenizer, for the commands that generate from a run or an export (serve,
+    synth), which come here once the folder is not a run; `checkpoint` is their --checkpoint, refused here."""
     from tokenizers import Tokenizer
 
     from leantrain.model import Transformer
 
     hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise CheckpointError(f"{hf_dir} is neither a run directory (config.toml) nor a Hugging Face export "
+                              "(config.json); pass the folder `leantrain train` or `leantrain export` wrote")
+    if checkpoint is not None:
+        raise LeantrainError("--checkpoint applies to a run directory, not to an exported folder; drop it")
     with torch.device("cpu"):
         model = Transformer(ModelConfig(**model_config_from_hf(hf_dir)))
     load_hf_weights(model, hf_dir)

@@ -18,7 +18,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from leantrain.errors import CheckpointError, DataError, LeantrainError
+from leantrain.errors import DataError
 
 Messages = Sequence[dict[str, str]]
 
@@ -101,14 +101,9 @@ def load_served(path: str | Path, *, name: str | None = None, checkpoint: str | 
                                eos)
         return ServedModel(name or run.resolve().name, loaded.model, loaded.tokenizer,
                            eot_id(loaded.tokenizer, eos=eos), chat, run)
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path} is neither a run directory (config.toml) nor a Hugging Face export "
-                              "(config.json); pass the folder `leantrain train` or `leantrain export` wrote")
-    if checkpoint is not None:
-        raise LeantrainError("--checkpoint applies to a run directory, not to an exported folder; drop it")
     from leantrain.model.hf import load_hf_export
 
-    model, tok = load_hf_export(path)
+    model, tok = load_hf_export(path, checkpoint)
     check_can_generate(model)
     tok_config = hf_tokenizer_config(path / "tokenizer.json") or {}
     specials = special_tokens(tok_config)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from leantrain.errors import CheckpointError, LeantrainError
+from leantrain.errors import CheckpointError
 
 STOP_CHECK_EVERY = 8  # decode steps between looks at the text for the stop rule (decoding text costs)
 
@@ -63,14 +63,9 @@ def load_generator(path: str | Path, *, checkpoint: str | Path | None = None,
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; pass a run directory (`leantrain train`) or an exported "
                               "Hugging Face folder (`leantrain export --format hf`)")
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path} is neither a run directory (config.toml) nor a Hugging Face export "
-                              "(config.json); pass the folder `leantrain train` or `leantrain export` wrote")
-    if checkpoint is not None:
-        raise LeantrainError("--checkpoint applies to a run directory, not to an exported folder; drop it")
     from leantrain.model.hf import load_hf_export
 
-    model, tok = load_hf_export(path)
+    model, tok = load_hf_export(path, checkpoint)
     eos = special_tokens(hf_tokenizer_config(path / "tokenizer.json") or {}).get("eos_token")
     step = None
     marker = path / ".leantrain-export.json"  # export.hf.EXPORT_MARKER
