@@ -219,10 +219,9 @@ def auto_decision(args) -> str:
     cfg = load_config(recipe=recipe, overrides=[f"--data.path={args.data}", *[f"--{kv}" for kv in args.set]])
     info = describe_device(torch.device("cpu"), cfg.precision.dtype, cfg.train.attention, cfg.model.seq_len,
                            cfg.train.threads, 1, measure_peak=True)
-    eager_s = run_estimate(cfg, info).get("train_time_s")
+    choice = choose_compile(cfg, "cpu", run_estimate(cfg, info).get("train_time_s"), "-")
     return (f"train.compile = auto for recipe {recipe}'s own {cfg.train.steps} steps: "
-            + ("compiles" if choose_compile(cfg, "cpu", eager_s, "-").on else "stays eager")
-            + f" ({choose_compile(cfg, 'cpu', eager_s, '-').reason})")
+            f"{'compiles' if choice.on else 'stays eager'} ({choice.reason})")
 
 
 # ---- Hugging Face Trainer ------------------------------------------------------------------

@@ -39,6 +39,20 @@ class StopAt:
         pass
 
 
+def stop_then_resume(cfg, run_dir, at: int):
+    """Train `cfg` into `run_dir`, stopped after step `at` as SIGTERM would, then resume it to the end;
+    returns the resumed Trainer."""
+    from leantrain.train.trainer import Trainer
+
+    first = Trainer(cfg, run_dir)
+    first.observers.append(StopAt(first, at))
+    assert first.fit()["step"] == at
+    second = Trainer(cfg, run_dir)
+    assert second.step == at
+    second.fit()
+    return second
+
+
 class Tied(torch.nn.Module):
     """A tiny module with tied weights (embedding = output), the case checkpoint formats get wrong."""
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from helpers import StopAt, tiny_config
+from helpers import stop_then_resume, tiny_config
 from leantrain import api
 from leantrain.cli import main
 from leantrain.config import load_config
@@ -236,12 +236,7 @@ def fim_run(dataset, tmp_path_factory):
 
 def test_fim_run_from_the_cli_resumes_exactly(fim_run, tmp_path):
     run, cfg = fim_run
-    first = Trainer(cfg, tmp_path / "resumed")
-    first.observers.append(StopAt(first, 3))
-    assert first.fit()["step"] == 3
-    second = Trainer(cfg, tmp_path / "resumed")
-    assert second.step == 3
-    second.fit()
+    stop_then_resume(cfg, tmp_path / "resumed", 3)
 
     def losses(r):
         return {m["step"]: m["loss"] for m in read_jsonl(r / "metrics.jsonl")}

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from helpers import StopAt, tiny_config
+from helpers import stop_then_resume, tiny_config
 from leantrain.cli import main
 from leantrain.config import ModelConfig, load_config
 from leantrain.errors import ConfigError, DataError
@@ -142,12 +142,7 @@ def test_lora_resume_is_bit_for_bit(chat_data, tmp_path):
     cfg = ft_config(chat_data, train__steps=6, checkpoint__every=3, finetune__lora_dropout=0.1)
     straight = Trainer(cfg, tmp_path / "straight")
     straight.fit()
-    first = Trainer(cfg, tmp_path / "resumed")
-    first.observers.append(StopAt(first, 3))
-    assert first.fit()["step"] == 3
-    second = Trainer(cfg, tmp_path / "resumed")
-    assert second.step == 3
-    second.fit()
+    second = stop_then_resume(cfg, tmp_path / "resumed", 3)
 
     def losses(run):
         return {r["step"]: r["loss"] for r in read_jsonl(run / "metrics.jsonl")}

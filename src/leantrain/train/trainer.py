@@ -155,6 +155,7 @@ class Trainer:
         self.run_lock = claim_run_dir(self.run_dir, self.layout)
         # train.global_batch_size: the accumulation this world size needs for it (elastic runs keep their batch)
         self.grad_accum_steps = grad_accum_steps(cfg.train, self.layout.dp_size)
+        self._estimate_block: dict[str, Any] | None = None  # the planner's estimate, made on first use
         self.compile = self._choose_compile()  # train.compile = auto: on when the run pays the compile back
         # in place: self.model is the one handle
         parallelize(self.model, cfg, self.device, self.dtype, self.layout, self.device_info.attention,
@@ -385,17 +386,20 @@ class Trainer:
 
     def _estimate(self) -> dict[str, Any]:
         """The planner's prediction for this run (leantrain plan), kept next to what the run measures;
-        a planner failure costs only the estimate, never the run."""
+        a planner failure costs only the estimate, never the run. Made once: the compile choice reads it too."""
+        if self._estimate_block is not None:
+            return self._estimate_block
         try:
             from leantrain.plan.planner import run_estimate
 
             lay = self.layout
             # the planner reads grad_accum_steps: give it the one this world size derived from global_batch_size
             train = dataclasses.replace(self.cfg.train, grad_accum_steps=self.grad_accum_steps, global_batch_size=0)
-            return run_estimate(dataclasses.replace(self.cfg, train=train), self.device_info,
-                                lay.dp_replicate, lay.dp_shard, lay.tp)
+            self._estimate_block = run_estimate(dataclasses.replace(self.cfg, train=train), self.device_info,
+                                                lay.dp_replicate, lay.dp_shard, lay.tp)
         except Exception as e:  # noqa: BLE001 - the estimate is advice; the run goes on without it
-            return {"error": f"{type(e).__name__}: {e}"}
+            self._estimate_block = {"error": f"{type(e).__name__}: {e}"}
+        return self._estimate_block
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == torch.float32:
