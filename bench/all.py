@@ -74,7 +74,7 @@ BENCHES: dict[str, Bench] = {
     "arch_overhead": Bench(["--steps", "3", "--batch", "4"], [
         _p(r"^(?P<label>\w+)\s+fwd\+bwd median:.*after/before (?P<value>NUM)", "step time, {label} attention",
            "x", "the committed transformer.py (git HEAD)", "lower")]),
-    "time_to_target": Bench(["--steps", "30", "--seeds", "1", "--warmup", "3", "--eval-every", "10",
+    "time_to_target": Bench(["--steps", "30", "--seeds", "1", "--warmup", "3", "--eval-every", "5",
                              "--eval-steps", "2", "--sweep-adamw", "3e-3,6e-3"], [
         _p(r"^(?P<label>\S+)\s+\d+/\d+\s+\S+\s+\S+\s+\S+\s+(?:\S+\s+)?(?P<value>NUM)\s+NUM(?:\s|$)",
            "time to target, {label}", "x", "AdamW + cosine (lr swept) to its own final val loss", "lower")]),
