@@ -138,6 +138,64 @@ def test_unparseable_safetensors_with_a_correct_checksum_falls_back(tmp_path):
     _falls_back(ck, "model.safetensors", "cannot be parsed")
 
 
+@pytest.mark.parametrize("header", [
+    b"\xff" * 8,  # a header length past the end of the file
+    b"\x04\x00\x00\x00\x00\x00\x00\x00[1] ",  # a header that is not an object
+    b"\x30\x00\x00\x00\x00\x00\x00\x00" + b'{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,8]}}'[:48],
+    b"\x38\x00\x00\x00\x00\x00\x00\x00" + b'{"w":{"dtype":"X9","shape":[2],"data_offsets":[0,8]}}   ',
+])
+def test_malformed_safetensors_headers_with_a_correct_checksum_fall_back(tmp_path, header):
+    ck, newest = _two_checkpoints(tmp_path)
+    garbage = header + b"\x00" * 8
+    (newest / "optim.safetensors").write_bytes(garbage)
+    _relist(newest, lambda files: files.update({"optim.safetensors": _entry(garbage)}))
+    _falls_back(ck, "optim.safetensors", "cannot be parsed")
+
+
+def test_checkpoint_tensors_are_read_without_a_copy_and_match_the_safetensors_library(tmp_path):
+    from safetensors.torch import load as st_load
+
+    from leantrain.train.checkpoint.full import safetensors_chunks, tensors_from_safetensors
+
+    # 3 bf16 values (6 bytes) put the fp32 and int64 tensors after them off their alignment
+    tensors = {"a": torch.randn(3, dtype=torch.bfloat16), "b": torch.randn(2, 5), "c": torch.zeros(0, 4),
+               "d": torch.arange(7, dtype=torch.int64), "e": torch.tensor([True, False])}
+    buf = bytearray(b"".join(bytes(c) for c in safetensors_chunks(tensors)))
+    got, ref = tensors_from_safetensors(buf), st_load(bytes(buf))
+    assert sorted(got) == sorted(ref) == sorted(tensors)
+    for name, t in tensors.items():
+        assert got[name].dtype == ref[name].dtype == t.dtype and got[name].shape == t.shape
+        assert torch.equal(got[name], ref[name]) and torch.equal(got[name], t)
+    base = torch.frombuffer(buf, dtype=torch.uint8).data_ptr()
+    inside = {n for n, t in got.items() if t.numel() and base <= t.data_ptr() < base + len(buf)}
+    assert inside == {"a", "e"}  # views into the file's bytes; b and d start off their alignment, so copied
+
+
+@pytest.mark.parametrize("change", ["longer", "shorter", "flipped"])
+def test_reading_and_hashing_in_chunks_still_catches_every_damage(tmp_path, monkeypatch, change):
+    from leantrain.train.checkpoint import manifest
+
+    monkeypatch.setattr(manifest, "CHUNK", 1000)  # many chunks, so the hashing thread overlaps the reads
+    ck, newest = _two_checkpoints(tmp_path)
+    path = newest / "optim.safetensors"
+    data = bytearray(path.read_bytes())
+    info = _entry(bytes(data))
+    assert manifest.read_listed(newest, "optim.safetensors", info) == data
+    manifest.verify_listed(newest, "optim.safetensors", info)
+    if change == "longer":
+        data += b"\x00" * 70_000  # past the expected size by more than one spare buffer
+    elif change == "shorter":
+        del data[-1]
+    else:
+        data[len(data) // 2] ^= 1
+    path.write_bytes(data)
+    for check in (manifest.read_listed, manifest.verify_listed):
+        with pytest.raises(CheckpointError, match="fails its checksum") as err:
+            check(newest, "optim.safetensors", info)
+        if change != "flipped":
+            assert f"({len(data)} bytes, expected {info['bytes']})" in str(err.value)
+
+
 def test_unparseable_state_with_a_correct_checksum_falls_back(tmp_path):
     ck, newest = _two_checkpoints(tmp_path)
     garbage = b"[1, 2"

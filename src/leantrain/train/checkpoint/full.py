@@ -13,13 +13,12 @@ checkpoint resumes at any world size and layout without a converter.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 
 from leantrain.errors import CheckpointError
 from leantrain.files import write_durable
@@ -55,6 +54,50 @@ def safetensors_chunks(tensors: dict[str, torch.Tensor]) -> list[bytes | memoryv
     return [struct.pack("<Q", len(head)) + head, *views]
 
 
+_ST_TORCH = {name: dtype for dtype, name in _ST_DTYPES.items()}
+_MAX_HEADER = 100 << 20
+
+
+def tensors_from_safetensors(buf: bytearray) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file held in `buf`, as views into it (no copy; they keep `buf` alive).
+
+    `safetensors.torch.load` copies every tensor out of the bytes it is given; a checkpoint's bytes are read
+    into a buffer of our own anyway (to be hashed), so wrapping them saves one copy of the whole file on
+    every resume. Tensors whose offset does not suit their dtype's alignment are copied. ValueError names
+    what is malformed.
+    """
+    if len(buf) < 8:
+        raise ValueError("shorter than its 8-byte header length")
+    n = struct.unpack_from("<Q", buf)[0]
+    if n > min(_MAX_HEADER, len(buf) - 8):
+        raise ValueError(f"its header length {n} runs past the end of the file")
+    header = json.loads(bytes(buf[8: 8 + n]))
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    base, data_len, out = 8 + n, len(buf) - 8 - n, {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _ST_TORCH.get(entry.get("dtype")) if isinstance(entry, dict) else None
+        shape, offsets = (entry.get("shape"), entry.get("data_offsets")) if dtype is not None else (None, None)
+        sizes_ok = isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in [*shape, *offsets])
+        if dtype is None or not sizes_ok:
+            raise ValueError(f"tensor {name!r} has a malformed header entry")
+        begin, end = offsets
+        numel = math.prod(shape)
+        if not begin <= end <= data_len or end - begin != numel * dtype.itemsize:
+            raise ValueError(f"tensor {name!r}'s data offsets do not match its shape or the file")
+        if numel == 0:
+            out[name] = torch.empty(shape, dtype=dtype)
+        elif (base + begin) % dtype.itemsize == 0:
+            out[name] = torch.frombuffer(buf, dtype=dtype, count=numel, offset=base + begin).view(shape)
+        else:
+            raw = torch.frombuffer(buf, dtype=torch.uint8, count=end - begin, offset=base + begin).clone()
+            out[name] = raw.view(dtype).view(shape)
+    return out
+
+
 def write_files(folder: Path, snap: Snapshot) -> dict[str, dict[str, Any]]:
     """Write a snapshot's files into a checkpoint folder being built; returns their manifest entries.
     The caller writes the manifest and fsyncs the folder once."""
@@ -84,15 +127,15 @@ def read(folder: Path, listed: dict[str, Any]) -> Snapshot:
     tensors = {}
     for name in ("model.safetensors", "optim.safetensors"):
         try:
-            tensors[name] = st_load(blobs[name])
-        except (SafetensorError, ValueError, KeyError, OverflowError) as e:
+            tensors[name] = tensors_from_safetensors(blobs[name])
+        except ValueError as e:
             raise manifest.damaged(folder, f"{name} cannot be parsed ({str(e).strip()[:200]})") from None
     extra = {}  # the other safetensors files a trainer wrote beside them (LoRA adapters, pruning masks)
     for name in blobs:
         if name.endswith(".safetensors") and name not in tensors:
             try:
-                extra[name] = st_load(blobs[name])
-            except (SafetensorError, ValueError, KeyError, OverflowError) as e:
+                extra[name] = tensors_from_safetensors(blobs[name])
+            except ValueError as e:
                 raise manifest.damaged(folder, f"{name} cannot be parsed ({str(e).strip()[:200]})") from None
     return Snapshot(listed["step"], tensors["model.safetensors"], tensors["optim.safetensors"], state, extra=extra)
 
