@@ -55,6 +55,10 @@ CONTENDERS: dict[str, dict[str, object]] = {
     # they keep the model stable (a warmup cost Muon 5-15 steps here; AdamW without one ended 0.35 higher)
     "muon-fast": {"optim.name": "muon", "optim.schedule": "cosine", "optim.muon_lr": 0.02, "optim.lr": 3e-3,
                   "optim.warmup_steps": 0},
+    # batch-size warmup: each step's batch grows from 1 to 8 sequences over the first 30 steps
+    "muon-fast-bw": {"optim.name": "muon", "optim.schedule": "cosine", "optim.muon_lr": 0.02, "optim.lr": 3e-3,
+                     "optim.warmup_steps": 0, "train.batch_warmup_steps": 30},
+    "adamw-bw": {"optim.name": "adamw", "optim.schedule": "cosine", "train.batch_warmup_steps": 30},
     "muon-wsd": {"optim.name": "muon", "optim.schedule": "wsd", "optim.wsd_shape": "1-sqrt", "optim.muon_lr": 0.02},
     "lion-cosine": {"optim.name": "lion", "optim.schedule": "cosine", "optim.lr": 5e-4, "optim.weight_decay": 0.5},
     "lamb-cosine": {"optim.name": "lamb", "optim.schedule": "cosine", "optim.lr": 1e-2},

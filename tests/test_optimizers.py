@@ -274,3 +274,36 @@ def test_lr_find_cli(dataset, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "suggested lr" in out and (tmp_path / "f" / "lr_find.json").is_file()
     assert main(["lr-find", "--min-lr", "1", "--max-lr", "0.1", f"--data.path={dataset}"]) == 2
+
+
+# ---- batch-size warmup ------------------------------------------------------------------------------
+
+def test_batch_size_warmup_grows_linearly_from_one_sequence_to_the_micro_batch():
+    from leantrain.train.optim import batch_size_at
+
+    assert [batch_size_at(s, 4, 8) for s in range(6)] == [2, 4, 6, 8, 8, 8]
+    assert [batch_size_at(s, 10, 4) for s in range(11)] == [1, 1, 2, 2, 2, 3, 3, 4, 4, 4, 4]
+    assert [batch_size_at(s, 0, 4) for s in range(2)] == [4, 4]  # off
+
+
+def test_batch_size_warmup_trains_on_a_prefix_of_each_step_and_resumes_exactly(dataset, tmp_path):
+    cfg = tiny_config(dataset, train__steps=8, train__eval_every=4, checkpoint__every=3,
+                      train__batch_warmup_steps=4, train__grad_accum_steps=2)
+    Trainer(cfg, tmp_path / "straight").fit()
+    first = Trainer(cfg, tmp_path / "resumed")
+    first.observers.append(StopAt(first, 2))  # stopped inside the warmup
+    assert first.fit()["step"] == 2
+    second = Trainer(cfg, tmp_path / "resumed")
+    second.fit()
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    # tokens per step: 2 micro-batches of 1, 2, 3, 4 sequences of 64 tokens, then 4 from step 4 on
+    tokens = [r["tokens"] for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl") if "loss" in r]
+    per_step = [b - a for a, b in zip([0, *tokens[:-1]], tokens, strict=True)]
+    assert per_step == [2 * k * 64 for k in (1, 2, 3, 4, 4, 4, 4, 4)]
+    # a warm-up step trains on the first sequences of the full step's windows: its loss is theirs
+    plain = Trainer(tiny_config(dataset, train__steps=8, train__grad_accum_steps=2), tmp_path / "plain")
+    (x0, y0), (x1, y1) = plain.loader.next_step()
+    with torch.no_grad():
+        want = (plain.model(x0[:1], y0[:1], reduction="sum") + plain.model(x1[:1], y1[:1], reduction="sum")) / 128
+    assert losses(tmp_path / "straight")[1][0] == pytest.approx(want.item(), rel=1e-5)
+    plain.close()

@@ -142,6 +142,9 @@ class TrainConfig:
                                 "accumulation is derived from the world size at each start, so an elastic run "
                                 "(torchrun --nnodes 1:2) keeps its batch and loss curve when it loses or gains a "
                                 "node (leave grad_accum_steps at 1)", min=0, max=2**40)
+    batch_warmup_steps: int = _f(0, "batch-size warmup: over these first steps each micro-batch grows linearly "
+                                 "from 1 sequence to micro_batch_size (the first sequences of the step's full "
+                                 "batch, so a resume stays exact); 0 is off", min=0, max=10**12)
     seed: int = _f(1337, "seed for init, data order and sampling", min=0, max=2**63 - 1)
     eval_every: int = _f(100, "steps between validation runs; 0 evaluates only at the end", min=0,
                         max=10**12)

@@ -111,3 +111,12 @@ def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
     if cfg.wsd_shape == "1-sqrt":
         return lo + (cfg.lr - lo) * (1 - math.sqrt(frac))
     return cfg.lr + (lo - cfg.lr) * frac
+
+
+def batch_size_at(step: int, warmup_steps: int, micro_batch_size: int) -> int:
+    """Sequences per micro-batch at optimizer step `step` (0-based) under batch-size warmup: linear from 1 to
+    `micro_batch_size` over `warmup_steps` steps, then `micro_batch_size`. Early on, when the gradient noise
+    is small next to the gradient, a smaller batch makes about the same progress per step for fewer tokens."""
+    if step >= warmup_steps:
+        return micro_batch_size
+    return max(1, math.ceil(micro_batch_size * (step + 1) / warmup_steps))

@@ -67,7 +67,7 @@ from leantrain.train.compile_choice import (
 from leantrain.train.distill import Distiller
 from leantrain.train.guard import GradHealth, Guard
 from leantrain.train.observers import StepMeter, StepResult, StopRun
-from leantrain.train.optim import build_optimizer, lr_at
+from leantrain.train.optim import batch_size_at, build_optimizer, lr_at
 from leantrain.train.precision import apply_float8
 from leantrain.train.pruning import GradualPruner
 from leantrain.train.rundir import claim_run_dir, write_run_file
@@ -401,6 +401,11 @@ class Trainer:
             self._estimate_block = {"error": f"{type(e).__name__}: {e}"}
         return self._estimate_block
 
+    def _warmed_up(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Under batch-size warmup (`train.batch_warmup_steps`), the first sequences of each micro-batch."""
+        k = batch_size_at(self.step, self.cfg.train.batch_warmup_steps, self.cfg.train.micro_batch_size)
+        return batches if k >= self.cfg.train.micro_batch_size else [(x[:k], y[:k]) for x, y in batches]
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
@@ -679,7 +684,7 @@ class Trainer:
                 self.meter.start_run()
                 while self.step < total and self._stop_signal is None:
                     self.meter.step_starts()
-                    batches = self.loader.next_step()
+                    batches = self._warmed_up(self.loader.next_step())
                     self.meter.data_ready()
                     result = self.train_step(batches)
                     if result.compile_s is not None:
