@@ -196,6 +196,29 @@ def test_reading_and_hashing_in_chunks_still_catches_every_damage(tmp_path, monk
             assert f"({len(data)} bytes, expected {info['bytes']})" in str(err.value)
 
 
+def test_a_large_checkpoint_round_trips_through_mapped_buffers_and_damage_is_still_caught(tmp_path):
+    from leantrain.train.checkpoint import manifest
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(600, 600), torch.nn.Linear(600, 7))  # ~1.4 MB of weights
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 600)).sum().backward()
+    opt.step()
+    ck = Checkpointer(tmp_path / "checkpoints", keep=2)
+    path = ck.write(snapshot(1, model, opt, {"tokens": 1, "loader": {"step": 1}}))
+    info = manifest.read(path)["files"]["model.safetensors"]
+    assert info["bytes"] > 1 << 20  # past the size read into a MAP_POPULATE mapping
+    snap = read_checkpoint(path)
+    for name, t in model.state_dict().items():
+        assert torch.equal(snap.model[name], t)
+    assert torch.equal(snap.optim["0/exp_avg"], opt.state[model[0].weight]["exp_avg"])
+    data = bytearray((path / "model.safetensors").read_bytes())
+    data[-5] ^= 0x40
+    (path / "model.safetensors").write_bytes(data)
+    with pytest.raises(CheckpointError, match="model.safetensors fails its checksum"):
+        read_checkpoint(path)
+
+
 def test_unparseable_state_with_a_correct_checksum_falls_back(tmp_path):
     ck, newest = _two_checkpoints(tmp_path)
     garbage = b"[1, 2"
