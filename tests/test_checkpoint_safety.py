@@ -138,15 +138,29 @@ def test_unparseable_safetensors_with_a_correct_checksum_falls_back(tmp_path):
     _falls_back(ck, "model.safetensors", "cannot be parsed")
 
 
-@pytest.mark.parametrize("header", [
-    b"\xff" * 8,  # a header length past the end of the file
-    b"\x04\x00\x00\x00\x00\x00\x00\x00[1] ",  # a header that is not an object
-    b"\x30\x00\x00\x00\x00\x00\x00\x00" + b'{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,8]}}'[:48],
-    b"\x38\x00\x00\x00\x00\x00\x00\x00" + b'{"w":{"dtype":"X9","shape":[2],"data_offsets":[0,8]}}   ',
+def _safetensors_file(header, data: bytes = b"\x00" * 8) -> bytes:
+    head = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return len(head).to_bytes(8, "little") + head + data
+
+
+def _t(dtype, shape, begin, end):
+    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\xff" * 8 + b"\x00" * 8,  # a header length past the end of the file
+    _safetensors_file(b"[1]"),  # a header that is not an object
+    _safetensors_file(b"[" * 200_000 + b"]" * 200_000),  # nested past the JSON parser's recursion limit
+    _safetensors_file({"w": _t("X9", [2], 0, 8)}),  # an unknown dtype
+    _safetensors_file({"w": _t(["F32"], [2], 0, 8)}),  # a dtype that is not a string
+    _safetensors_file({"w": _t("F32", [4], 0, 8)}),  # offsets that do not match the shape
+    _safetensors_file({"w": _t("F32", [0, 2**63], 0, 0)}),  # a dimension past int64
+    _safetensors_file({"w": _t("F32", [2], 0, 8), "v": _t("F32", [1], 4, 8)}),  # overlapping tensors
+    _safetensors_file({"w": _t("F32", [1], 0, 4), "v": _t("F32", [1], 8, 12)}, b"\x00" * 12),  # a gap
+    _safetensors_file({"w": _t("F32", [1], 0, 4)}),  # bytes no tensor covers
 ])
-def test_malformed_safetensors_headers_with_a_correct_checksum_fall_back(tmp_path, header):
+def test_malformed_safetensors_with_a_correct_checksum_fall_back(tmp_path, garbage):
     ck, newest = _two_checkpoints(tmp_path)
-    garbage = header + b"\x00" * 8
     (newest / "optim.safetensors").write_bytes(garbage)
     _relist(newest, lambda files: files.update({"optim.safetensors": _entry(garbage)}))
     _falls_back(ck, "optim.safetensors", "cannot be parsed")
@@ -169,19 +183,22 @@ def test_checkpoint_tensors_are_read_without_a_copy_and_match_the_safetensors_li
     base = torch.frombuffer(buf, dtype=torch.uint8).data_ptr()
     inside = {n for n, t in got.items() if t.numel() and base <= t.data_ptr() < base + len(buf)}
     assert inside == {"a", "e"}  # views into the file's bytes; b and d start off their alignment, so copied
+    with pytest.raises(BufferError):  # the bytes under the views cannot be resized away while they live
+        buf.extend(b"\x00" * 4096)
 
 
 @pytest.mark.parametrize("change", ["longer", "shorter", "flipped"])
 def test_reading_and_hashing_in_chunks_still_catches_every_damage(tmp_path, monkeypatch, change):
     from leantrain.train.checkpoint import manifest
 
-    monkeypatch.setattr(manifest, "CHUNK", 1000)  # many chunks, so the hashing thread overlaps the reads
-    ck, newest = _two_checkpoints(tmp_path)
-    path = newest / "optim.safetensors"
+    # many chunks, each large enough (>= 2 KiB) that hashlib releases the GIL, so hashing overlaps the reads
+    monkeypatch.setattr(manifest, "CHUNK", 4096)
+    _, _, newest = _large_checkpoint(tmp_path)
+    path = newest / "model.safetensors"
     data = bytearray(path.read_bytes())
     info = _entry(bytes(data))
-    assert manifest.read_listed(newest, "optim.safetensors", info) == data
-    manifest.verify_listed(newest, "optim.safetensors", info)
+    assert bytes(manifest.read_listed(newest, "model.safetensors", info)) == data
+    manifest.verify_listed(newest, "model.safetensors", info)
     if change == "longer":
         data += b"\x00" * 70_000  # past the expected size by more than one spare buffer
     elif change == "shorter":
@@ -191,21 +208,26 @@ def test_reading_and_hashing_in_chunks_still_catches_every_damage(tmp_path, monk
     path.write_bytes(data)
     for check in (manifest.read_listed, manifest.verify_listed):
         with pytest.raises(CheckpointError, match="fails its checksum") as err:
-            check(newest, "optim.safetensors", info)
+            check(newest, "model.safetensors", info)
         if change != "flipped":
             assert f"({len(data)} bytes, expected {info['bytes']})" in str(err.value)
+
+
+def _large_checkpoint(root: Path) -> tuple[torch.nn.Module, torch.optim.Optimizer, Path]:
+    """A checkpoint whose files pass 1 MiB (~1.4 MB of weights, twice that of AdamW state)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(600, 600), torch.nn.Linear(600, 7))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 600)).sum().backward()
+    opt.step()
+    ck = Checkpointer(root / "checkpoints", keep=2)
+    return model, opt, ck.write(snapshot(1, model, opt, {"tokens": 1, "loader": {"step": 1}}))
 
 
 def test_a_large_checkpoint_round_trips_through_mapped_buffers_and_damage_is_still_caught(tmp_path):
     from leantrain.train.checkpoint import manifest
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(600, 600), torch.nn.Linear(600, 7))  # ~1.4 MB of weights
-    opt = torch.optim.AdamW(model.parameters())
-    model(torch.randn(2, 600)).sum().backward()
-    opt.step()
-    ck = Checkpointer(tmp_path / "checkpoints", keep=2)
-    path = ck.write(snapshot(1, model, opt, {"tokens": 1, "loader": {"step": 1}}))
+    model, opt, path = _large_checkpoint(tmp_path)
     info = manifest.read(path)["files"]["model.safetensors"]
     assert info["bytes"] > 1 << 20  # past the size read into a MAP_POPULATE mapping
     snap = read_checkpoint(path)

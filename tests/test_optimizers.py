@@ -289,7 +289,9 @@ def test_batch_size_warmup_grows_linearly_from_one_sequence_to_the_micro_batch()
 def test_batch_size_warmup_trains_on_a_prefix_of_each_step_and_resumes_exactly(dataset, tmp_path):
     cfg = tiny_config(dataset, train__steps=8, train__eval_every=4, checkpoint__every=3,
                       train__batch_warmup_steps=4, train__grad_accum_steps=2)
-    Trainer(cfg, tmp_path / "straight").fit()
+    straight = Trainer(cfg, tmp_path / "straight")
+    assert straight.guard.warmup_steps == 4  # the small batches stay out of the guard's spike history
+    straight.fit()
     first = Trainer(cfg, tmp_path / "resumed")
     first.observers.append(StopAt(first, 2))  # stopped inside the warmup
     assert first.fit()["step"] == 2

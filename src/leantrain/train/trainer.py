@@ -176,7 +176,9 @@ class Trainer:
             self.loader, self.val = MaskedLoader(self.loader, self.masker), self.masker.val_batches(self.val)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep,
                                          require=("tokens", "loader"))
-        self.guard = Guard(cfg.guard, warmup_steps=cfg.optim.warmup_steps)
+        # the small batches of a batch-size warmup are noisy, like the steps of an lr warmup: both stay out of
+        # the guard's spike history
+        self.guard = Guard(cfg.guard, warmup_steps=max(cfg.optim.warmup_steps, cfg.train.batch_warmup_steps))
         self.health = GradHealth(self.model, cfg.log.grad_health_every)
         self.moe = MoETracker.of(self.model)  # None for a dense model: balance losses, expert bias, load telemetry
         # extra objectives a caller adds to every step's loss (federated FedProx: mu/2 ||w - w_global||^2); each
@@ -421,7 +423,12 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         compile_s = None
-        if self._compile_pending:
+        if self.compile.on and batches and len(batches[0][0]) < self.cfg.train.micro_batch_size:
+            # a batch-size warmup step runs eagerly: compiling its shapes would make the graph of the full
+            # batch, the rest of the run, a dynamic-shape one
+            with torch.compiler.set_stance("force_eager"):
+                loss, grad_norm = self.forward_backward(batches)
+        elif self._compile_pending:
             (loss, grad_norm), compile_s = self._first_compiled_step(batches)
         else:
             loss, grad_norm = self.forward_backward(batches)

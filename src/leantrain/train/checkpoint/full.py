@@ -16,11 +16,14 @@ import json
 import math
 import mmap
 import struct
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
 
 from leantrain.errors import CheckpointError
 from leantrain.files import write_durable
@@ -61,41 +64,67 @@ _MAX_HEADER = 100 << 20
 
 
 def tensors_from_safetensors(buf: bytearray | mmap.mmap) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file held in `buf`, as views into it (no copy; they keep `buf` alive).
+    """The tensors of a safetensors file held in `buf`, as views into it (no copy; they keep `buf` alive, and
+    `buf` cannot be closed or resized while they do).
 
     `safetensors.torch.load` copies every tensor out of the bytes it is given; a checkpoint's bytes are read
     into a buffer of our own anyway (to be hashed), so wrapping them saves one copy of the whole file on
-    every resume. Tensors whose offset does not suit their dtype's alignment are copied. ValueError names
-    what is malformed.
+    every resume. Tensors whose offset does not suit their dtype's alignment are copied. The header must
+    describe the data exactly (tensors packed back to back, as every safetensors writer lays them out).
+    ValueError names what is malformed.
     """
-    if len(buf) < 8:
+    if sys.byteorder != "little":  # the format is little-endian; the library byte-swaps where we would not
+        try:
+            return st_load(bytes(buf))
+        except (SafetensorError, KeyError, OverflowError) as e:
+            raise ValueError(str(e).strip()[:200]) from None
+    try:
+        return _views(memoryview(buf))
+    except (TypeError, OverflowError, RecursionError, RuntimeError) as e:
+        raise ValueError(f"its header is malformed ({type(e).__name__})") from None
+
+
+def _views(view: memoryview) -> dict[str, torch.Tensor]:
+    if len(view) < 8:
         raise ValueError("shorter than its 8-byte header length")
-    n = struct.unpack_from("<Q", buf)[0]
-    if n > min(_MAX_HEADER, len(buf) - 8):
+    n = struct.unpack_from("<Q", view)[0]
+    if n > min(_MAX_HEADER, len(view) - 8):
         raise ValueError(f"its header length {n} runs past the end of the file")
-    header = json.loads(bytes(buf[8: 8 + n]))
+    header = json.loads(bytes(view[8: 8 + n]))
     if not isinstance(header, dict):
         raise ValueError("its header is not a JSON object")
-    base, data_len, out = 8 + n, len(buf) - 8 - n, {}
+    base, data_len, entries = 8 + n, len(view) - 8 - n, []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        dtype = _ST_TORCH.get(entry.get("dtype")) if isinstance(entry, dict) else None
+        name_dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        dtype = _ST_TORCH.get(name_dtype) if isinstance(name_dtype, str) else None
         shape, offsets = (entry.get("shape"), entry.get("data_offsets")) if dtype is not None else (None, None)
-        sizes_ok = isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2 and all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in [*shape, *offsets])
-        if dtype is None or not sizes_ok:
+        sizes_ok = isinstance(shape, list) and len(shape) <= 64 and isinstance(offsets, list) and len(offsets) == 2
+        if not sizes_ok or dtype is None or not all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 62 for v in [*shape, *offsets]):
             raise ValueError(f"tensor {name!r} has a malformed header entry")
         begin, end = offsets
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"tensor {name!r}'s data offsets do not match its shape")
+        entries.append((begin, end, name, dtype, shape))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    at = 0
+    for begin, end, name, _, _ in entries:  # back to back: no gap, no overlap, nothing past the end
+        if begin != at:
+            raise ValueError(f"tensor {name!r}'s data does not start where the previous one ends")
+        at = end
+    if at != data_len:
+        raise ValueError(f"its tensors cover {at} bytes of {data_len}")
+    out = {}
+    for begin, end, name, dtype, shape in entries:
         numel = math.prod(shape)
-        if not begin <= end <= data_len or end - begin != numel * dtype.itemsize:
-            raise ValueError(f"tensor {name!r}'s data offsets do not match its shape or the file")
         if numel == 0:
             out[name] = torch.empty(shape, dtype=dtype)
         elif (base + begin) % dtype.itemsize == 0:
-            out[name] = torch.frombuffer(buf, dtype=dtype, count=numel, offset=base + begin).view(shape)
+            out[name] = torch.frombuffer(view, dtype=dtype, count=numel, offset=base + begin).view(shape)
         else:
-            raw = torch.frombuffer(buf, dtype=torch.uint8, count=end - begin, offset=base + begin).clone()
+            raw = torch.frombuffer(view, dtype=torch.uint8, count=end - begin, offset=base + begin).clone()
             out[name] = raw.view(dtype).view(shape)
     return out
 
