@@ -408,6 +408,10 @@ class Trainer:
         k = batch_size_at(self.step, self.cfg.train.batch_warmup_steps, self.cfg.train.micro_batch_size)
         return batches if k >= self.cfg.train.micro_batch_size else [(x[:k], y[:k]) for x, y in batches]
 
+    def _eager(self) -> contextlib.AbstractContextManager:
+        """Run a compiled model uncompiled inside this context (shapes it should not compile for)."""
+        return torch.compiler.set_stance("force_eager") if self.compile.on else contextlib.nullcontext()
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
@@ -426,7 +430,7 @@ class Trainer:
         if self.compile.on and batches and len(batches[0][0]) < self.cfg.train.micro_batch_size:
             # a batch-size warmup step runs eagerly: compiling its shapes would make the graph of the full
             # batch, the rest of the run, a dynamic-shape one
-            with torch.compiler.set_stance("force_eager"):
+            with self._eager():
                 loss, grad_norm = self.forward_backward(batches)
         elif self._compile_pending:
             (loss, grad_norm), compile_s = self._first_compiled_step(batches)
@@ -881,8 +885,7 @@ class Trainer:
         tok = self.data.tokenizer()
         prompt, ids, eos = self._sample_prompt(tok)
         # a compiled model generates eagerly: every new length would be one more compile
-        eager = torch.compiler.set_stance("force_eager") if self.compile.on else contextlib.nullcontext()
-        with self._autocast(), eager:
+        with self._autocast(), self._eager():
             new = generate(self.model, ids, self.cfg.train.sample_tokens, seed=self.cfg.train.seed,
                            eos_id=eos)
         text = prompt + tok.decode(new)

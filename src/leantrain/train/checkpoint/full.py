@@ -158,20 +158,18 @@ def read(folder: Path, listed: dict[str, Any]) -> Snapshot:
         state = json.loads(bytes(blobs["state.json"]))
     except ValueError as e:
         raise manifest.damaged(folder, f"state.json cannot be parsed ({e})") from None
+    # model and optimizer first, so their damage is the one named; then the other safetensors files a trainer
+    # wrote beside them (LoRA adapters, pruning masks)
+    names = ["model.safetensors", "optim.safetensors"]
+    names += [n for n in blobs if n.endswith(".safetensors") and n not in names]
     tensors = {}
-    for name in ("model.safetensors", "optim.safetensors"):
+    for name in names:
         try:
             tensors[name] = tensors_from_safetensors(blobs[name])
         except ValueError as e:
             raise manifest.damaged(folder, f"{name} cannot be parsed ({str(e).strip()[:200]})") from None
-    extra = {}  # the other safetensors files a trainer wrote beside them (LoRA adapters, pruning masks)
-    for name in blobs:
-        if name.endswith(".safetensors") and name not in tensors:
-            try:
-                extra[name] = tensors_from_safetensors(blobs[name])
-            except ValueError as e:
-                raise manifest.damaged(folder, f"{name} cannot be parsed ({str(e).strip()[:200]})") from None
-    return Snapshot(listed["step"], tensors["model.safetensors"], tensors["optim.safetensors"], state, extra=extra)
+    model, optim = tensors.pop("model.safetensors"), tensors.pop("optim.safetensors")
+    return Snapshot(listed["step"], model, optim, state, extra=tensors)
 
 
 def weights(snap: Snapshot) -> dict[str, torch.Tensor]:

@@ -117,25 +117,21 @@ def _read_hashing(f: BinaryIO, into: memoryview | None) -> tuple[int, str]:
     """
     digest, size, pending = hashlib.sha256(), 0, None
     spare = [bytearray(CHUNK), bytearray(CHUNK)] if into is None else None
-    with ThreadPoolExecutor(1, thread_name_prefix="leantrain-sha256") as hasher:
-        try:
-            while True:
-                if into is not None and size < len(into):
-                    buf = into[size: size + CHUNK]
-                else:  # streaming, or a file longer than `into`: its rest is counted and hashed, not kept
-                    spare = spare or [bytearray(1 << 16), bytearray(1 << 16)]
-                    buf = memoryview(spare[0])
-                    spare.reverse()
-                n = f.readinto(buf)
-                if pending is not None:
-                    pending.result()
-                if not n:
-                    return size, digest.hexdigest()
-                pending = hasher.submit(digest.update, buf[:n])
-                size += n
-        finally:
+    with ThreadPoolExecutor(1, thread_name_prefix="leantrain-sha256") as hasher:  # on any exit: joined
+        while True:
+            if into is not None and size < len(into):
+                buf = into[size: size + CHUNK]
+            else:  # streaming, or a file longer than `into`: its rest is counted and hashed, not kept
+                spare = spare or [bytearray(1 << 16), bytearray(1 << 16)]
+                buf = memoryview(spare[0])
+                spare.reverse()
+            n = f.readinto(buf)
             if pending is not None:
-                pending.cancel()
+                pending.result()
+            if not n:
+                return size, digest.hexdigest()
+            pending = hasher.submit(digest.update, buf[:n])
+            size += n
 
 
 def _buffer(size: int) -> bytearray | mmap.mmap:
@@ -179,12 +175,9 @@ def verify_listed(folder: Path, name: str, info: dict[str, Any]) -> None:
 
 def hash_file(path: Path) -> dict[str, Any]:
     """The manifest entry of a file just written by this process."""
-    digest, size = hashlib.sha256(), 0
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-            size += len(chunk)
-    return {"bytes": size, "sha256": digest.hexdigest()}
+        size, sha = _read_hashing(f, None)
+    return {"bytes": size, "sha256": sha}
 
 
 def unlisted(folder: Path, manifest: dict[str, Any]) -> list[str]:
